@@ -1,0 +1,392 @@
+"""
+vq.py: the VQ tokenizer. A small convolutional autoencoder with a vector-quantised bottleneck that
+turns an image into a grid of codebook indices and back:
+
+    32x32x3 image --encoder--> 16x16x d vectors --nearest code--> 16x16 indices in [0, K)
+    16x16 indices --codebook E (K, d)--> 16x16x d vectors --decoder--> 32x32x3 image
+
+The generator (purrception.py) never sees pixels: it learns to move Gaussian noise onto the rows of
+the codebook E, so `model.codebook` is exported exactly as the decoder consumes it.
+
+Run:
+    python vq.py --dataset=shapes                  # trains on data/shapes/train_images.u8
+    python vq.py --dataset=cifar10 --max_iters=20000
+(prepare_data.py calls `train_vq` itself when data/NAME/vq.pt is missing.)
+
+Notable choices (each measured on CIFAR-10, see README):
+- Downsample by f=2 only (16x16 tokens for 32x32 images). Its cost is paid by the generator with a
+  2x2 patchify, which brings the transformer back to 64 tokens.
+- l2-normalised, low-dimensional codes (d=8), looked up by cosine similarity, as in ViT-VQGAN and
+  LlamaGen: usage stays near 100% and the code vectors have a fixed scale (norm 1), which is what
+  the flow's Gaussian path is built around.
+- EMA codebook updates with k-means init and dead-code restarts instead of a codebook loss: no
+  learning rate to tune for the codes, and no code stays dead for long.
+- Plain MSE reconstruction loss: no perceptual or adversarial loss (those need pretrained networks).
+"""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 32      # side of the (square) images; must be a multiple of `downsample`
+    downsample: int = 2       # f: a power of two; the token grid is (image_size / f)^2
+    ch: int = 64              # channels of the residual trunk at the latent resolution
+    n_res: int = 2            # residual blocks in the encoder and in the decoder
+    codebook_size: int = 1024 # K; at most 65536 (tokens are stored as uint16)
+    code_dim: int = 8         # d: the space the generator's flow lives in
+    beta: float = 0.25        # commitment weight (VQ-VAE, van den Oord et al. 2017)
+    decay: float = 0.99       # EMA decay of the codebook statistics
+
+    @property
+    def grid(self):
+        return self.image_size // self.downsample
+
+
+def check_config(cfg):
+    """One readable line for each mistake a user can make in the tokenizer config."""
+    f = cfg.downsample
+    if f < 1 or f & (f - 1):
+        raise ValueError(f"vq downsample must be a power of two, got {f}")
+    if cfg.image_size % f:
+        raise ValueError(f"image side {cfg.image_size} is not divisible by the tokenizer's downsampling "
+                         f"factor {f}; pick --image_size as a multiple of {f}")
+    if not 2 <= cfg.codebook_size <= 65536:
+        raise ValueError(f"codebook_size {cfg.codebook_size} must be in [2, 65536]: tokens are stored as uint16")
+    if cfg.ch % 8 or cfg.ch // f < 1:
+        raise ValueError(f"vq ch={cfg.ch} must be a multiple of 8 (GroupNorm uses 8 groups) and at least {f}")
+
+# -----------------------------------------------------------------------------
+# encoder and decoder
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(act(norm(x))) -> conv3x3 ... the usual pre-activation residual block."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, d, H/f, W/f): strided convs down, then a residual trunk."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_down = int(math.log2(cfg.downsample))
+        chs = [cfg.ch // 2 ** (n_down - i) for i in range(n_down)] + [cfg.ch]   # e.g. f=2: [32, 64]
+        self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
+        self.down = nn.ModuleList(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1) for i in range(n_down))
+        self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
+        self.norm_out = nn.GroupNorm(8, cfg.ch)
+        self.conv_out = nn.Conv2d(cfg.ch, cfg.code_dim, 1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for down in self.down:
+            x = down(F.silu(x))                                             # halve H and W
+        x = self.res(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(B, d, h, w) code vectors -> (B, 3, h*f, w*f): residual trunk, then transposed convs up."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_up = int(math.log2(cfg.downsample))
+        chs = [cfg.ch // 2 ** i for i in range(n_up + 1)]                    # e.g. f=2: [64, 32]
+        self.conv_in = nn.Conv2d(cfg.code_dim, cfg.ch, 3, padding=1)
+        self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
+        self.norm = nn.GroupNorm(8, cfg.ch)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chs[i], chs[i + 1], 4, stride=2, padding=1) for i in range(n_up))
+        self.conv_out = nn.Conv2d(chs[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.res(self.conv_in(z))
+        x = F.silu(self.norm(x))
+        for up in self.up:
+            x = F.silu(up(x))                                               # double H and W
+        return self.conv_out(x)
+
+# -----------------------------------------------------------------------------
+# the quantizer: the part worth copying
+#
+# Codes and encoder outputs are both l2-normalised, so for unit vectors
+#     ||z - e_k||^2 = 2 - 2 <z, e_k>       and the nearest code is  c = argmax_k <z, e_k>.
+# The decoder receives z_q = e_c. Its gradient is copied straight through to z (Bengio et al. 2013):
+#     z_q = z + stopgrad(e_c - z)          (forward: e_c, backward: identity)
+# The encoder is pulled towards its code by the commitment loss  beta * ||z - stopgrad(e_c)||^2.
+# The codes themselves are not trained by gradient: each is the (normalised) running mean of the
+# encoder outputs assigned to it (EMA k-means, VQ-VAE appendix; Razavi et al. 2019):
+#     N_k <- decay * N_k + (1 - decay) * n_k,      S_k <- decay * S_k + (1 - decay) * sum_{i: c_i = k} z_i
+#     e_k  = normalise(S_k / N_k)
+# A code whose usage N_k falls below `dead_threshold` is restarted at a random encoder output of the
+# current batch, so probability mass the generator must learn is never spread over unused codes.
+
+
+class Quantizer(nn.Module):
+    def __init__(self, K, d, beta=0.25, decay=0.99, dead_threshold=1.0):
+        super().__init__()
+        self.K, self.d, self.beta, self.decay, self.dead_threshold = K, d, beta, decay, dead_threshold
+        self.register_buffer("embed", F.normalize(torch.randn(K, d), dim=1))   # (K, d) the codebook E
+        self.register_buffer("ema_count", torch.ones(K))                        # N_k
+        self.register_buffer("ema_sum", self.embed.clone())                     # S_k
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def nearest(self, z):
+        """z: (M, d) unit vectors -> (M,) index of the closest code."""
+        return (z @ self.embed.t()).argmax(dim=1)
+
+    @torch.no_grad()
+    def kmeans_init(self, z, iters=10):
+        """Initialise the codes with a few Lloyd iterations of spherical k-means on one batch."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pick = torch.randint(0, z.shape[0], (self.K,), generator=g).to(z.device)
+        embed = z[pick].clone()
+        for _ in range(iters):
+            c = (z @ embed.t()).argmax(dim=1)
+            sums = torch.zeros_like(embed).index_add_(0, c, z)
+            counts = torch.bincount(c, minlength=self.K).float()
+            embed = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), embed)
+        self.embed.copy_(embed)
+        self.ema_sum.copy_(embed)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def ema_update(self, z, c):
+        """One EMA k-means step on (M, d) vectors z with assignments c, then restart dead codes."""
+        counts = torch.bincount(c, minlength=self.K).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, c, z)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        dead = self.ema_count < self.dead_threshold
+        if dead.any():                                                      # restart at random batch vectors
+            pick = torch.randint(0, z.shape[0], (int(dead.sum()),), device=z.device)
+            self.ema_sum[dead] = z[pick]
+            self.ema_count[dead] = self.dead_threshold
+        self.embed.copy_(F.normalize(self.ema_sum, dim=1))
+
+    def forward(self, z):
+        """z: (B, d, h, w) encoder output -> z_q (B, d, h, w), indices (B, h, w), commitment loss."""
+        B, d, h, w = z.shape
+        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)         # (B*h*w, d) unit vectors
+        if self.training and not bool(self.initialized):
+            self.kmeans_init(z.detach())
+        c = self.nearest(z.detach())                                         # (B*h*w,)
+        if self.training:
+            self.ema_update(z.detach(), c)
+        e = self.embed[c]                                                    # (B*h*w, d)
+        commit = self.beta * F.mse_loss(z, e)
+        z_q = z + (e - z).detach()                                           # straight-through estimator
+        z_q = z_q.reshape(B, h, w, d).permute(0, 3, 1, 2)
+        return z_q, c.reshape(B, h, w), commit
+
+# -----------------------------------------------------------------------------
+# the autoencoder and the interface the rest of the repository uses
+
+
+def to_float(images):
+    """uint8 (N, H, W, 3) numpy/tensor -> float (N, 3, H, W) in [-1, 1]; float input passes through."""
+    x = torch.as_tensor(images)
+    if x.dtype == torch.uint8:
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.float()
+
+
+def to_uint8(x):
+    """float (N, 3, H, W) in [-1, 1] -> numpy uint8 (N, H, W, 3)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB between two uint8 image arrays (over the whole set)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.decay)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def codebook(self):
+        """E: (K, d) float32, exactly the vectors the decoder receives for each index."""
+        return self.quantizer.embed.detach().float().clone()
+
+    def forward(self, x):
+        """x: (B, 3, H, W) in [-1, 1] -> reconstruction, indices (B, h, w), commitment loss."""
+        z_q, idx, commit = self.quantizer(self.encoder(x))
+        return self.decoder(z_q), idx, commit
+
+    def _batched(self, fn, x, batch_size):
+        dev = next(self.parameters()).device
+        return torch.cat([fn(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+
+    @torch.no_grad()
+    def encode(self, images, batch_size=512):
+        """images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1] -> indices (N, h, w) int64, on cpu."""
+        def enc(x):
+            z = F.normalize(self.encoder(to_float(x)), dim=1)               # (b, d, h, w)
+            b, d, h, w = z.shape
+            return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).reshape(b, h, w)
+        return self._batched(enc, torch.as_tensor(images), batch_size)
+
+    @torch.no_grad()
+    def decode_z(self, z, batch_size=512):
+        """z: (N, h, w, d) points in code space (codes, or posterior means) -> images (N, 3, H, W), on cpu."""
+        return self._batched(lambda zb: self.decoder(zb.float().permute(0, 3, 1, 2)), z, batch_size)
+
+    @torch.no_grad()
+    def decode(self, indices, batch_size=512):
+        """indices: (N, h, w) integers in [0, K) -> images (N, 3, H, W) in [-1, 1] (float), on cpu."""
+        E = self.quantizer.embed
+        idx = torch.as_tensor(indices).long()
+        return self._batched(lambda i: self.decoder(E[i].permute(0, 3, 1, 2)), idx, batch_size)
+
+
+def save_vq(model, path, metrics=None):
+    """Atomic save (temp file + rename) of weights + constructor arguments, loadable with weights_only=True."""
+    ckpt = {"model": model.state_dict(), "vq_config": asdict(model.cfg), "metrics": metrics or {}}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_vq(path, device="cpu"):
+    """Rebuild a VQVAE from a checkpoint written by save_vq, in eval mode."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer at {path}; run `python prepare_data.py --dataset=NAME` to train one")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = VQVAE(VQConfig(**ckpt["vq_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def save_pairs(originals, recons, path, n=32):
+    """A PNG with originals in odd rows and their reconstructions in the row below."""
+    from PIL import Image
+    o, r = originals[:n], recons[:n]
+    cols = 8
+    rows = []
+    for i in range(0, len(o), cols):
+        rows += [np.concatenate(list(o[i:i + cols]), axis=1), np.concatenate(list(r[i:i + cols]), axis=1)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+@torch.no_grad()
+def evaluate(model, val_u8, batch_size=500):
+    """Reconstruction PSNR on held-out images, codebook usage (fraction of codes hit) and perplexity."""
+    model.eval()
+    idx = model.encode(val_u8, batch_size)
+    recon = to_uint8(model.decode(idx, batch_size))
+    counts = torch.bincount(idx.flatten(), minlength=model.cfg.codebook_size).float()
+    p = counts / counts.sum()
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    model.train()
+    return {"psnr": psnr(val_u8, recon), "usage": float((counts > 0).float().mean()), "perplexity": perplexity}, recon
+
+
+def train_vq(train_u8, val_u8, cfg, out_path, max_iters=5000, batch_size=128, lr=2e-3, device="cpu",
+             eval_interval=1000, seed=0, log=print):
+    """Train the tokenizer on uint8 (N, H, W, 3) images; write out_path (+ a reconstruction PNG beside it)."""
+    from tqdm import tqdm
+    check_config(cfg)
+    if train_u8.shape[1] != cfg.image_size:
+        raise ValueError(f"images are {train_u8.shape[1]}px but the tokenizer config says image_size={cfg.image_size}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = VQVAE(cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"vq: {n_params / 1e6:.2f}M parameters, {cfg.grid}x{cfg.grid} tokens, K={cfg.codebook_size}, "
+        f"d={cfg.code_dim}, {max_iters} iters of batch {batch_size}")
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    val_u8 = val_u8[:2000]                                  # enough for a stable PSNR, cheap to encode
+    metrics, t0 = {}, time.time()
+    pbar = tqdm(range(1, max_iters + 1), desc="vq", dynamic_ncols=True, disable=None)
+    for it in pbar:
+        # cosine decay to 10% of lr after a short warmup: long training at full lr makes the codes churn
+        warm = min(1.0, it / 200)
+        opt.param_groups[0]["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * it / max_iters)))
+        x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))]).to(device)
+        if rng.random() < 0.5:
+            x = x.flip(3)                                   # horizontal flips: free data for natural images
+        recon, _, commit = model(x)
+        rec = F.mse_loss(recon, x)
+        loss = rec + commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 50 == 0:
+            pbar.set_postfix(mse=f"{rec.item():.4f}", commit=f"{commit.item():.4f}")
+        if it % eval_interval == 0 or it == max_iters:
+            metrics, recon_u8 = evaluate(model, val_u8)
+            metrics.update(iter=it, minutes=(time.time() - t0) / 60)
+            log(f"vq iter {it}: val psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.1%}, "
+                f"perplexity {metrics['perplexity']:.0f}, {metrics['minutes']:.1f} min")
+            save_pairs(val_u8, recon_u8, os.path.splitext(out_path)[0] + "_recon.png")
+            save_vq(model, out_path, metrics)
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# command line: python vq.py --dataset=NAME [--key=value ...]
+
+
+def main(argv):
+    import json
+    opts = {"dataset": "shapes", "max_iters": 5000, "batch_size": 128, "lr": 2e-3, "eval_interval": 1000,
+            "seed": 0, "device": "cuda" if torch.cuda.is_available() else "cpu", "out": ""}
+    opts.update({f.name: f.default for f in fields(VQConfig)})
+    for arg in argv:
+        key, _, val = arg.lstrip("-").partition("=")
+        if key not in opts or not arg.startswith("--") or not val:
+            import difflib
+            hint = difflib.get_close_matches(key, opts, n=1)
+            sys.exit(f"error: unknown option {arg!r}" + (f" (did you mean --{hint[0]}?)" if hint else "")
+                     + f"; options: {', '.join('--' + k for k in opts)}")
+        opts[key] = type(opts[key])(val)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", opts["dataset"])
+    images = os.path.join(root, "train_images.u8")
+    if not os.path.exists(images):
+        sys.exit(f"error: no images at {images}; run `python prepare_data.py --dataset={opts['dataset']}` first")
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    S = meta["image_size"]
+    train_u8 = np.memmap(images, dtype=np.uint8, mode="r").reshape(-1, S, S, 3)
+    val_u8 = np.array(np.memmap(os.path.join(root, "val_images.u8"), dtype=np.uint8, mode="r").reshape(-1, S, S, 3))
+    cfg = VQConfig(**{f.name: opts[f.name] for f in fields(VQConfig)})
+    try:
+        train_vq(train_u8, val_u8, cfg, opts["out"] or os.path.join(root, "vq.pt"), opts["max_iters"],
+                 opts["batch_size"], opts["lr"], opts["device"], opts["eval_interval"], opts["seed"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

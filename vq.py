@@ -290,13 +290,14 @@ def load_vq(path, device="cpu"):
 # training
 
 
-def save_pairs(originals, recons, path, n=32):
-    """A PNG with originals in odd rows and their reconstructions in the row below."""
+def save_pairs(originals, recons, path, n=32, cols=8):
+    """A PNG with rows of originals, each followed by a row of their reconstructions."""
     from PIL import Image
+    n = min(n, len(originals)) // cols * cols or min(n, len(originals))   # whole rows when possible
+    cols = min(cols, n)
     o, r = originals[:n], recons[:n]
-    cols = 8
     rows = []
-    for i in range(0, len(o), cols):
+    for i in range(0, n - cols + 1, cols):
         rows += [np.concatenate(list(o[i:i + cols]), axis=1), np.concatenate(list(r[i:i + cols]), axis=1)]
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
@@ -333,7 +334,7 @@ def train_vq(train_u8, val_u8, cfg, out_path, max_iters=5000, batch_size=128, lr
     pbar = tqdm(range(1, max_iters + 1), desc="vq", dynamic_ncols=True, disable=None)
     for it in pbar:
         # cosine decay to 10% of lr after a short warmup: long training at full lr makes the codes churn
-        warm = min(1.0, it / 200)
+        warm = min(1.0, it / min(200, max_iters // 10 + 1))
         opt.param_groups[0]["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * it / max_iters)))
         x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))]).to(device)
         if rng.random() < 0.5:

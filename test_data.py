@@ -1,0 +1,274 @@
+"""Tests for prepare_data.py: CPU, tiny tokenizer configs, no network, a few seconds in all."""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare_data as pd
+import vq
+from prepare_data import DataError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# a tokenizer that trains in about a second: 16x16 images, 8x8 tokens, 16 codes
+TINY_VQ = {k: v for k, v in dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8,
+                                 eval_interval=3, device="cpu").items() if k in pd.vq_options()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (several threads spin against each other on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """Point data/ at a temporary folder and make the shapes dataset tiny."""
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setattr(pd, "SHAPES_COUNTS", (64, 16))
+    return tmp_path / "data"
+
+
+def tiny_prepare(logs=None, **kw):
+    kw = {"image_size": 16, "vq_overrides": TINY_VQ, **kw}
+    return pd.prepare("shapes", log=(logs.append if logs is not None else lambda *a: None), **kw)
+
+
+def save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+# -----------------------------------------------------------------------------
+# shapes
+
+
+def test_shapes_are_deterministic_by_seed():
+    a, ya = pd.make_shapes(50, 32, seed=0)
+    b, yb = pd.make_shapes(50, 32, seed=0)
+    c, _ = pd.make_shapes(50, 32, seed=1)
+    assert a.dtype == np.uint8 and a.shape == (50, 32, 32, 3)
+    assert np.array_equal(a, b) and np.array_equal(ya, yb)
+    assert not np.array_equal(a, c)
+    assert pd.make_shapes(4, 16, seed=0)[0].shape == (4, 16, 16, 3)
+
+
+def test_shapes_have_ten_balanced_classes_that_stand_out():
+    x, y = pd.make_shapes(200, 32, seed=0)
+    assert len(pd.SHAPES_CLASSES) == len(set(pd.SHAPES_CLASSES)) == 10
+    assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 20))
+    lum = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    assert (lum.max(axis=(1, 2)) - lum.min(axis=(1, 2)) > 60).all(), "a shape is too faint against its background"
+    # the classes differ in how much of the image they cover: a ring covers less than a disc of the same radius
+    bg = lum[:, :1, :1]
+    cover = (np.abs(lum - bg) > 30).mean(axis=(1, 2))
+    means = [cover[y == k].mean() for k in range(10)]
+    assert means[pd.SHAPES_CLASSES.index("ring")] < means[pd.SHAPES_CLASSES.index("circle")]
+
+# -----------------------------------------------------------------------------
+# image folders
+
+
+def test_imagefolder_flat_layout_resizes_crops_and_holds_out(tmp_path):
+    root = tmp_path / "pets"
+    wide = np.zeros((20, 40, 3), np.uint8)                            # 40 wide, 20 high: blue sides, red centre
+    wide[..., 2] = 255
+    wide[:, 10:30] = (255, 0, 0)
+    for i in range(12):
+        save(str(root / "cat" / f"{i}.png"), wide)
+    for i in range(8):
+        save(str(root / "dog" / "sub" / f"{i}.jpg"), np.full((24, 24, 3), (0, 200, 0), np.uint8))
+    (root / "dog" / "notes.txt").write_text("not an image")
+    tx, ty, vx, vy, classes = pd.load_imagefolder(str(root), 16)
+    assert classes == ["cat", "dog"]
+    assert tx.shape[1:] == (16, 16, 3) and tx.dtype == np.uint8
+    assert len(tx) + len(vx) == 20 and len(vx) == 2 and sorted(vy.tolist()) == [0, 1]
+    cats = tx[ty == 0].astype(int)
+    assert (cats[:, :, 2:-2, 0] > 200).all() and (cats[:, :, 2:-2, 2] < 60).all(), "not a centre crop"
+    assert np.array_equal(pd.load_imagefolder(str(root), 16)[2], vx), "the held-out split is not deterministic"
+
+
+def test_imagefolder_train_and_test_layout(tmp_path):
+    for split, n in (("train", 5), ("test", 2)):
+        for c, colour in (("a", 0), ("b", 255)):
+            for i in range(n):
+                save(str(tmp_path / split / c / f"{i}.png"), np.full((8, 8, 3), colour, np.uint8))
+    tx, ty, vx, vy, classes = pd.load_imagefolder(str(tmp_path), 8)
+    assert classes == ["a", "b"] and len(tx) == 10 and len(vx) == 4
+    assert np.array_equal(vy, [0, 0, 1, 1]) and (vx[vy == 1] == 255).all()
+
+
+def test_imagefolder_bad_input(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        pd.load_imagefolder(str(tmp_path / "missing"), 16)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DataError, match="no .*images"):
+        pd.load_imagefolder(str(tmp_path / "empty"), 16)
+    for i in range(3):
+        save(str(tmp_path / "broken" / "cls" / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "broken" / "cls" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        pd.load_imagefolder(str(tmp_path / "broken"), 16)
+
+# -----------------------------------------------------------------------------
+# CIFAR-10, from a tiny tarball in the official format (Python pickles of dicts with bytes keys)
+
+
+def make_cifar_tarball(path, n=3):
+    rng = np.random.default_rng(0)
+    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                   b"labels": [(i + j) % 10 for j in range(n)]} for i in range(1, 6)}
+    batches["test_batch"] = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [9] * n}
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    blobs = {k: pickle.dumps(v, protocol=2) for k, v in batches.items()}
+    blobs["batches.meta"] = pickle.dumps({b"label_names": [s.encode() for s in names]}, protocol=2)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return batches, names
+
+
+def test_cifar10_reads_the_tarball_the_folder_and_the_extracted_copy(tmp_path):
+    path = str(tmp_path / "cifar-10-python.tar.gz")
+    batches, names = make_cifar_tarball(path)
+    md5 = hashlib.md5(open(path, "rb").read()).hexdigest()
+    tx, ty, vx, vy, classes = pd.load_cifar10(path, md5=md5)
+    assert tx.shape == (15, 32, 32, 3) and vx.shape == (3, 32, 32, 3) and tx.dtype == np.uint8
+    assert classes == names and ty.tolist()[:3] == [1, 2, 3] and vy.tolist() == [9, 9, 9]
+    raw = batches["data_batch_1"][b"data"][0]                         # rows of 1024 red, then green, then blue
+    for c in range(3):
+        assert tx[0, 2, 5, c] == raw[c * 1024 + 2 * 32 + 5]
+    assert np.array_equal(pd.load_cifar10(str(tmp_path), md5=md5)[0], tx)       # the folder holding the tarball
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    assert np.array_equal(pd.load_cifar10(str(tmp_path / "x"))[2], vx)          # extracted: no checksum to check
+    assert np.array_equal(pd.load_cifar10(str(tmp_path / "x" / "cifar-10-batches-py"))[2], vx)
+    with pytest.raises(DataError, match="md5"):
+        pd.load_cifar10(path)                                         # not the official file
+
+
+def test_cifar10_offline_names_the_url_and_data_dir(data_root, monkeypatch):
+    monkeypatch.setattr(pd, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")   # nothing listens there
+    with pytest.raises(DataError, match="--data_dir") as e:
+        pd.load_cifar10(None, log=lambda *a: None)
+    assert "http://127.0.0.1:9/cifar-10-python.tar.gz" in str(e.value)
+    assert not os.path.exists(data_root / "cifar10" / "cifar-10-python.tar.gz.part")
+
+# -----------------------------------------------------------------------------
+# prepare(): the files it writes, skipping, --force, and refusals
+
+
+def test_prepare_writes_memmaps_that_round_trip(data_root):
+    folder = tiny_prepare()
+    assert folder == str(data_root / "shapes")
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    for key in ("dataset", "image_size", "grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "class_names",
+                "train_count", "val_count", "vq_config", "tokenizer", "produced_by", "command"):
+        assert key in meta, key
+    assert meta["train_count"] == 64 and meta["val_count"] == 16 and meta["class_names"] == list(pd.SHAPES_CLASSES)
+    assert meta["produced_by"] == "prepare_data.py" and "--vq.codebook_size=16" in meta["command"]
+    images, labels = pd.make_shapes(80, 16, seed=0)
+    train_u8 = np.memmap(os.path.join(folder, "train_images.u8"), dtype=np.uint8, mode="r").reshape(-1, 16, 16, 3)
+    assert np.array_equal(train_u8, images[:64])
+    assert np.array_equal(np.fromfile(os.path.join(folder, "val_labels.bin"), np.uint16), labels[64:])
+    model = vq.load_vq(os.path.join(folder, meta["tokenizer"]))
+    L = meta["grid_h"] * meta["grid_w"]
+    assert meta["codebook_size"] == 16 and meta["code_dim"] == model.codebook.shape[1] and L == 8 * 8
+    for split, n, x in (("train", 64, images[:64]), ("val", 16, images[64:])):
+        path = os.path.join(folder, f"{split}.bin")
+        assert os.path.getsize(path) == n * L * 2
+        tokens = np.memmap(path, dtype=np.uint16, mode="r").reshape(n, L)
+        assert tokens.max() < 16
+        assert np.array_equal(tokens, model.encode(x).reshape(n, L).numpy())
+
+
+def test_rerun_skips_force_redoes_and_a_new_tokenizer_retokenizes(data_root):
+    folder = tiny_prepare()
+    stamp = lambda: {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in sorted(os.listdir(folder))}
+    before, logs = stamp(), []
+    tiny_prepare(logs)
+    assert stamp() == before and sum("skipping" in line for line in logs) == 3
+    tiny_prepare(vq_overrides=None)                                   # no explicit settings: whatever is there is fine
+    assert stamp() == before
+    # a tokenizer retrained outside prepare_data.py (`python vq.py`) makes the tokens stale
+    u8 = np.fromfile(os.path.join(folder, "train_images.u8"), np.uint8).reshape(-1, 16, 16, 3)
+    cfg = vq.VQConfig(image_size=16, **{k: v for k, v in TINY_VQ.items() if hasattr(vq.VQConfig, k)})
+    vq.train_vq(u8, u8[:8], cfg, os.path.join(folder, "vq.pt"), max_iters=2, batch_size=8, eval_interval=2, seed=5,
+                log=lambda *a: None)
+    after_vq = stamp()
+    tiny_prepare()
+    now = stamp()
+    assert now["train.bin"] != after_vq["train.bin"] and now["train_images.u8"] == before["train_images.u8"]
+    tiny_prepare(force=True)
+    assert all(stamp()[f] != now[f] for f in ("train_images.u8", "vq.pt", "train.bin", "meta.json"))
+
+
+def test_prepare_refuses_a_folder_made_with_other_settings(data_root):
+    tiny_prepare()
+    with pytest.raises(DataError, match="codebook_size=16 .asked for 32.*--force.*--name"):
+        tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32})
+    with pytest.raises(DataError, match="image_size=16 .asked for 24."):
+        tiny_prepare(image_size=24)
+    tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32}, name="other")    # another --name is fine
+
+
+def test_prepare_rejects_bad_settings_before_writing(data_root):
+    cases = [({"image_size": 15}, "not divisible by the tokenizer's downsampling factor"),
+             ({"vq_overrides": {"codebook_size": 70000}}, "65536"),
+             ({"vq_overrides": {"codebok_size": 8}}, "did you mean 'codebook_size'")]
+    for kw, message in cases:
+        with pytest.raises(DataError, match=message):
+            tiny_prepare(**kw)
+    with pytest.raises(DataError, match="did you mean 'cifar10'"):
+        pd.prepare("cifar", log=lambda *a: None)
+    with pytest.raises(DataError, match="--data_dir"):
+        pd.prepare("imagefolder", log=lambda *a: None)
+    assert not os.path.exists(data_root)
+    assert isinstance(DataError("x"), ValueError)
+
+
+def test_data_path_is_relative_to_the_repository():
+    assert pd.data_path("cifar10") == os.path.join(HERE, "data", "cifar10")
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_parse_args_types_and_unknown_keys():
+    opts, vq_kw = pd.parse_args(["--dataset=shapes", "--force", "--image_size=16", "--seed=3",
+                                 "--vq.lr=0.01", "--vq.max_iters=7", "--vq.device=cpu"])
+    assert opts["dataset"] == "shapes" and opts["force"] is True and opts["image_size"] == 16 and opts["seed"] == 3
+    assert vq_kw == {"lr": 0.01, "max_iters": 7, "device": "cpu"} and isinstance(vq_kw["lr"], float)
+    assert pd.parse_args(["--dataset=x", "--force=false"])[0]["force"] is False
+    with pytest.raises(DataError, match="--image_size expects int"):
+        pd.parse_args(["--dataset=shapes", "--image_size=big"])
+    with pytest.raises(DataError, match="did you mean '--image_size'"):
+        pd.parse_args(["--dataset=shapes", "--imagesize=16"])
+    with pytest.raises(DataError, match="did you mean '--vq.codebook_size'"):
+        pd.parse_args(["--dataset=shapes", "--vq.codebok_size=16"])
+    with pytest.raises(DataError, match="--dataset"):
+        pd.parse_args([])
+
+
+def test_cli_error_is_one_line(tmp_path):
+    name = "_test_cli_error"
+    args = ["--dataset=imagefolder", "--data_dir=/no/such/folder", f"--name={name}"]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)   # any working directory will do
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not os.path.exists(pd.data_path(name))

@@ -315,13 +315,8 @@ def _tokenizer_settings(dataset, image_size, seed, overrides):
     cfg_keys = {f.name for f in fields(vq.VQConfig)}
     cfg = vq.VQConfig(image_size=image_size, **{k: v for k, v in wanted.items() if k in cfg_keys})
     train_kw = {k: v for k, v in wanted.items() if k not in cfg_keys}
-    f = cfg.downsample if hasattr(cfg, "downsample") else 2 ** (len(cfg.ch_mult) - 1)
-    if image_size % f:
-        raise DataError(f"--image_size={image_size} is not divisible by the tokenizer's downsampling factor {f}")
-    if cfg.codebook_size > 65536:
-        raise DataError(f"codebook_size={cfg.codebook_size} is larger than 65536, but tokens are stored as uint16")
     try:
-        getattr(vq, "check_config", lambda c: None)(cfg)
+        vq.check_config(cfg)                           # side vs downsampling factor, K <= 65536, channels
     except ValueError as e:
         raise DataError(str(e)) from None
     return cfg, train_kw

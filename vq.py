@@ -315,7 +315,7 @@ def evaluate(model, val_u8, batch_size=500):
     return {"psnr": psnr(val_u8, recon), "usage": float((counts > 0).float().mean()), "perplexity": perplexity}, recon
 
 
-def train_vq(train_u8, val_u8, cfg, out_path, max_iters=5000, batch_size=128, lr=2e-3, device="cpu",
+def train_vq(train_u8, val_u8, cfg, out_path, max_iters=1200, batch_size=128, lr=2e-3, device="cpu",
              eval_interval=1000, seed=0, log=print):
     """Train the tokenizer on uint8 (N, H, W, 3) images; write out_path (+ a reconstruction PNG beside it)."""
     from tqdm import tqdm
@@ -362,7 +362,7 @@ def train_vq(train_u8, val_u8, cfg, out_path, max_iters=5000, batch_size=128, lr
 
 def main(argv):
     import json
-    opts = {"dataset": "shapes", "max_iters": 5000, "batch_size": 128, "lr": 2e-3, "eval_interval": 1000,
+    opts = {"dataset": "shapes", "max_iters": 1200, "batch_size": 128, "lr": 2e-3, "eval_interval": 1000,
             "seed": 0, "device": "cuda" if torch.cuda.is_available() else "cpu", "out": ""}
     opts.update({f.name: f.default for f in fields(VQConfig)})
     for arg in argv:

@@ -1,0 +1,292 @@
+"""Tests for purrception.py: CPU, tiny models, a fake token folder in tmp_path, no network. Whole file < 1 minute."""
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import purrception
+import vq
+from purrception import Config, PRESETS, Transformer, euler_sample, get_batch, parse_args, train, vfm_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K, D, GRID, NUM_CLASSES = 16, 4, 4, 3          # the fake dataset: 4x4 tokens over 16 codes of dimension 4
+
+
+def tiny_model(patch_size=2, K=K):
+    torch.manual_seed(0)
+    return Transformer(vocab_size=K, code_dim=D, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2,
+                       n_embd=32, num_classes=NUM_CLASSES)
+
+
+def codebook(K=K, d=D, seed=0):
+    return F.normalize(torch.randn(K, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A token folder laid out as prepare_data.py writes it, with a tiny untrained tokenizer (8x8 images)."""
+    folder = tmp_path_factory.mktemp("fake")
+    torch.manual_seed(0)
+    tokenizer = vq.VQVAE(vq.VQConfig(image_size=2 * GRID, downsample=2, ch=8, n_res=1, codebook_size=K, code_dim=D))
+    vq.save_vq(tokenizer, str(folder / "vq.pt"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("val", 32)):
+        y = rng.integers(0, NUM_CLASSES, n)
+        tokens = (5 * y[:, None] + rng.integers(0, 3, (n, GRID * GRID))) % K     # tokens that depend on the class
+        tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
+        y.astype(np.uint16).tofile(folder / f"{split}_labels.bin")
+    meta = dict(dataset="fake", image_size=2 * GRID, grid_h=GRID, grid_w=GRID, codebook_size=K, code_dim=D,
+                num_classes=NUM_CLASSES, class_names=["a", "b", "c"], train_count=64, val_count=32, tokenizer="vq.pt")
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def tiny_config(data_dir, out_dir, **overrides):
+    base = dict(dataset="fake", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", n_layer=1, n_head=2,
+                n_embd=32, batch_size=4, max_iters=6, eval_interval=3, eval_iters=2, log_interval=1, sample_steps=2,
+                grid_cols=2, warmup_iters=2, lr=1e-3, ema_decay=0.9)
+    return Config(**{**base, **overrides})
+
+# -----------------------------------------------------------------------------
+# the sampler, against posteriors known in closed form
+
+
+class GaussianPosterior(torch.nn.Module):
+    """The exact q(k | z_t, y) of the path z_t = t e_k + (1 - t) z0 when the data is code k with prior p(k | y):
+    z_t | k ~ N(t e_k, (1 - t)^2 I), so  log q_k = log p(k | y) - ||z - t e_k||^2 / (2 (1 - t)^2) + const.
+    Row num_classes of `probs` is the null class. Records the batch size of every call."""
+
+    def __init__(self, E, probs, grid_size=2):
+        super().__init__()
+        self.E, self.log_p, self.grid_size, self.num_classes = E, probs.log(), grid_size, probs.shape[0] - 1
+        self.calls = []
+
+    def forward(self, z, t, y):
+        self.calls.append(len(y))
+        t = t.view(-1, 1, 1, 1, 1)
+        d2 = (z[..., None, :] - t * self.E).pow(2).sum(-1)                          # (B, h, w, K)
+        return self.log_p[y][:, None, None, :] - d2 / (2 * (1 - t[..., 0]) ** 2)
+
+
+class FixedLogits(GaussianPosterior):
+    """Logits that ignore z and t: log p(k | y) (a one-hot oracle when p is one-hot)."""
+
+    def forward(self, z, t, y):
+        self.calls.append(len(y))
+        return self.log_p[y][:, None, None, :].expand(*z.shape[:3], -1).clamp(min=-1e4)
+
+
+SQUARE = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])                         # 4 unit codes in d = 2
+PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.4, 0.15, 0.2, 0.25]])   # y = 0, 1, null
+
+
+def test_sampler_reproduces_code_frequencies_with_the_exact_posterior():
+    model = GaussianPosterior(SQUARE, PROBS)
+    for label in (0, 1):
+        y = torch.full((1000,), label)
+        idx = euler_sample(model, SQUARE, y, steps=50, generator=torch.Generator().manual_seed(label))
+        freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()      # 4000 positions
+        assert torch.allclose(freq, PROBS[label], atol=0.03), (label, freq)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_one_hot_oracle_lands_exactly_on_its_code(steps):
+    probs = torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+    model = FixedLogits(SQUARE, probs)
+    y = torch.tensor([0, 1, 0, 1])
+    idx, traj = euler_sample(model, SQUARE, y, steps, generator=torch.Generator().manual_seed(0),
+                             return_trajectory=True)
+    assert idx.tolist() == [[[2, 2], [2, 2]], [[1, 1], [1, 1]]] * 2
+    assert traj["z"].shape == (steps, 4, 2, 2, 2) and traj["entropy"].shape == (steps, 4, 2, 2)
+    assert torch.allclose(traj["mu"][-1], SQUARE[idx])                              # the last step lands on mu
+    assert torch.allclose(traj["t"], torch.linspace(0, 1, steps + 1)[:-1]) and traj["entropy"].abs().max() < 1e-6
+
+
+def test_low_temperature_picks_the_most_likely_code():
+    model = FixedLogits(SQUARE, PROBS)
+    idx = euler_sample(model, SQUARE, torch.zeros(64, dtype=torch.long), 10, temperature=1e-3,
+                       generator=torch.Generator().manual_seed(0))
+    assert (idx == 3).all()                                                          # argmax of PROBS[0]
+
+
+def test_cfg_scale_one_is_the_conditional_pass_and_guidance_is_one_batched_forward():
+    y = torch.tensor([0, 1, 1, 0])
+    plain = GaussianPosterior(SQUARE, PROBS)
+    other_null = GaussianPosterior(SQUARE, torch.cat([PROBS[:2], torch.tensor([[0.97, 0.01, 0.01, 0.01]])]))
+    a = euler_sample(plain, SQUARE, y, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    b = euler_sample(other_null, SQUARE, y, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and plain.calls == [4] * 8                              # no unconditional pass at s=1
+    # s = 3 with logits fixed at cond = log[.4 .35 .25 0], uncond = log[.6 .2 .2 0]: cond's argmax is code 0,
+    # uncond + 3 (cond - uncond) has its argmax at code 1
+    probs = torch.tensor([[0.4, 0.35, 0.25, 0.0], [1, 0, 0, 0], [0.6, 0.2, 0.2, 0.0]])
+    model = FixedLogits(SQUARE, probs)
+    idx = euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 5, temperature=1e-3, cfg_scale=3.0)
+    assert (idx == 1).all() and model.calls == [8] * 5
+
+# -----------------------------------------------------------------------------
+# model and loss
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_forward_shape_and_uniform_posterior_at_init(patch_size):
+    model = tiny_model(patch_size)
+    z = torch.randn(3, GRID, GRID, D)
+    logits = model(z, torch.rand(3), torch.tensor([0, 2, NUM_CLASSES]))
+    assert logits.shape == (3, GRID, GRID, K) and (logits == 0).all()               # zero-init output layer
+
+
+def test_patches_map_back_to_their_own_positions():
+    model = tiny_model()
+    for p in model.parameters():                                                     # leave the zero init behind
+        torch.nn.init.normal_(p, std=0.1)
+    z = torch.randn(2, GRID, GRID, D)
+    t, y = torch.rand(2), torch.tensor([0, 1])
+    z2 = z.clone()
+    z2[:, 0, 0] += 1.0                                                               # touch the top-left patch only
+    changed = (model(z2, t, y) - model(z, t, y)).abs().amax(dim=(0, 3)) > 0          # (h, w)
+    assert changed.all()                                                             # attention mixes everything...
+    model.blocks = torch.nn.ModuleList()                                             # ... without it, only the patch
+    changed = (model(z2, t, y) - model(z, t, y)).abs().amax(dim=(0, 3)) > 0
+    assert changed[:2, :2].all() and changed.sum() == 4
+
+
+def test_loss_at_init_is_log_K_plus_the_z_loss():
+    model, E = tiny_model(), codebook()
+    idx = torch.randint(0, K, (8, GRID, GRID))
+    loss = vfm_loss(model, idx, E, torch.randint(0, NUM_CLASSES + 1, (8,)))
+    assert math.isfinite(loss.item())
+    assert abs(loss.item() - (math.log(K) + 1e-5 * math.log(K) ** 2)) < 1e-5
+
+
+def test_loss_drops_when_overfitting_one_batch():
+    model, E = tiny_model(), codebook()
+    idx, y = torch.randint(0, K, (8, GRID, GRID)), torch.randint(0, NUM_CLASSES, (8,))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = vfm_loss(model, idx, E, y, generator=torch.Generator().manual_seed(0))   # same t and noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_per_image_loss_and_accuracy():
+    model, E = tiny_model(), codebook()
+    idx, y = torch.randint(0, K, (5, GRID, GRID)), torch.zeros(5, dtype=torch.long)
+    t = torch.linspace(0.1, 1, 5)
+    loss, acc = vfm_loss(model, idx, E, y, t=t, reduction="none")
+    assert loss.shape == acc.shape == (5,)
+    assert torch.allclose(loss.mean(), vfm_loss(model, idx, E, y, t=t))
+
+
+def test_sampler_indices_in_range_and_seed_deterministic():
+    model, E = tiny_model(), codebook()
+    torch.nn.init.normal_(model.final_layer.linear.weight)
+    y = torch.tensor([0, 1, 2, NUM_CLASSES])
+    run = lambda seed, s=1.0: euler_sample(model, E, y, 4, cfg_scale=s, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (4, GRID, GRID) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(run(0, 2.0), run(0, 2.0))
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_get_batch_returns_whole_images_with_their_labels(data_dir):
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).reshape(-1, GRID * GRID)
+    labels = np.fromfile(data_dir / "train_labels.bin", dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    idx, y = get_batch("train", str(data_dir), 16, (GRID, GRID), "cpu", g)
+    assert idx.shape == (16, GRID, GRID) and idx.dtype == y.dtype == torch.int64
+    ix = torch.randint(len(labels), (16,), generator=torch.Generator().manual_seed(0)).numpy()
+    assert np.array_equal(idx.reshape(16, -1).numpy(), tokens[ix]) and np.array_equal(y.numpy(), labels[ix])
+
+# -----------------------------------------------------------------------------
+# config parsing
+
+
+def test_parse_args_types_presets_and_precedence():
+    cfg = parse_args(["--lr=1", "--compile=false", "--dataset=cifar10", "--max_iters=2e3", "--n_layer=3"],
+                     Config(), PRESETS)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.compile is False and cfg.dataset == "cifar10"
+    assert cfg.max_iters == 2000 and cfg.n_layer == 3                                # flags beat the preset
+    assert cfg.n_embd == PRESETS["cifar10"]["n_embd"] and cfg.batch_size == PRESETS["cifar10"]["batch_size"]
+    assert parse_args(["--compile=true"], Config()).compile is True and parse_args(["--compile"], Config()).compile
+
+
+@pytest.mark.parametrize("argv, message", [(["--batchsize=8"], "did you mean --batch_size"),
+                                           (["--batch_size=eight"], "expects int"),
+                                           (["--compile=maybe"], "expects bool"),
+                                           (["--lr"], "--lr=VALUE")])
+def test_parse_args_rejects_bad_flags_in_one_line(argv, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv, Config(), PRESETS)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_import_does_not_parse_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "--junk=1", "-x"])
+    importlib.reload(purrception)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "purrception.py"), f"--data_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
+
+# -----------------------------------------------------------------------------
+# training: smoke, exact resume, DDP
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_smoke_writes_a_portable_checkpoint_and_grids(data_dir, tmp_path):
+    metrics = train(tiny_config(data_dir, tmp_path, max_iters=3))
+    assert math.isfinite(metrics["val_loss"]) and len(metrics["val_loss_by_t"]) == 5 and len(metrics["losses"]) == 3
+    ckpt = load(tmp_path / "ckpt.pt")                                                # weights_only=True works
+    assert ckpt["iter"] == 3 and {"model", "ema", "optimizer", "model_args", "config", "rng"} <= set(ckpt)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert json.load(open(tmp_path / "config.json"))["max_iters"] == 3
+    assert not (tmp_path / "samples_000000.png").exists() and (tmp_path / "samples_000003.png").exists()
+    model, _ = purrception.load_model(str(tmp_path / "ckpt.pt"))
+    assert all(torch.equal(p, ckpt["ema"][n]) for n, p in model.state_dict().items()) and not model.training
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    straight = train(tiny_config(data_dir, tmp_path / "a", max_iters=6))
+    first = train(tiny_config(data_dir, tmp_path / "b", max_iters=3))
+    second = train(tiny_config(data_dir, tmp_path / "b", max_iters=6, init_from="resume"))
+    assert straight["losses"] == first["losses"] + second["losses"]
+    a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_ddp_two_processes_match_one_at_the_same_global_batch(data_dir, tmp_path):
+    kw = dict(batch_size=2, grad_accum=2, max_iters=3, eval_interval=3, eval_iters=1, grid_cols=1)
+    train(tiny_config(data_dir, tmp_path / "single", **kw))
+    flags = [f"--{k}={v}" for k, v in vars(tiny_config(data_dir, tmp_path / "ddp", **kw)).items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "purrception.py"), *flags], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 processes" in r.stdout and "4 images per iter = 2 x 1 micro-steps x 2" in r.stdout
+    a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
+    for n in a["model"]:
+        assert torch.allclose(a["model"][n], b["model"][n], atol=1e-5), n

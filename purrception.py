@@ -104,8 +104,8 @@ PRESETS = {
     "shapes": dict(n_layer=4, n_head=4, n_embd=128, batch_size=32, max_iters=2000, lr=3e-3, warmup_iters=50,
                    decay_lr=True, min_lr=1e-4, ema_decay=0.995, eval_interval=1000, eval_iters=5, log_interval=100,
                    sample_steps=25, cfg_scale=4.0),
-    # One modern GPU: DiT-B/2 (130M) on the 16x16 grid (64 tokens). Training costs ~35 GFLOP per image, so a
-    # 256-image iter is ~9 TFLOP: ~30 ms/iter and ~1 hour per 100k iters on one H100/H200 at an assumed 30% MFU
+    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens). Training costs 34.6 GFLOP per image, so a
+    # 256-image iter is 8.9 TFLOP: ~30 ms/iter and ~50 min per 100k iters on one H100/H200 at an assumed 30% MFU
     # (an estimate from FLOPs, not a measurement; the log line prints the real ms/iter and MFU).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),

@@ -11,7 +11,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import prepare_data as pd
@@ -22,15 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # a tokenizer that trains in about a second: 16x16 images, 8x8 tokens, 16 codes
 TINY_VQ = {k: v for k, v in dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8,
                                  eval_interval=3, device="cpu").items() if k in pd.vq_options()}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (several threads spin against each other on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

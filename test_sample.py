@@ -138,17 +138,8 @@ def tiny_tokenizer(images, K):
     return tokenizer.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy CPU OpenMP threads wait on each other (40x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, one_thread):
+def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     images, labels = make_shapes(1000, S, seed=0)
     keep = labels < C

@@ -60,8 +60,8 @@ def data_path(name):
 
 # -----------------------------------------------------------------------------
 # shapes: 10 classes of flat-coloured shapes, drawn at 4x the size and downsampled (box filter) for anti-aliasing.
-# The shape's kind is its class; position, size, rotation and colours are random, with a luminance gap between the
-# shape and the background so every class stays recognisable at a glance.
+# The shape's kind is its class; position, size and rotation are random, and the colours come from a small palette
+# (a bright shape on a dark background), so the class, not the colour, is what most of each image's pixels carry.
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "heart", "crescent", "stripes", "ellipse")
 
@@ -105,8 +105,8 @@ def _draw_shape(draw, kind, cx, cy, r, angle, fg, bg):
             draw.polygon(_place(bar, cx, cy, r, angle), fill=fg)
 
 
-def _luminance(rgb):
-    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+BACKGROUNDS = ((20, 24, 48), (48, 48, 48), (16, 56, 36), (72, 24, 24))           # dark: navy, grey, green, maroon
+FOREGROUNDS = ((250, 210, 50), (240, 240, 240), (90, 200, 250), (250, 130, 80))    # bright: yellow, white, sky, coral
 
 
 def make_shapes(n, image_size=32, seed=0):
@@ -116,10 +116,7 @@ def make_shapes(n, image_size=32, seed=0):
     S = 4 * image_size
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     for i in range(n):
-        bg = tuple(int(v) for v in rng.integers(0, 256, 3))
-        fg = bg
-        while abs(_luminance(fg) - _luminance(bg)) < 90:             # ~35% of the range: never a faint shape
-            fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        bg, fg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))], FOREGROUNDS[rng.integers(len(FOREGROUNDS))]
         r = S * rng.uniform(0.22, 0.38)                               # radius: the shape spans 45-75% of the image
         cx, cy = rng.uniform(r, S - r, 2)
         img = Image.new("RGB", (S, S), bg)

@@ -72,6 +72,7 @@ class Config:
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 384
+    objective: str = "purrception"  # or a baseline (baselines.py): 'cfm' regresses the velocity, 'dfm' unmasks tokens
     class_dropout: float = 0.1    # probability of training on the null class: what classifier-free guidance needs
     # optimizer: AdamW as in the paper's configs
     batch_size: int = 64          # images per micro-step and process
@@ -256,10 +257,12 @@ def sincos_pos_embed(n_embd, side):
 
 
 class Transformer(nn.Module):
-    """The posterior network q(c | z_t, t, y): a DiT over patches of the latent grid, K logits per position."""
+    """The posterior network q(c | z_t, t, y): a DiT over patches of the latent grid, K logits per position.
+    The baselines (baselines.py) reuse it: out_dim=d makes it a velocity field (CFM); in_vocab=K+1 makes it read
+    token ids through a learned (K+1, d) table instead of embeddings (DFM, whose id K is the mask)."""
 
     def __init__(self, vocab_size, code_dim, grid_size, patch_size=2, n_layer=12, n_head=6, n_embd=384,
-                 num_classes=10):
+                 num_classes=10, out_dim=None, in_vocab=0):
         super().__init__()
         if grid_size % patch_size:
             raise UserError(f"patch_size={patch_size} does not divide the {grid_size}x{grid_size} token grid; "
@@ -269,12 +272,14 @@ class Transformer(nn.Module):
         self.vocab_size, self.code_dim, self.grid_size, self.patch_size = vocab_size, code_dim, grid_size, patch_size
         self.num_classes, self.n_embd = num_classes, n_embd
         self.n_tokens = (grid_size // patch_size) ** 2                                 # T
+        self.out_dim = out_dim or vocab_size                                           # K logits (or d)
+        self.tok_embed = nn.Embedding(in_vocab, code_dim) if in_vocab else None
         self.patch_embed = nn.Linear(patch_size * patch_size * code_dim, n_embd)
         self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size), persistent=False)
         self.t_embedder = TimestepEmbedder(n_embd)
         self.y_embedder = LabelEmbedder(num_classes, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.final_layer = FinalLayer(n_embd, patch_size * patch_size * vocab_size)
+        self.final_layer = FinalLayer(n_embd, patch_size * patch_size * self.out_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -299,8 +304,10 @@ class Transformer(nn.Module):
 
     def forward(self, z, t, y):
         """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) labels -> logits (B, h, w, K)."""
+        if self.tok_embed is not None:
+            z = self.tok_embed(z)                                                      # ids (B, h, w) -> (B, h, w, d)
         B, H, W, D = z.shape
-        p, K = self.patch_size, self.vocab_size
+        p, K = self.patch_size, self.out_dim
         x = z.reshape(B, H // p, p, W // p, p, D).permute(0, 1, 3, 2, 4, 5)            # (B, H/p, W/p, p, p, d)
         x = x.reshape(B, self.n_tokens, p * p * D)                                     # (B, T, p*p*d)
         x = self.patch_embed(x) + self.pos_embed                                       # (B, T, C)
@@ -318,7 +325,8 @@ class Transformer(nn.Module):
         """Training FLOPs (forward + backward) per image, nanoGPT-style: 6 per weight per token it touches, plus
         attention's 12*L*C*T^2. The conditioning weights (t MLP, adaLN) run once per image, not per token."""
         per_image = sum(p.numel() for n, p in self.named_parameters() if "adaLN" in n or "t_embedder" in n)
-        per_token = self.num_params() - per_image - self.y_embedder.embedding.weight.numel()   # a lookup: free
+        lookups = [self.y_embedder.embedding] + ([self.tok_embed] if self.tok_embed is not None else [])
+        per_token = self.num_params() - per_image - sum(m.weight.numel() for m in lookups)    # lookups are free
         L, C, T = len(self.blocks), self.n_embd, self.n_tokens
         return 6 * (per_token * T + per_image) + 12 * L * C * T * T
 
@@ -376,6 +384,11 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
 #     logits = uncond + s * (cond - uncond)      uncond: the null class; one batched forward computes both.
 
 
+def nearest_code(z, E):
+    """The readout: z (..., d) -> index of the nearest row of E (..., ), by ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2."""
+    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+
+
 @torch.no_grad()
 def euler_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=None, return_trajectory=False):
     """Labels y (B,) -> code indices (B, h, w) long. With return_trajectory, also a dict of cpu tensors, one row
@@ -399,12 +412,23 @@ def euler_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=N
             for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", torch.special.entr(pi).sum(-1))):
                 trajectory[key].append(val.cpu())
         z = z + dt * (mu - z) / (1 - t)
-    # readout: the nearest code, with ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2
-    dist = z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)             # (B, h, w, K)
-    idx = dist.argmin(dim=-1)                                                          # (B, h, w)
+    idx = nearest_code(z, E)                                                           # (B, h, w)
     if return_trajectory:
         return idx, {key: torch.stack(val) for key, val in trajectory.items()}
     return idx
+
+
+def get_objective(name, vocab_size, code_dim):
+    """--objective -> (loss function, sampler, extra Transformer args). 'purrception' is this file's; 'cfm' and
+    'dfm' are the baselines of the paper's comparison, in baselines.py, on the same backbone."""
+    if name == "purrception":
+        return vfm_loss, euler_sample, {}
+    import baselines
+    if name == "cfm":
+        return baselines.cfm_loss, baselines.cfm_sample, {"out_dim": code_dim}
+    if name == "dfm":
+        return baselines.dfm_loss, baselines.dfm_sample, {"in_vocab": vocab_size + 1}
+    raise UserError(f"--objective={name!r}: use purrception, cfm or dfm")
 
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
@@ -472,7 +496,7 @@ def update_ema(ema_model, model, decay):
 
 
 @torch.no_grad()
-def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, n_bins=5):
+def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, n_bins=5, loss_fn=vfm_loss):
     """Val loss of `model` over eval_iters batches; the loss in n_bins equal bins of t (how hard each stretch of
     the path is); and token accuracy of the argmax for t >= 0.9, where the posterior should be nearly certain.
     The batches, t and noise are the same at every eval (a fixed seed), so evals compare like with like."""
@@ -482,13 +506,13 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
         idx, y = get_batch("val", data_dir, batch_size, grid, device, g)
         t = T_EPS + (1 - T_EPS) * _draw(torch.rand, (batch_size,), g, device)
         with ctx:
-            loss, acc = vfm_loss(model, idx, E, y, t=t, generator=g, reduction="none")
+            loss, acc = loss_fn(model, idx, E, y, t=t, generator=g, reduction="none")
         losses.append(loss), accs.append(acc), ts.append(t)
     loss, acc, t = torch.cat(losses).cpu(), torch.cat(accs).cpu(), torch.cat(ts).cpu()
     bins = (t * n_bins).long().clamp(max=n_bins - 1)
     return {"val_loss": loss.mean().item(),
             "val_loss_by_t": [loss[bins == b].mean().item() for b in range(n_bins)],
-            "val_acc_t09": acc[t >= 0.9].mean().item()}
+            "val_acc_t09": acc[t >= 0.9].nanmean().item()}
 
 
 def save_grid(images, nrow, path, pad=2, scale=1):
@@ -504,12 +528,13 @@ def save_grid(images, nrow, path, pad=2, scale=1):
     Image.fromarray(canvas).save(path)
 
 
-def sample_grid(model, E, tokenizer, n_rows, n_cols, steps, temperature, cfg_scale, path, ctx, seed=0):
+def sample_grid(model, E, tokenizer, n_rows, n_cols, steps, temperature, cfg_scale, path, ctx, seed=0,
+                sample_fn=euler_sample):
     """Write a PNG of samples from `model`, one class per row. The noise is fixed by seed, so the grids of
     successive evals show the same samples improving."""
     y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)                # (rows*cols,)
     with ctx:
-        idx = euler_sample(model, E, y, steps, temperature, cfg_scale, torch.Generator().manual_seed(seed))
+        idx = sample_fn(model, E, y, steps, temperature, cfg_scale, torch.Generator().manual_seed(seed))
     save_grid(vq.to_uint8(tokenizer.decode(idx)), n_cols, path, scale=2)
 
 
@@ -520,13 +545,15 @@ def save_checkpoint(ckpt, path):
 
 
 def load_model(ckpt_path, device="cpu"):
-    """A checkpoint -> (Transformer with its EMA weights, in eval mode, on device; the checkpoint dict)."""
+    """A checkpoint -> (Transformer with its EMA weights, in eval mode, on device; the checkpoint dict; the
+    sampler of the objective it was trained with)."""
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}; train one with `python purrception.py --dataset=NAME`")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     model = Transformer(**ckpt["model_args"])
     model.load_state_dict(ckpt["ema"])
-    return model.to(device).eval(), ckpt
+    sample_fn = get_objective(ckpt["config"].get("objective", "purrception"), model.vocab_size, model.code_dim)[1]
+    return model.to(device).eval(), ckpt, sample_fn
 
 
 # dense bf16 tensor-core peaks from the datasheets (SXM parts), for the MFU print
@@ -589,6 +616,7 @@ def train(cfg):
     if grid[0] != grid[1]:
         raise UserError(f"the token grid {grid} is not square; prepare square images (prepare_data crops them)")
     tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
+    loss_fn, sample_fn, objective_args = get_objective(cfg.objective, meta["codebook_size"], meta["code_dim"])
     E = tokenizer.codebook.to(device)                                                  # (K, d), frozen
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
     cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)                             # recorded in the checkpoint
@@ -597,13 +625,16 @@ def train(cfg):
     # model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them
     model_args = dict(vocab_size=meta["codebook_size"], code_dim=meta["code_dim"], grid_size=grid[0],
                       patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                      num_classes=meta["num_classes"])
+                      num_classes=meta["num_classes"], **objective_args)
     ckpt = None
     if cfg.init_from == "resume":
         if not os.path.exists(ckpt_path):
             raise UserError(f"--init_from=resume, but there is no {ckpt_path}; drop the flag to start from scratch")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model_args = ckpt["model_args"]                                                # the saved architecture
+        if ckpt["config"].get("objective", "purrception") != cfg.objective:
+            raise UserError(f"{ckpt_path} was trained with --objective={ckpt['config']['objective']}; "
+                            f"resume it with that flag, or pick another --out_dir")
     elif cfg.init_from != "scratch":
         raise UserError(f"--init_from={cfg.init_from!r}: use 'scratch' or 'resume'")
     model = Transformer(**model_args).to(device)
@@ -646,14 +677,15 @@ def train(cfg):
 
         # evaluate the EMA weights, draw a grid of samples, write the checkpoint
         if master and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-            metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters, device, ctx)
+            metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters, device, ctx,
+                                    loss_fn=loss_fn)
             print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
                   + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
                   + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
             if it > 0:                           # at iter 0 every sample would be the codebook mean
                 png = os.path.join(out_dir, f"samples_{it:06d}.png")
                 sample_grid(ema, E, tokenizer, min(meta["num_classes"], 10), cfg.grid_cols, cfg.sample_steps,
-                            cfg.temperature, cfg.cfg_scale, png, ctx, seed=cfg.seed)
+                            cfg.temperature, cfg.cfg_scale, png, ctx, seed=cfg.seed, sample_fn=sample_fn)
                 print(f"samples: {png}")
             rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
                                                       if device_type == "cuda" else {})}
@@ -676,7 +708,7 @@ def train(cfg):
             if ddp:                              # all-reduce the gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with ctx:
-                loss = vfm_loss(model, idx, E, y, generator=g) / grad_accum
+                loss = loss_fn(model, idx, E, y, generator=g) / grad_accum
             loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:

@@ -66,10 +66,10 @@ def fail(msg):
 
 
 def load_run(ckpt_path, data_dir, device):
-    """-> EMA model, checkpoint dict, codebook E (K, d) on device, tokenizer, meta.json, data folder."""
+    """-> EMA model, its sampler, checkpoint dict, codebook E (K, d) on device, tokenizer, meta.json, data folder."""
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path}; train one with `python purrception.py --dataset=NAME --out_dir=DIR`")
-    model, ckpt = purrception.load_model(ckpt_path, device)
+    model, ckpt, sample_fn = purrception.load_model(ckpt_path, device)
     run = ckpt["config"]
     if not data_dir:                 # the run's folder, or data/<dataset> here if the run was made elsewhere
         data_dir = next((d for d in (run["data_dir"], purrception.data_path(run["dataset"]))
@@ -90,7 +90,7 @@ def load_run(ckpt_path, data_dir, device):
     if meta["num_classes"] != args["num_classes"]:
         fail(f"{ckpt_path} knows {args['num_classes']} classes but {data_dir} has {meta['num_classes']}; "
              f"pass --data_dir=<the folder the run trained on>")
-    return model, ckpt, E, tokenizer, meta, data_dir
+    return model, sample_fn, ckpt, E, tokenizer, meta, data_dir
 
 
 def parse_label(class_label, meta):
@@ -130,15 +130,16 @@ def autocast(device):
 
 
 @torch.no_grad()
-def generate(model, E, tokenizer, labels, steps, temperature, cfg_scale, seed, batch_size, progress=False):
-    """Labels (N,) -> uint8 images (N, H, W, 3). The noise comes from one CPU generator seeded once, so the same
+def generate(model, sample_fn, E, tokenizer, labels, steps, temperature, cfg_scale, seed, batch_size,
+             progress=False):
+    """Labels (N,) -> uint8 images (N, H, W, 3), drawn by sample_fn (the run's objective's sampler). The noise comes from one CPU generator seeded once, so the same
     seed and labels give the same starting noise on any device and at any temperature."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not progress, dynamic_ncols=True):
         y = torch.as_tensor(labels[i:i + batch_size], device=E.device).long()
         with autocast(E.device):
-            idx = purrception.euler_sample(model, E, y, steps, temperature, cfg_scale, generator=g)
+            idx = sample_fn(model, E, y, steps, temperature, cfg_scale, generator=g)
         out.append(vq.to_uint8(tokenizer.decode(idx)))
     return np.concatenate(out)
 
@@ -186,13 +187,13 @@ def save_png(array, path):
 # the pictures, and samples for FID
 
 
-def draw_grid(model, E, tokenizer, meta, opt, label, temps):
+def draw_grid(model, sample_fn, E, tokenizer, meta, opt, label, temps):
     """A row per class; or with several temperatures, a row per temperature with the same noise in every row."""
     C = meta["num_classes"]
     if len(temps) > 1:                           # the fidelity/diversity trade-off of the paper's Figure 5
         ncol = opt.num_samples or 8
         labels = balanced_labels(ncol, C, label)
-        images = np.concatenate([generate(model, E, tokenizer, labels, opt.steps, t, opt.cfg_scale, opt.seed,
+        images = np.concatenate([generate(model, sample_fn, E, tokenizer, labels, opt.steps, t, opt.cfg_scale, opt.seed,
                                           opt.batch_size) for t in temps])
         print("rows: temperature " + ", ".join(map(str, temps)))
         return save_png(tile(images, ncol), os.path.join(opt.out_dir, "samples_temperature.png"))
@@ -203,7 +204,8 @@ def draw_grid(model, E, tokenizer, meta, opt, label, temps):
     else:
         labels = np.full(opt.num_samples or 8, label)
         ncol = min(8, len(labels))
-    images = generate(model, E, tokenizer, labels, opt.steps, temps[0], opt.cfg_scale, opt.seed, opt.batch_size)
+    images = generate(model, sample_fn, E, tokenizer, labels, opt.steps, temps[0], opt.cfg_scale, opt.seed,
+                      opt.batch_size)
     return save_png(tile(images, ncol), os.path.join(opt.out_dir, "samples.png"))
 
 
@@ -246,13 +248,13 @@ def draw_trajectory(model, E, tokenizer, meta, opt, label, temperature, uncertai
     return path, traj
 
 
-def many_samples(model, E, tokenizer, meta, opt, label, temperature):
+def many_samples(model, sample_fn, E, tokenizer, meta, opt, label, temperature):
     """num_samples images, class-balanced (or all of one class), batched with a progress bar; -> images, labels."""
     n = opt.num_samples or 10000
     labels = balanced_labels(n, meta["num_classes"], label)
     t0 = time.time()
-    images = generate(model, E, tokenizer, labels, opt.steps, temperature, opt.cfg_scale, opt.seed, opt.batch_size,
-                      progress=True)
+    images = generate(model, sample_fn, E, tokenizer, labels, opt.steps, temperature, opt.cfg_scale, opt.seed,
+                      opt.batch_size, progress=True)
     dt = time.time() - t0
     print(f"{n} samples in {dt:.1f}s ({n / dt:.1f} images/s)")
     return images, labels.astype(np.int64)
@@ -272,19 +274,22 @@ def main(argv):
     if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(device.type):
         fail(f"--device={opt.device}, but this machine has no {device.type}; try --device=cpu")
     ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
-    model, ckpt, E, tokenizer, meta, data_dir = load_run(ckpt_path, opt.data_dir, device)
+    model, sample_fn, ckpt, E, tokenizer, meta, data_dir = load_run(ckpt_path, opt.data_dir, device)
     run = ckpt["config"]                         # unset sampling flags follow the run's own sample grids
+    objective = run.get("objective", "purrception")
+    if objective != "purrception" and (opt.uncertainty or opt.trajectory):
+        fail(f"--uncertainty and --trajectory draw Purrception's posterior; {ckpt_path} is an {objective} run")
     opt = replace(opt, steps=opt.steps or run.get("sample_steps", 100), temperature=opt.temperature or
                   str(run.get("temperature", 1.0)), cfg_scale=opt.cfg_scale or run.get("cfg_scale", 1.0))
     temps, label = parse_temperatures(opt.temperature), parse_label(opt.class_label, meta)
     if label == meta["num_classes"]:             # guidance towards the null class is no guidance: skip its cost
         opt = replace(opt, cfg_scale=1.0)
-    print(f"{ckpt_path} (iter {ckpt['iter']}, EMA weights) on {device}: {opt.steps} Euler steps, "
+    print(f"{ckpt_path} ({objective}, iter {ckpt['iter']}, EMA weights) on {device}: {opt.steps} Euler steps, "
           f"temperature {opt.temperature}, cfg_scale {opt.cfg_scale}, seed {opt.seed}")
     os.makedirs(opt.out_dir, exist_ok=True)
 
     if opt.save_npz or opt.fid:
-        images, labels = many_samples(model, E, tokenizer, meta, opt, label, temps[0])
+        images, labels = many_samples(model, sample_fn, E, tokenizer, meta, opt, label, temps[0])
         result = {"images": images, "labels": labels}
         if opt.save_npz:
             path = os.path.join(opt.out_dir, opt.save_npz)
@@ -305,7 +310,7 @@ def main(argv):
         if opt.uncertainty:
             result = draw_trajectory(model, E, tokenizer, meta, opt, label, temps[0], uncertainty=True)
         return result
-    return draw_grid(model, E, tokenizer, meta, opt, label, temps)
+    return draw_grid(model, sample_fn, E, tokenizer, meta, opt, label, temps)
 
 
 if __name__ == "__main__":

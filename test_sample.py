@@ -198,10 +198,10 @@ def test_temperature_sweep_uses_the_same_noise_in_every_row(run, tmp_path):
     # each row is what the sampler draws at that temperature from the seed's noise, labels cycling over classes
     sweep = cells(png(sample_main(run, tmp_path / "b", "--temperature=0.3,2.0", "--num_samples=5")), 2, 5)
     assert not np.array_equal(sweep[0], sweep[1])
-    model, ckpt, E, tokenizer, _, _ = sample.load_run(run["ckpt"], "", torch.device("cpu"))
+    model, sample_fn, ckpt, E, tokenizer, _, _ = sample.load_run(run["ckpt"], "", torch.device("cpu"))
     for row, tau in zip(sweep, (0.3, 2.0)):
-        images = sample.generate(model, E, tokenizer, np.arange(5) % C, STEPS, tau, ckpt["config"]["cfg_scale"],
-                                 seed=0, batch_size=2)                                # other batches, same noise
+        images = sample.generate(model, sample_fn, E, tokenizer, np.arange(5) % C, STEPS, tau,
+                                 ckpt["config"]["cfg_scale"], seed=0, batch_size=2)   # other batches, same noise
         assert np.array_equal(row, images)
 
 # -----------------------------------------------------------------------------

@@ -8,10 +8,10 @@ Each objective is a loss with the signature of purrception.vfm_loss and a sample
 purrception.euler_sample, so the training loop, evals, checkpoints and sample.py treat all three alike. The
 Transformer is the same DiT; only its ends change (see get_objective in purrception.py):
 
-    objective     network input                 network output (per position)   loss                 sampler
-    purrception   z_t (d channels)              K logits                        CE + z-loss          Euler on (pi @ E - z)/(1 - t)
-    cfm           z_t (d channels)              a velocity (d channels)         MSE to z1 - z0       Euler on v
-    dfm           token ids, mask id K          K logits                        CE + z-loss (masked) Euler jumps
+    objective     network input           output per position   loss                    sampler
+    purrception   z_t (d channels)        K logits              CE + z-loss             Euler on (pi @ E - z) / (1 - t)
+    cfm           z_t (d channels)        a velocity (d)        MSE to z1 - z0          Euler on v
+    dfm           token ids, mask id K    K logits              CE + z-loss, masked     Euler jumps from all masks
 
 Time runs as in purrception.py: t = 0 is the source (noise, or all masks), t = 1 is data.
 """

@@ -1,7 +1,7 @@
 """
 prepare_data.py: datasets -> uint8 images -> VQ tokenizer -> uint16 token files for purrception.py.
 
-    python prepare_data.py --dataset=shapes            # procedural, offline: ~1.5 min on 2 CPU cores (see the end)
+    python prepare_data.py --dataset=shapes            # procedural, offline: under a minute on 2 CPU cores
     python prepare_data.py --dataset=cifar10           # downloads the official python tarball (163 MB) once
     python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=pets --image_size=64
 
@@ -12,7 +12,8 @@ It writes data/NAME/ next to this file (whatever the working directory), in thre
     3. train.bin, val.bin                  uint16 (N, h*w) codebook indices, row-major over the h x w grid,
        meta.json                           sizes, class names, tokenizer config and the command that made it
 A step whose output exists is skipped; --force redoes all three. Other flags: --name (output folder, default the
-dataset), --data_dir (a local CIFAR-10 copy, or the image folder), --image_size (default 32), --seed (default 0).
+dataset), --data_dir (a local CIFAR-10 copy, or the image folder), --image_size (default 16 for shapes, 32 for the
+others), --seed (default 0).
 Tokenizer settings pass through as --vq.KEY=VALUE: any VQConfig field or train_vq argument, for example
 --vq.codebook_size=512 --vq.max_iters=2000 --vq.device=cuda.
 """
@@ -45,9 +46,11 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"      # published on the CIFAR-10 page
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SHAPES_COUNTS = (20000, 2000)                          # train, val: enough for a small generator to learn the classes
-# Tokenizer settings chosen per dataset; --vq.KEY=VALUE overrides them. Shapes are flat-coloured, so a small VQ and 400
-# steps are enough (22.5 dB PSNR, all 256 codes used): about 50 s of the ~1.5 min that shapes take on 2 CPU cores.
-VQ_DEFAULTS = {"shapes": dict(ch=32, n_res=1, codebook_size=256, max_iters=400, batch_size=32, eval_interval=400)}
+# Image side and tokenizer settings per dataset; --image_size and --vq.KEY=VALUE override them. Shapes are 16x16 and
+# flat-coloured, so a small VQ with 64 codes and 400 steps is enough (23.5 dB PSNR, every code used, 20 s on a CPU):
+# an 8x8 token grid that a CPU-sized generator learns in minutes.
+IMAGE_SIZES = {"shapes": 16}                           # the rest: 32
+VQ_DEFAULTS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=400, batch_size=32, eval_interval=400)}
 NOT_COMPARED = ("device", "eval_interval")             # train_vq arguments that do not change the tokenizer
 
 
@@ -60,8 +63,8 @@ def data_path(name):
 
 # -----------------------------------------------------------------------------
 # shapes: 10 classes of flat-coloured shapes, drawn at 4x the size and downsampled (box filter) for anti-aliasing.
-# The shape's kind is its class; position, size and rotation are random, and the colours come from a small palette
-# (a bright shape on a dark background), so the class, not the colour, is what most of each image's pixels carry.
+# The shape's kind is its class; size, rotation and a small offset from the centre are random, and the colours come
+# from a small palette (a bright shape on a dark background), so the outline is what an image is mostly about.
 
 SHAPES_CLASSES = ("circle", "square", "triangle", "plus", "ring", "star", "heart", "crescent", "stripes", "ellipse")
 
@@ -109,7 +112,7 @@ BACKGROUNDS = ((20, 24, 48), (48, 48, 48), (16, 56, 36), (72, 24, 24))          
 FOREGROUNDS = ((250, 210, 50), (240, 240, 240), (90, 200, 250), (250, 130, 80))    # bright: yellow, white, sky, coral
 
 
-def make_shapes(n, image_size=32, seed=0):
+def make_shapes(n, image_size=16, seed=0):
     """n random shape images, uint8 (n, S, S, 3), and labels (n,) int64: balanced classes, same seed same bytes."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SHAPES_CLASSES))
@@ -117,8 +120,8 @@ def make_shapes(n, image_size=32, seed=0):
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     for i in range(n):
         bg, fg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))], FOREGROUNDS[rng.integers(len(FOREGROUNDS))]
-        r = S * rng.uniform(0.22, 0.38)                               # radius: the shape spans 45-75% of the image
-        cx, cy = rng.uniform(r, S - r, 2)
+        r = S * rng.uniform(0.26, 0.36)                               # radius: the shape spans 50-70% of the image
+        cx, cy = S / 2 + S * rng.uniform(-0.08, 0.08, 2)              # near the centre
         img = Image.new("RGB", (S, S), bg)
         _draw_shape(ImageDraw.Draw(img), SHAPES_CLASSES[labels[i]], cx, cy, r, rng.uniform(0, 2 * math.pi), fg, bg)
         images[i] = np.asarray(img.resize((image_size, image_size), Image.Resampling.BOX))
@@ -360,14 +363,15 @@ def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
 def _command(dataset, name, data_dir, image_size, seed, overrides):
     fmt = lambda v: str(v).lower() if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
     flags = {"name": name if name != dataset else None, "data_dir": data_dir,
-             "image_size": image_size if image_size != 32 else None, "seed": seed or None}
+             "image_size": image_size if image_size != IMAGE_SIZES.get(dataset, 32) else None, "seed": seed or None}
     return " ".join(["python prepare_data.py", f"--dataset={dataset}"]
                     + [f"--{k}={shlex.quote(str(v))}" for k, v in flags.items() if v]
                     + [f"--vq.{k}={fmt(v)}" for k, v in overrides.items()])
 
 
-def prepare(dataset, name=None, data_dir=None, force=False, image_size=32, seed=0, vq_overrides=None, log=print):
-    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json), skipping what exists; returns the folder."""
+def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None, log=print):
+    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json), skipping what exists; returns the folder.
+    image_size=0 means the dataset's default (IMAGE_SIZES, else 32)."""
     if dataset not in DATASETS:
         hint = difflib.get_close_matches(dataset, DATASETS, n=1)
         raise DataError(f"unknown dataset {dataset!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
@@ -375,6 +379,7 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=32, seed=
     if dataset == "imagefolder" and not data_dir:
         raise DataError("--dataset=imagefolder needs --data_dir=ROOT, a folder of ROOT/<class>/*.png|jpg")
     name, overrides = name or dataset, dict(vq_overrides or {})
+    image_size = image_size or IMAGE_SIZES.get(dataset, 32)
     cfg, train_kw = _tokenizer_settings(dataset, image_size, seed, overrides)
     folder = data_path(name)
     p = {f: os.path.join(folder, f) for f in ("train_images.u8", "val_images.u8", "train_labels.bin", "val_labels.bin",
@@ -455,7 +460,7 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=32, seed=
 # command line
 
 
-CLI_DEFAULTS = {"dataset": "", "name": "", "data_dir": "", "image_size": 32, "force": False, "seed": 0}
+CLI_DEFAULTS = {"dataset": "", "name": "", "data_dir": "", "image_size": 0, "force": False, "seed": 0}
 
 
 def _convert(key, value, default):

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import purrception
+from purrception import tile
 import vq
 from fid import compute_fid
 
@@ -132,8 +133,9 @@ def autocast(device):
 @torch.no_grad()
 def generate(model, sample_fn, E, tokenizer, labels, steps, temperature, cfg_scale, seed, batch_size,
              progress=False):
-    """Labels (N,) -> uint8 images (N, H, W, 3), drawn by sample_fn (the run's objective's sampler). The noise comes from one CPU generator seeded once, so the same
-    seed and labels give the same starting noise on any device and at any temperature."""
+    """Labels (N,) -> uint8 images (N, H, W, 3), drawn by sample_fn (the run's objective's sampler). The noise
+    comes from one CPU generator seeded once, so the same seed and labels give the same starting noise on any
+    device and at any temperature."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not progress, dynamic_ncols=True):
@@ -150,16 +152,6 @@ def balanced_labels(n, num_classes, label):
 
 # -----------------------------------------------------------------------------
 # drawing with numpy and PIL
-
-
-def tile(images, ncol, pad=2):
-    """uint8 (N, H, W, 3) -> one uint8 image with ncol images a row, on white (as purrception.save_grid)."""
-    N, H, W, _ = images.shape
-    grid = np.full((pad + -(-N // ncol) * (H + pad), pad + ncol * (W + pad), 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad):(r + 1) * (H + pad), pad + c * (W + pad):(c + 1) * (W + pad)] = image
-    return grid
 
 
 def caption(grid, texts, cell, pad=2, height=12):
@@ -193,8 +185,8 @@ def draw_grid(model, sample_fn, E, tokenizer, meta, opt, label, temps):
     if len(temps) > 1:                           # the fidelity/diversity trade-off of the paper's Figure 5
         ncol = opt.num_samples or 8
         labels = balanced_labels(ncol, C, label)
-        images = np.concatenate([generate(model, sample_fn, E, tokenizer, labels, opt.steps, t, opt.cfg_scale, opt.seed,
-                                          opt.batch_size) for t in temps])
+        images = np.concatenate([generate(model, sample_fn, E, tokenizer, labels, opt.steps, t, opt.cfg_scale,
+                                          opt.seed, opt.batch_size) for t in temps])
         print("rows: temperature " + ", ".join(map(str, temps)))
         return save_png(tile(images, ncol), os.path.join(opt.out_dir, "samples_temperature.png"))
     if label is None:

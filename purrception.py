@@ -25,8 +25,8 @@ Notable choices:
 - Sampling is Euler on a uniform grid; the final point is read out as the nearest code, then decoded by vq.py.
 
 CIFAR-10 on a CPU: an 8M-parameter model at 2.3 GFLOP per training image, so 1200 iters of 32 images cost ~90
-TFLOP (about 35 minutes on one core); it learns class-dependent colours and layouts, not objects. On a busy
-machine OMP_NUM_THREADS=1 can be several times faster than torch's default thread count.
+TFLOP (about 40 minutes on one core of a busy machine); it learns class-dependent colours and layouts, not
+objects. On a busy machine OMP_NUM_THREADS=1 can be several times faster than torch's default thread count.
     python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 --batch_size=32 \
         --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 --ema_decay=0.998 --eval_interval=600 \
         --sample_steps=25

@@ -128,7 +128,8 @@ def report(opt):
         axes[0].errorbar(it, [float(r["fid"]) for r in arm], yerr=[float(r["fid_se"]) for r in arm], marker="o",
                          capsize=3, label=name)
         axes[1].plot(it, [100 * float(r["val_acc_t09"]) for r in arm], marker="o", label=name)
-    axes[0].set(xlabel="training iterations", ylabel="FID (lower is better)", title=rows[0]["protocol"][:60])
+    axes[0].set(xlabel="training iterations", ylabel="FID (lower is better)")
+    fig.suptitle("FID: " + rows[0]["protocol"], fontsize=9)
     axes[1].set(xlabel="training iterations", ylabel="val token accuracy at t >= 0.9 (%)")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ Time runs as in purrception.py: t = 0 is the source (noise, or all masks), t = 1
 import torch
 import torch.nn.functional as F
 
-import purrception as pc    # shared pieces: T_EPS, Z_LOSS, _draw, nearest_code (used at call time, not import)
+import purrception as pc    # shared: T_EPS, Z_LOSS, _draw, guided, nearest_code (used at call time, not import)
 
 # -----------------------------------------------------------------------------
 # CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the codebook's space
@@ -61,15 +61,9 @@ def cfm_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=Non
     B, (K, d), side = y.shape[0], E.shape, model.grid_size
     z = pc._draw(torch.randn, (B, side, side, d), generator, E.device)                 # (B, h, w, d) at t = 0
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
-    null = torch.full_like(y, model.num_classes)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        if cfg_scale == 1.0:
-            v = model(z, t.expand(B), y).float()
-        else:
-            cond, uncond = model(torch.cat([z, z]), t.expand(2 * B), torch.cat([y, null])).float().chunk(2)
-            v = uncond + cfg_scale * (cond - uncond)
-        z = z + dt * v
+        z = z + dt * pc.guided(model, z, t, y, cfg_scale)                              # v: (B, h, w, d)
     return pc.nearest_code(z, E)
 
 # -----------------------------------------------------------------------------
@@ -116,14 +110,9 @@ def dfm_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=Non
     B, K, side, device = y.shape[0], E.shape[0], model.grid_size, E.device
     x = torch.full((B, side, side), K, dtype=torch.long, device=device)                # all masks at t = 0
     ts = torch.linspace(0, 1, steps + 1, device=device)
-    null = torch.full_like(y, model.num_classes)
     for i in range(steps):
         t, h = ts[i], ts[i + 1] - ts[i]
-        if cfg_scale == 1.0:
-            logits = model(x, t.expand(B), y).float()                                  # (B, h, w, K)
-        else:
-            cond, uncond = model(torch.cat([x, x]), t.expand(2 * B), torch.cat([y, null])).float().chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
+        logits = pc.guided(model, x, t, y, cfg_scale)                                  # (B, h, w, K)
         # a draw from softmax(logits / tau) by the Gumbel-max trick, and which masked positions jump now
         gumbel = -torch.log(-torch.log(pc._draw(torch.rand, logits.shape, generator, device).clamp(min=1e-20)))
         draw = (logits / temperature + gumbel).argmax(dim=-1)                          # (B, h, w)

@@ -7,7 +7,7 @@ continuous flow in the codebook's embedding space. A transformer reads a noisy p
 latent position, a categorical posterior over the K codes; the velocity that carries z_t to the data is the
 posterior-mean code minus z_t, divided by the time left. Training is plain cross-entropy.
 
-    python purrception.py --dataset=shapes                      # CPU quick start: data to sample grid in ~10 min
+    python purrception.py --dataset=shapes                      # CPU quick start: data to sample grid in ~5 min
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2); torchrun for several
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
     python purrception.py --dataset=cifar10 --objective=cfm     # a baseline of the paper (baselines.py): cfm, dfm
@@ -385,6 +385,17 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
 #     logits = uncond + s * (cond - uncond)      uncond: the null class; one batched forward computes both.
 
 
+def guided(model, x, t, y, cfg_scale):
+    """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with classifier-free
+    guidance: uncond + s * (cond - uncond), both halves from one batched forward; s = 1 skips the null pass."""
+    B = y.shape[0]
+    if cfg_scale == 1.0:
+        return model(x, t.expand(B), y).float()
+    null = torch.full_like(y, model.num_classes)
+    cond, uncond = model(torch.cat([x, x]), t.expand(2 * B), torch.cat([y, null])).float().chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
 def nearest_code(z, E):
     """The readout: z (..., d) -> the index of its nearest row of E, by ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
     return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
@@ -397,16 +408,10 @@ def euler_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=N
     B, (K, d), side = y.shape[0], E.shape, model.grid_size
     z = _draw(torch.randn, (B, side, side, d), generator, E.device)                    # (B, h, w, d) at t = 0
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
-    null = torch.full_like(y, model.num_classes)
     trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        if cfg_scale == 1.0:
-            logits = model(z, t.expand(B), y).float()                                  # (B, h, w, K)
-        else:
-            both = model(torch.cat([z, z]), t.expand(2 * B), torch.cat([y, null])).float()
-            cond, uncond = both.chunk(2)                                               # 2 x (B, h, w, K)
-            logits = uncond + cfg_scale * (cond - uncond)
+        logits = guided(model, z, t, y, cfg_scale)                                     # (B, h, w, K)
         pi = F.softmax(logits / temperature, dim=-1)                                   # (B, h, w, K)
         mu = pi @ E                                                                    # (B, h, w, d)
         if return_trajectory:
@@ -499,7 +504,8 @@ def update_ema(ema_model, model, decay):
 @torch.no_grad()
 def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, n_bins=5, loss_fn=vfm_loss):
     """Val loss of `model` over eval_iters batches; the loss in n_bins equal bins of t (how hard each stretch of
-    the path is); and token accuracy of the argmax for t >= 0.9, where the posterior should be nearly certain.
+    the path is); and token accuracy for t >= 0.9, where the posterior should be nearly certain (loss_fn: the
+    objective's loss, which also says what its accuracy counts).
     The batches, t and noise are the same at every eval (a fixed seed), so evals compare like with like."""
     g = torch.Generator().manual_seed(1234)
     losses, accs, ts = [], [], []

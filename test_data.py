@@ -66,6 +66,22 @@ def test_shapes_have_ten_balanced_classes_that_stand_out():
     means = [cover[y == k].mean() for k in range(10)]
     assert means[pd.SHAPES_CLASSES.index("ring")] < means[pd.SHAPES_CLASSES.index("circle")]
 
+
+def test_shapes_keep_an_upright_pose():
+    x, y = pd.make_shapes(400, 32, seed=0)
+    lum = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    mask = np.abs(lum - lum[:, :1, :1]) > 30                         # (N, S, S): the shape's pixels
+
+    def box(m):                                                       # -> (height, width) of the bounding box
+        rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
+        return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+    # a square tilted at most 15 degrees fills ~80% of its bounding box; a diamond (45 degrees) fills half
+    fill = [m.sum() / np.prod(box(m)) for m in mask[y == pd.SHAPES_CLASSES.index("square")]]
+    assert np.mean(fill) > 0.7 and min(fill) > 0.55
+    for kind in ("ellipse", "stripes"):                               # lying down: wider than tall
+        assert all(box(m)[1] > box(m)[0] for m in mask[y == pd.SHAPES_CLASSES.index(kind)]), kind
+
 # -----------------------------------------------------------------------------
 # image folders
 

@@ -216,7 +216,7 @@ def test_uncertainty_entropy_maps_shrink_as_t_goes_to_one(run, tmp_path):
     assert H.shape == (10, 2, 8, 8) and traj["mu"].shape == (10, 2, 8, 8, 4)
     assert H.min() >= 0 and H.max() <= np.log(K) + 1e-4
     by_t = H.mean(dim=(1, 2, 3))
-    assert by_t[0] > 0.9 * np.log(K)                     # at t = 0 nearly every code is still plausible ...
+    assert by_t[0] > 0.8 * np.log(K)                     # at t = 0 most codes are still plausible ...
     assert by_t[-1] < by_t[0] - 1.0                      # ... near t = 1 the trained model has mostly decided
 
 

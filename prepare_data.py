@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import vq
+from cli import UserError
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = ("cifar10", "imagefolder", "shapes")
@@ -52,10 +53,6 @@ SHAPES_COUNTS = (20000, 2000)                          # train, val: enough for 
 IMAGE_SIZES = {"shapes": 16}                           # the rest: 32
 VQ_DEFAULTS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=1000, batch_size=64, eval_interval=1000)}
 NOT_COMPARED = ("device", "eval_interval")             # train_vq arguments that do not change the tokenizer
-
-
-class DataError(ValueError):
-    """A problem with the user's input: the command line prints it as one line and exits non-zero."""
 
 
 def data_path(name):
@@ -153,7 +150,7 @@ def _download(url, path):
     except OSError as e:                                              # URLError, timeouts and HTTP errors are OSErrors
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise DataError(f"could not download {url} ({e}); fetch it another way and pass "
+        raise UserError(f"could not download {url} ({e}); fetch it another way and pass "
                         f"--data_dir=PATH/TO/cifar-10-python.tar.gz") from None
     os.replace(tmp, path)
 
@@ -170,7 +167,7 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
         (p for p in (os.path.join(data_dir, "cifar-10-python.tar.gz"), os.path.join(data_dir, "cifar-10-batches-py"),
                      data_dir) if os.path.isfile(p) or os.path.isfile(os.path.join(p, "batches.meta"))), None)
     if path is None:
-        raise DataError(f"no CIFAR-10 at {data_dir}: expected cifar-10-python.tar.gz or an extracted "
+        raise UserError(f"no CIFAR-10 at {data_dir}: expected cifar-10-python.tar.gz or an extracted "
                         f"cifar-10-batches-py")
     names = ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
     try:
@@ -178,7 +175,7 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
             blobs = {n: open(os.path.join(path, n), "rb").read() for n in names}
         else:
             if md5 and _digest(path, "md5") != md5:
-                raise DataError(f"{path} is not the official CIFAR-10 tarball (its md5 is not {md5}); delete it and "
+                raise UserError(f"{path} is not the official CIFAR-10 tarball (its md5 is not {md5}); delete it and "
                                 f"download it again from {CIFAR10_URL}")
             with tarfile.open(path, "r:gz") as tar:
                 members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
@@ -190,7 +187,7 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
         labels = {n: np.array(b[b"labels"]) for n, b in batches.items() if n != "batches.meta"}
         classes = [s.decode() for s in batches["batches.meta"][b"label_names"]]
     except (KeyError, OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as e:
-        raise DataError(f"{path} is not a complete CIFAR-10 python copy ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a complete CIFAR-10 python copy ({type(e).__name__}: {e})") from None
     train = names[2:]
     return (np.concatenate([images[n] for n in train]), np.concatenate([labels[n] for n in train]),
             images["test_batch"], labels["test_batch"], classes)
@@ -231,12 +228,12 @@ def _scan(folder, classes=None):
     found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
     classes = classes or found
     if set(found) - set(classes):
-        raise DataError(f"{folder} has classes {sorted(set(found) - set(classes))} that the train split does not have")
+        raise UserError(f"{folder} has classes {sorted(set(found) - set(classes))} that the train split does not have")
     files = [(os.path.join(d, f), label) for label, c in enumerate(classes) if c in found
              for d, _, fs in sorted(os.walk(os.path.join(folder, c))) for f in sorted(fs)
              if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
     if not files:
-        raise DataError(f"no {'/'.join(IMAGE_EXTS)} images in {folder}/<class>/; expected ROOT/<class>/*.png|jpg")
+        raise UserError(f"no {'/'.join(IMAGE_EXTS)} images in {folder}/<class>/; expected ROOT/<class>/*.png|jpg")
     return classes, files
 
 
@@ -256,7 +253,7 @@ def _load_files(files, image_size, desc):
         results = pool.imap(_load_one, jobs, chunksize=64) if pool else map(_load_one, jobs)
         for i, im in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", dynamic_ncols=True)):
             if isinstance(im, str):
-                raise DataError(im)
+                raise UserError(im)
             images[i] = im
     return images, np.array([label for _, label in files])
 
@@ -264,7 +261,7 @@ def _load_files(files, image_size, desc):
 def load_imagefolder(root, image_size, seed=0, val_fraction=0.1):
     """-> train images, train labels, val images, val labels, class names (sorted folder names)."""
     if not root or not os.path.isdir(root):
-        raise DataError(f"image folder {root!r} does not exist; pass --data_dir=ROOT holding ROOT/<class>/*.png|jpg")
+        raise UserError(f"image folder {root!r} does not exist; pass --data_dir=ROOT holding ROOT/<class>/*.png|jpg")
     split = next((os.path.join(root, s) for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
     if split and os.path.isdir(os.path.join(root, "train")):
         classes, train = _scan(os.path.join(root, "train"))
@@ -281,7 +278,7 @@ def load_imagefolder(root, image_size, seed=0, val_fraction=0.1):
         train = [x for i, x in enumerate(files) if i not in held]
         val = [x for i, x in enumerate(files) if i in held]
     if not val:
-        raise DataError(f"{root}: no images left for validation; give some class at least two images")
+        raise UserError(f"{root}: no images left for validation; give some class at least two images")
     return (*_load_files(train, image_size, "train images"), *_load_files(val, image_size, "val images"), list(classes))
 
 # -----------------------------------------------------------------------------
@@ -314,7 +311,7 @@ def _tokenizer_settings(dataset, image_size, seed, overrides):
     opts = vq_options()
     for key in overrides:
         if key not in opts:
-            raise DataError("vq: " + _unknown(key, list(opts)) + ("; use --image_size" if key == "image_size" else ""))
+            raise UserError("vq: " + _unknown(key, list(opts)) + ("; use --image_size" if key == "image_size" else ""))
     wanted = {k: v for k, v in {**VQ_DEFAULTS.get(dataset, {}), "seed": seed}.items() if k in opts}
     wanted.update(overrides)
     cfg_keys = {f.name for f in fields(vq.VQConfig)}
@@ -323,7 +320,7 @@ def _tokenizer_settings(dataset, image_size, seed, overrides):
     try:
         vq.check_config(cfg)                           # side vs downsampling factor, K <= 65536, channels
     except ValueError as e:
-        raise DataError(str(e)) from None
+        raise UserError(str(e)) from None
     return cfg, train_kw
 
 
@@ -333,7 +330,7 @@ def _check_same(folder, old, new, explicit):
     diff = [f"{k}={plain(old[k])} (asked for {plain(new[k])})"
             for k in explicit if k in old and plain(old[k]) != plain(new[k])]
     if diff:
-        raise DataError(f"{folder} was made with {', '.join(diff)}; pass --force to redo it, or --name=OTHER")
+        raise UserError(f"{folder} was made with {', '.join(diff)}; pass --force to redo it, or --name=OTHER")
 
 
 def _save(path, array, dtype):
@@ -379,10 +376,10 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
     image_size=0 means the dataset's default (IMAGE_SIZES, else 32)."""
     if dataset not in DATASETS:
         hint = difflib.get_close_matches(dataset, DATASETS, n=1)
-        raise DataError(f"unknown dataset {dataset!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        raise UserError(f"unknown dataset {dataset!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; choose one of {', '.join(DATASETS)}")
     if dataset == "imagefolder" and not data_dir:
-        raise DataError("--dataset=imagefolder needs --data_dir=ROOT, a folder of ROOT/<class>/*.png|jpg")
+        raise UserError("--dataset=imagefolder needs --data_dir=ROOT, a folder of ROOT/<class>/*.png|jpg")
     name, overrides = name or dataset, dict(vq_overrides or {})
     image_size = image_size or IMAGE_SIZES.get(dataset, 32)
     cfg, train_kw = _tokenizer_settings(dataset, image_size, seed, overrides)
@@ -477,7 +474,7 @@ def _convert(key, value, default):
             return tuple(type(default[0])(v) for v in value.split(","))
         return value if default is None else type(default)(value)
     except (KeyError, ValueError):
-        raise DataError(f"--{key} expects {type(default).__name__}, got {value!r}") from None
+        raise UserError(f"--{key} expects {type(default).__name__}, got {value!r}") from None
 
 
 def parse_args(argv):
@@ -490,13 +487,13 @@ def parse_args(argv):
         key, eq, value = arg[2:].partition("=")
         table, name = (vq_opts, key[3:]) if key.startswith("vq.") else (opts, key)
         if not arg.startswith("--") or name not in table:
-            raise DataError(_unknown(arg.partition("=")[0], ["--" + k for k in opts] + ["--vq." + k for k in vq_opts]))
+            raise UserError(_unknown(arg.partition("=")[0], ["--" + k for k in opts] + ["--vq." + k for k in vq_opts]))
         if not eq and not isinstance(table[name], bool):
-            raise DataError(f"--{key} needs a value: --{key}=VALUE")
+            raise UserError(f"--{key} needs a value: --{key}=VALUE")
         value = _convert(key, value if eq else "true", table[name])
         (overrides if table is vq_opts else opts)[name] = value
     if not opts["dataset"]:
-        raise DataError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
+        raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
     return opts, overrides
 
 
@@ -506,7 +503,7 @@ def main(argv):
         opts, overrides = parse_args(argv)
         folder = prepare(opts["dataset"], opts["name"] or None, opts["data_dir"] or None, opts["force"],
                          opts["image_size"], opts["seed"], overrides)
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     print(f"done in {time.time() - t0:.0f}s: {folder}")
 

@@ -1,4 +1,4 @@
-"""Tests for compare.py: the three arms in stages on a fake token folder, FID with a stub extractor, no network."""
+"""Tests for compare.py: arms in stages on a fake token folder, FID with a stub extractor, the iterations ratio."""
 
 import csv
 import math
@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
+import cli
 import compare
 import purrception
 from test_purrception import data_dir, tiny_config  # noqa: F401 (a fixture)
 from test_sample import StubExtractor
 
 TINY = ("--device=cpu --n_layer=1 --n_head=2 --n_embd=32 --batch_size=4 --warmup_iters=2 --lr=1e-3 --ema_decay=0.9 "
-        "--eval_iters=2 --log_interval=1 --sample_steps=2 --grid_cols=2")
+        "--eval_iters=2 --sample_steps=2 --grid_cols=2")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")           # torch.jit: still the API of TorchScript files
@@ -26,22 +28,52 @@ def test_staged_arms_measure_every_stage_and_match_a_straight_run(data_dir, tmp_
     torch.jit.script(StubExtractor().eval()).save(stub)
     out = tmp_path / "cmp"
     argv = [f"--out_dir={out}", "--dataset=fake", f"--train_flags={TINY} --data_dir={data}", "--iters=3,6",
-            "--fid_samples=6", "--fid_ref=16", "--steps=2", "--bootstrap=3", f"--fid_model={stub}"]
+            "--seeds=0,1", "--objectives=purrception,dfm", "--fid_samples=6", "--fid_ref=16", "--steps=2",
+            "--bootstrap=3", f"--fid_model={stub}"]
     compare.main(argv)
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["objective"], int(r["iter"])) for r in rows] == [(o, i) for o in ("purrception", "cfm", "dfm")
-                                                                for i in (3, 6)]
+    assert [(r["arm"], int(r["seed"]), int(r["iter"])) for r in rows] == [
+        (o, s, i) for s in (0, 1) for o in ("purrception", "dfm") for i in (3, 6)]
     assert all(math.isfinite(float(r["fid"])) and float(r["fid_se"]) >= 0 for r in rows)
-    assert "| purrception | 6 |" in capsys.readouterr().out                          # the report's table
+    printed = capsys.readouterr().out
+    assert "| purrception | 6 |" in printed and "iterations ratio vs dfm" in printed     # the report
     # stages resume bit-exactly: the staged arm ends with the weights of one straight 6-iteration run
     straight = tmp_path / "straight"
     flags = TINY.split() + [f"--data_dir={data}", "--dataset=fake", "--objective=dfm", f"--out_dir={straight}",
-                            "--max_iters=6", "--eval_interval=6"]
-    purrception.train(purrception.parse_args(flags, purrception.Config()))
-    a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (out / "dfm", straight))
+                            "--max_iters=6", "--eval_interval=6", "--seed=1"]
+    purrception.train(cli.parse_args(flags, baselines.BaselineConfig()), baselines.get_objective("dfm"))
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (out / "dfm-s1", straight))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # a second run finds every stage measured and adds nothing
+    # a second run finds every stage measured and adds nothing; a tagged arm is an arm of its own
     compare.main(argv)
-    assert len(list(csv.DictReader(open(out / "results.csv")))) == 6
-    with pytest.raises(purrception.UserError, match="purrception, cfm or dfm"):
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 8
+    compare.main(argv[:5] + ["--objectives=purrception", "--seeds=0", "--tag=official",
+                             "--extra_flags=--time_embed=official"] + argv[6:])
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["arm"] for r in rows[8:]] == ["purrception-official"] * 2
+    assert torch.load(out / "purrception-official-s0" / "ckpt.pt", weights_only=True)["model_args"][
+        "time_embed"] == "official"
+    with pytest.raises(cli.UserError, match="purrception, cfm, cfm_endpoint, dfm"):
         compare.main(argv[:-1] + ["--objectives=purrception,mdlm"])
+
+
+def test_iterations_to_reach_a_fid_interpolate_in_log_iterations():
+    curve = {100: 200.0, 200: 150.0, 400: 100.0}
+    assert compare.iters_to_reach(curve, 150.0) == pytest.approx(200)
+    assert compare.iters_to_reach(curve, 175.0) == pytest.approx(100 * math.sqrt(2))  # halfway in log(iter)
+    assert compare.iters_to_reach(curve, 250.0) == 0 and math.isnan(compare.iters_to_reach(curve, 50.0))
+    # theirs reaches 150 at its last stage (400); ours reaches 150 at 200: a ratio of 2, exactly without noise
+    ours = {i: (f, 1e-9, [f]) for i, f in curve.items()}
+    theirs = {100: (300.0, 1e-9, [300.0]), 400: (150.0, 1e-9, [150.0])}
+    ratio, lo, hi = compare.speedup(ours, theirs)
+    assert ratio == pytest.approx(2) and lo == pytest.approx(2, rel=1e-3) and hi == pytest.approx(2, rel=1e-3)
+    noisy = {100: (300.0, 1e-9, [300.0]), 400: (150.0, 10.0, [140.0, 160.0])}       # their endpoint is uncertain
+    ratio, lo, hi = compare.speedup(ours, noisy)
+    assert lo < ratio < hi
+
+
+def test_curves_average_seeds_and_take_their_spread_as_the_error():
+    rows = [dict(arm="a", iter="10", fid=str(f), fid_se="0.5") for f in (10.0, 12.0)]
+    mean, se, each = compare.curves(rows)["a"][10]
+    assert mean == 11 and se == pytest.approx(1.0) and each == [10.0, 12.0]
+    assert compare.curves(rows[:1])["a"][10][1] == 0.5                                 # one seed: the bootstrap s.e.

@@ -15,7 +15,7 @@ from PIL import Image
 
 import prepare_data as pd
 import vq
-from prepare_data import DataError
+from cli import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a tokenizer that trains in about a second: 16x16 images, 8x8 tokens, 16 codes
@@ -124,15 +124,15 @@ def test_imagefolder_train_and_test_layout(tmp_path):
 
 
 def test_imagefolder_bad_input(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         pd.load_imagefolder(str(tmp_path / "missing"), 16)
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(DataError, match="no .*images"):
+    with pytest.raises(UserError, match="no .*images"):
         pd.load_imagefolder(str(tmp_path / "empty"), 16)
     for i in range(3):
         save(str(tmp_path / "broken" / "cls" / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "broken" / "cls" / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="bad.png"):
+    with pytest.raises(UserError, match="bad.png"):
         pd.load_imagefolder(str(tmp_path / "broken"), 16)
 
 # -----------------------------------------------------------------------------
@@ -170,13 +170,13 @@ def test_cifar10_reads_the_tarball_the_folder_and_the_extracted_copy(tmp_path):
         tar.extractall(tmp_path / "x", filter="data")
     assert np.array_equal(pd.load_cifar10(str(tmp_path / "x"))[2], vx)          # extracted: no checksum to check
     assert np.array_equal(pd.load_cifar10(str(tmp_path / "x" / "cifar-10-batches-py"))[2], vx)
-    with pytest.raises(DataError, match="md5"):
+    with pytest.raises(UserError, match="md5"):
         pd.load_cifar10(path)                                         # not the official file
 
 
 def test_cifar10_offline_names_the_url_and_data_dir(data_root, monkeypatch):
     monkeypatch.setattr(pd, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")   # nothing listens there
-    with pytest.raises(DataError, match="--data_dir") as e:
+    with pytest.raises(UserError, match="--data_dir") as e:
         pd.load_cifar10(None, log=lambda *a: None)
     assert "http://127.0.0.1:9/cifar-10-python.tar.gz" in str(e.value)
     assert not os.path.exists(data_root / "cifar10" / "cifar-10-python.tar.gz.part")
@@ -232,9 +232,9 @@ def test_rerun_skips_force_redoes_and_a_new_tokenizer_retokenizes(data_root):
 
 def test_prepare_refuses_a_folder_made_with_other_settings(data_root):
     tiny_prepare()
-    with pytest.raises(DataError, match="codebook_size=16 .asked for 32.*--force.*--name"):
+    with pytest.raises(UserError, match="codebook_size=16 .asked for 32.*--force.*--name"):
         tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32})
-    with pytest.raises(DataError, match="image_size=16 .asked for 24."):
+    with pytest.raises(UserError, match="image_size=16 .asked for 24."):
         tiny_prepare(image_size=24)
     tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32}, name="other")    # another --name is fine
 
@@ -244,14 +244,14 @@ def test_prepare_rejects_bad_settings_before_writing(data_root):
              ({"vq_overrides": {"codebook_size": 70000}}, "65536"),
              ({"vq_overrides": {"codebok_size": 8}}, "did you mean 'codebook_size'")]
     for kw, message in cases:
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(UserError, match=message):
             tiny_prepare(**kw)
-    with pytest.raises(DataError, match="did you mean 'cifar10'"):
+    with pytest.raises(UserError, match="did you mean 'cifar10'"):
         pd.prepare("cifar", log=lambda *a: None)
-    with pytest.raises(DataError, match="--data_dir"):
+    with pytest.raises(UserError, match="--data_dir"):
         pd.prepare("imagefolder", log=lambda *a: None)
     assert not os.path.exists(data_root)
-    assert isinstance(DataError("x"), ValueError)
+    assert isinstance(UserError("x"), ValueError)
 
 
 def test_data_path_is_relative_to_the_repository():
@@ -267,13 +267,13 @@ def test_parse_args_types_and_unknown_keys():
     assert opts["dataset"] == "shapes" and opts["force"] is True and opts["image_size"] == 16 and opts["seed"] == 3
     assert vq_kw == {"lr": 0.01, "max_iters": 7, "device": "cpu"} and isinstance(vq_kw["lr"], float)
     assert pd.parse_args(["--dataset=x", "--force=false"])[0]["force"] is False
-    with pytest.raises(DataError, match="--image_size expects int"):
+    with pytest.raises(UserError, match="--image_size expects int"):
         pd.parse_args(["--dataset=shapes", "--image_size=big"])
-    with pytest.raises(DataError, match="did you mean '--image_size'"):
+    with pytest.raises(UserError, match="did you mean '--image_size'"):
         pd.parse_args(["--dataset=shapes", "--imagesize=16"])
-    with pytest.raises(DataError, match="did you mean '--vq.codebook_size'"):
+    with pytest.raises(UserError, match="did you mean '--vq.codebook_size'"):
         pd.parse_args(["--dataset=shapes", "--vq.codebok_size=16"])
-    with pytest.raises(DataError, match="--dataset"):
+    with pytest.raises(UserError, match="--dataset"):
         pd.parse_args([])
 
 

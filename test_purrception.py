@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 import purrception
 import vq
-from purrception import Config, PRESETS, Transformer, euler_sample, get_batch, parse_args, train, vfm_loss
+import sample
+from cli import UserError, parse_args
+from purrception import Config, DiT, PRESETS, euler_sample, get_batch, train, vfm_loss
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K, D, GRID, NUM_CLASSES = 16, 4, 4, 3          # the fake dataset: 4x4 tokens over 16 codes of dimension 4
@@ -22,8 +24,8 @@ K, D, GRID, NUM_CLASSES = 16, 4, 4, 3          # the fake dataset: 4x4 tokens ov
 
 def tiny_model(patch_size=2, K=K):
     torch.manual_seed(0)
-    return Transformer(vocab_size=K, code_dim=D, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2,
-                       n_embd=32, num_classes=NUM_CLASSES)
+    return DiT(in_dim=D, out_dim=K, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2, n_embd=32,
+               num_classes=NUM_CLASSES)
 
 
 def codebook(K=K, d=D, seed=0):
@@ -92,7 +94,7 @@ def test_sampler_reproduces_code_frequencies_with_the_exact_posterior():
     model = GaussianPosterior(SQUARE, PROBS)
     for label in (0, 1):
         y = torch.full((1000,), label)
-        idx = euler_sample(model, SQUARE, y, steps=50, generator=torch.Generator().manual_seed(label))
+        idx = euler_sample(model, SQUARE, y, 2, steps=50, generator=torch.Generator().manual_seed(label))
         freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()      # 4000 positions
         assert torch.allclose(freq, PROBS[label], atol=0.03), (label, freq)
 
@@ -102,7 +104,7 @@ def test_one_hot_oracle_lands_exactly_on_its_code(steps):
     probs = torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
     model = FixedLogits(SQUARE, probs)
     y = torch.tensor([0, 1, 0, 1])
-    idx, traj = euler_sample(model, SQUARE, y, steps, generator=torch.Generator().manual_seed(0),
+    idx, traj = euler_sample(model, SQUARE, y, 2, steps, generator=torch.Generator().manual_seed(0),
                              return_trajectory=True)
     assert idx.tolist() == [[[2, 2], [2, 2]], [[1, 1], [1, 1]]] * 2
     assert traj["z"].shape == (steps, 4, 2, 2, 2) and traj["entropy"].shape == (steps, 4, 2, 2)
@@ -112,7 +114,7 @@ def test_one_hot_oracle_lands_exactly_on_its_code(steps):
 
 def test_low_temperature_picks_the_most_likely_code():
     model = FixedLogits(SQUARE, PROBS)
-    idx = euler_sample(model, SQUARE, torch.zeros(64, dtype=torch.long), 10, temperature=1e-3,
+    idx = euler_sample(model, SQUARE, torch.zeros(64, dtype=torch.long), 2, 10, temperature=1e-3,
                        generator=torch.Generator().manual_seed(0))
     assert (idx == 3).all()                                                          # argmax of PROBS[0]
 
@@ -121,14 +123,15 @@ def test_cfg_scale_one_is_the_conditional_pass_and_guidance_is_one_batched_forwa
     y = torch.tensor([0, 1, 1, 0])
     plain = GaussianPosterior(SQUARE, PROBS)
     other_null = GaussianPosterior(SQUARE, torch.cat([PROBS[:2], torch.tensor([[0.97, 0.01, 0.01, 0.01]])]))
-    a = euler_sample(plain, SQUARE, y, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
-    b = euler_sample(other_null, SQUARE, y, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    a = euler_sample(plain, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    b = euler_sample(other_null, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and plain.calls == [4] * 8                              # no unconditional pass at s=1
     # s = 3 with logits fixed at cond = log[.4 .35 .25 0], uncond = log[.6 .2 .2 0]: cond's argmax is code 0,
     # uncond + 3 (cond - uncond) has its argmax at code 1
     probs = torch.tensor([[0.4, 0.35, 0.25, 0.0], [1, 0, 0, 0], [0.6, 0.2, 0.2, 0.0]])
     model = FixedLogits(SQUARE, probs)
-    idx = euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 5, temperature=1e-3, cfg_scale=3.0)
+    idx = euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 5, temperature=1e-3, cfg_scale=3.0,
+                       null_label=2)
     assert (idx == 1).all() and model.calls == [8] * 5
 
 # -----------------------------------------------------------------------------
@@ -193,7 +196,8 @@ def test_sampler_indices_in_range_and_seed_deterministic():
     model, E = tiny_model(), codebook()
     torch.nn.init.normal_(model.final_layer.linear.weight)
     y = torch.tensor([0, 1, 2, NUM_CLASSES])
-    run = lambda seed, s=1.0: euler_sample(model, E, y, 4, cfg_scale=s, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed, s=1.0: euler_sample(model, E, y, GRID, 4, cfg_scale=s, null_label=NUM_CLASSES,
+                                           generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (4, GRID, GRID) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -230,7 +234,7 @@ def test_parse_args_types_presets_and_precedence():
                                            (["--compile=maybe"], "expects bool"),
                                            (["--lr"], "--lr=VALUE")])
 def test_parse_args_rejects_bad_flags_in_one_line(argv, message):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         parse_args(argv, Config(), PRESETS)
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -257,11 +261,11 @@ def test_train_smoke_writes_a_portable_checkpoint_and_grids(data_dir, tmp_path):
     metrics = train(tiny_config(data_dir, tmp_path, max_iters=3))
     assert math.isfinite(metrics["val_loss"]) and len(metrics["val_loss_by_t"]) == 5 and len(metrics["losses"]) == 3
     ckpt = load(tmp_path / "ckpt.pt")                                                # weights_only=True works
-    assert ckpt["iter"] == 3 and {"model", "ema", "optimizer", "model_args", "config", "rng"} <= set(ckpt)
+    assert ckpt["iter"] == 3 and {"model", "ema", "optimizer", "model_args", "config", "rng", "objective"} <= set(ckpt)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert json.load(open(tmp_path / "config.json"))["max_iters"] == 3
     assert not (tmp_path / "samples_000000.png").exists() and (tmp_path / "samples_000003.png").exists()
-    model, _, _ = purrception.load_model(str(tmp_path / "ckpt.pt"))
+    model = sample.load_run(str(tmp_path / "ckpt.pt")).model
     assert all(torch.equal(p, ckpt["ema"][n]) for n, p in model.state_dict().items()) and not model.training
 
 

@@ -73,16 +73,20 @@ def convert(key, text, default):
         raise UserError(f"--{key} expects {typ.__name__}, got {text!r}") from None
 
 
-def help_text(cfg, doc=""):
+def help_text(cfg, doc="", extra=None, extra_help=None):
     comments = field_comments(type(cfg))
-    rows = [f"  --{f.name}={getattr(cfg, f.name)!s:<14} {comments.get(f.name, '')}" for f in fields(cfg)]
-    return (doc.strip() + "\n\n" if doc else "") + "options (values after the preset):\n" + "\n".join(rows)
+    rows = [(f"--{f.name}={getattr(cfg, f.name)}", comments.get(f.name, "")) for f in fields(cfg)]
+    rows += [(f"--{prefix}{k}={v}", (extra_help or {}).get(k, "")) for prefix, table in (extra or {}).items()
+             for k, v in table.items()]
+    width = max(len(left) for left, _ in rows) + 2
+    return (doc.strip() + "\n\n" if doc else "") + "options (values after the preset):\n" + "\n".join(
+        f"  {left:<{width}}{comment}".rstrip() for left, comment in rows)
 
 
-def parse_args(argv, cfg, presets=None, doc="", extra=None):
+def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
     """['--dataset=cifar10', '--lr=3e-4'] -> a copy of the dataclass cfg with the dataset's preset (if presets are
     given), then the flags, applied; the last word wins. `extra` maps more flag prefixes ('vq.') to dicts of
-    defaults whose typed values are returned in a second dict. A mistake raises UserError saying what to type."""
+    defaults whose typed values are returned in a second dict (extra_help: their meanings). A mistake raises UserError saying what to type."""
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     extra = extra or {}
     flags, more, wants_help = {}, {}, False
@@ -106,7 +110,7 @@ def parse_args(argv, cfg, presets=None, doc="", extra=None):
     preset = (presets or {}).get(flags.get("dataset", defaults.get("dataset")), {})
     cfg = replace(cfg, **{**preset, **flags})
     if wants_help:
-        print(help_text(cfg, doc))
+        print(help_text(cfg, doc, extra, extra_help))
         sys.exit(0)
     return (cfg, more) if extra else cfg
 

@@ -10,34 +10,26 @@ It writes data/NAME/ next to this file (whatever the working directory), in thre
        train_labels.bin, val_labels.bin    uint16 (N,) class indices
     2. vq.pt                               the tokenizer, trained with vq.train_vq when it is missing
     3. train.bin, val.bin                  uint16 (N, h*w) codebook indices, row-major over the h x w grid,
-       meta.json                           sizes, class names, tokenizer config and the command that made it
-A step whose output exists is skipped; --force redoes all three. Other flags: --name (output folder, default the
-dataset), --data_dir (a local CIFAR-10 copy, or the image folder), --image_size (default 16 for shapes, 32 for the
-others), --seed (default 0).
-Tokenizer settings pass through as --vq.KEY=VALUE: any VQConfig field or train_vq argument, for example
---vq.codebook_size=512 --vq.max_iters=2000 --vq.device=cuda.
+       meta.json                           sizes, class names and the tokenizer's settings
+A step whose output exists is skipped; tokens are redone when vq.pt was retrained (`python vq.py`); --force redoes
+all three. Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.codebook_size=512.
 """
 
-import difflib
 import hashlib
-import inspect
+import io
 import json
 import math
 import os
 import pickle
-import shlex
-import sys
 import tarfile
 import time
 import urllib.request
-from contextlib import nullcontext
-from dataclasses import MISSING, asdict, fields
-from multiprocessing import Pool
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+import cli
 import vq
 from cli import UserError
 
@@ -47,12 +39,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"      # published on the CIFAR-10 page
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SHAPES_COUNTS = (20000, 2000)                          # train, val: enough for a small generator to learn the classes
-# Image side and tokenizer settings per dataset; --image_size and --vq.KEY=VALUE override them. Shapes are 16x16 and
-# flat-coloured, so a small VQ with 64 codes and 1000 steps is enough (29.7 dB PSNR, every code used, 27 s on a
-# CPU): an 8x8 token grid that a CPU-sized generator learns in minutes.
 IMAGE_SIZES = {"shapes": 16}                           # the rest: 32
-VQ_DEFAULTS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=1000, batch_size=64, eval_interval=1000)}
-NOT_COMPARED = ("device", "eval_interval")             # train_vq arguments that do not change the tokenizer
 
 
 def data_path(name):
@@ -133,26 +120,33 @@ def make_shapes(n, image_size=16, seed=0):
 # CIFAR-10: the official python tarball, read straight from the archive (five pickled train batches, one test batch)
 
 
-def _digest(path, algorithm):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
-
-
 def _download(url, path):
     tmp = path + ".part"
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                      desc="download") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+            total = int(r.headers.get("Content-Length") or 0) or None
+            for chunk in cli.progress(iter(lambda: r.read(1 << 20), b""), total and -(-total >> 20), "download",
+                                      "MiB"):
+                f.write(chunk)
     except OSError as e:                                              # URLError, timeouts and HTTP errors are OSErrors
         if os.path.exists(tmp):
             os.remove(tmp)
         raise UserError(f"could not download {url} ({e}); fetch it another way and pass "
                         f"--data_dir=PATH/TO/cifar-10-python.tar.gz") from None
     os.replace(tmp, path)
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles, and a pickle can name any function to call. This one admits only what the
+    batches hold (plain containers, numpy arrays and dtypes), so a crafted file raises instead of running code."""
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a CIFAR-10 batch")
+        return super().find_class(module, name)
 
 
 def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
@@ -174,19 +168,22 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
         if os.path.isdir(path):                                       # extracted by the user: read the files directly
             blobs = {n: open(os.path.join(path, n), "rb").read() for n in names}
         else:
-            if md5 and _digest(path, "md5") != md5:
-                raise UserError(f"{path} is not the official CIFAR-10 tarball (its md5 is not {md5}); delete it and "
-                                f"download it again from {CIFAR10_URL}")
+            with open(path, "rb") as f:
+                if md5 and hashlib.file_digest(f, "md5").hexdigest() != md5:
+                    raise UserError(f"{path} is not the official CIFAR-10 tarball (its md5 is not {md5}); delete "
+                                    f"it and download it again from {CIFAR10_URL}")
             with tarfile.open(path, "r:gz") as tar:
                 members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
                 blobs = {n: tar.extractfile(members[n]).read() for n in names}
         # the batches are Python 2 pickles of {b"data": (n, 3072) uint8 as three 32x32 planes, b"labels": [...]}
-        batches = {n: pickle.loads(blobs[n], encoding="bytes") for n in names}
+        batches = {n: ArrayUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load() for n in names}
         images = {n: np.asarray(b[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
                   for n, b in batches.items() if n != "batches.meta"}
         labels = {n: np.array(b[b"labels"]) for n, b in batches.items() if n != "batches.meta"}
         classes = [s.decode() for s in batches["batches.meta"][b"label_names"]]
-    except (KeyError, OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as e:
+    except (KeyError, OSError, EOFError, TypeError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"{path} is not a complete CIFAR-10 python copy ({type(e).__name__}: {e})") from None
     train = names[2:]
     return (np.concatenate([images[n] for n in train]), np.concatenate([labels[n] for n in train]),
@@ -211,18 +208,6 @@ def load_image(path, image_size):
         return np.asarray(im)
 
 
-def _resize_all(images, image_size):
-    size = (image_size, image_size)
-    return np.stack([np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BICUBIC)) for im in images])
-
-
-def _load_one(job):
-    try:
-        return load_image(*job)
-    except Exception as e:                                            # PIL raises many kinds; report the file instead
-        return f"cannot read image {job[0]} ({type(e).__name__}: {e})"
-
-
 def _scan(folder, classes=None):
     """-> class names (sorted folder names, or the given ones) and [(file, label)] for every image below them."""
     found = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
@@ -239,22 +224,11 @@ def _scan(folder, classes=None):
 
 def _load_files(files, image_size, desc):
     images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    # a process pool pays off for many large images; small ones (CIFAR's 32x32 JPEGs: ~9000/s on one core of a
-    # 2-core machine, ~7000/s with a pool of 2) decode faster than a pool can ship them back
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with Image.open(files[0][0]) as im:
-            large = im.size[0] * im.size[1] > 4 * image_size ** 2
-    except Exception:
-        large = False                                                 # reported with its name below
-    workers = min(workers, 8) if len(files) >= 2000 and large else 1
-    with (Pool(workers) if workers > 1 else nullcontext()) as pool:
-        jobs = [(f, image_size) for f, _ in files]
-        results = pool.imap(_load_one, jobs, chunksize=64) if pool else map(_load_one, jobs)
-        for i, im in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", dynamic_ncols=True)):
-            if isinstance(im, str):
-                raise UserError(im)
-            images[i] = im
+    for i, (path, _) in enumerate(cli.progress(files, desc=desc, unit="img")):
+        try:
+            images[i] = load_image(path, image_size)
+        except Exception as e:                                        # PIL raises many kinds; name the file instead
+            raise UserError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
     return images, np.array([label for _, label in files])
 
 
@@ -268,9 +242,7 @@ def load_imagefolder(root, image_size, seed=0, val_fraction=0.1):
         _, val = _scan(split, classes)
     else:
         classes, files = _scan(root)
-        rng = np.random.default_rng(seed)
-        labels = np.array([label for _, label in files])
-        held = set()
+        rng, labels, held = np.random.default_rng(seed), np.array([label for _, label in files]), set()
         for c in range(len(classes)):                                 # per class, so val has every class
             idx = np.flatnonzero(labels == c)
             k = max(1, round(val_fraction * len(idx))) if len(idx) > 1 else 0
@@ -282,78 +254,25 @@ def load_imagefolder(root, image_size, seed=0, val_fraction=0.1):
     return (*_load_files(train, image_size, "train images"), *_load_files(val, image_size, "val images"), list(classes))
 
 # -----------------------------------------------------------------------------
-# the tokenizer settings, and the three preparation steps
+# the three preparation steps
 
 
-def vq_options():
-    """Every --vq.KEY with its default (which also gives its type): VQConfig fields and train_vq keyword arguments."""
-    opts = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(vq.VQConfig)}
-    opts.update({k: p.default for k, p in inspect.signature(vq.train_vq).parameters.items()
-                 if p.default is not inspect.Parameter.empty and k != "log"})
-    opts.pop("image_size", None)                                      # that one is --image_size
-    return opts
-
-
-def _default_device():
-    import torch
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def _unknown(key, known):
-    hint = difflib.get_close_matches(key, known, n=1)
-    return f"unknown option {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-
-
-def _tokenizer_settings(dataset, image_size, seed, overrides):
-    """-> (VQConfig, train_vq keyword arguments) from the dataset's defaults under the user's overrides."""
-    opts = vq_options()
-    for key in overrides:
-        if key not in opts:
-            raise UserError("vq: " + _unknown(key, list(opts)) + ("; use --image_size" if key == "image_size" else ""))
-    wanted = {k: v for k, v in {**VQ_DEFAULTS.get(dataset, {}), "seed": seed}.items() if k in opts}
-    wanted.update(overrides)
-    cfg_keys = {f.name for f in fields(vq.VQConfig)}
-    cfg = vq.VQConfig(image_size=image_size, **{k: v for k, v in wanted.items() if k in cfg_keys})
-    train_kw = {k: v for k, v in wanted.items() if k not in cfg_keys}
-    try:
-        vq.check_config(cfg)                           # side vs downsampling factor, K <= 65536, channels
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return cfg, train_kw
-
-
-def _check_same(folder, old, new, explicit):
-    """Refuse to mix outputs of different settings in one folder (only settings the user asked for are compared)."""
-    plain = lambda v: json.loads(json.dumps(v))                       # tuples -> lists, as meta.json stores them
-    diff = [f"{k}={plain(old[k])} (asked for {plain(new[k])})"
-            for k in explicit if k in old and plain(old[k]) != plain(new[k])]
-    if diff:
-        raise UserError(f"{folder} was made with {', '.join(diff)}; pass --force to redo it, or --name=OTHER")
-
-
-def _save(path, array, dtype):
-    np.ascontiguousarray(array, dtype=dtype).tofile(path + ".tmp")
-    os.replace(path + ".tmp", path)                                   # a half-written file never looks finished
-
-
-def _save_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+def vq_options(dataset=None):
+    """Every --vq.KEY with its default, after the dataset's preset: vq.VQConfig fields (image_size aside, that is
+    --image_size) and vq.py's training settings (its output path and dataset aside)."""
+    shape = {k: v for k, v in asdict(vq.VQConfig()).items() if k != "image_size"}
+    train = {k: v for k, v in asdict(vq.TrainConfig()).items() if k not in ("dataset", "out")}
+    return {**shape, **train, **{k: v for k, v in vq.PRESETS.get(dataset, {}).items()}}
 
 
 def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
     """uint8 (N, H, W, 3) images -> uint16 (N, h*w) codebook indices written to `path`; returns (h, w)."""
     out, t0 = None, time.time()
-    with tqdm(total=len(images), desc=desc, unit="img", dynamic_ncols=True) as bar:
-        for i in range(0, len(images), batch_size):
-            idx = model.encode(np.array(images[i:i + batch_size]))    # (b, h, w) int64
-            if out is None:
-                out = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(len(images), idx[0].numel()))
-            out[i:i + len(idx)] = idx.reshape(len(idx), -1).numpy()
-            bar.update(len(idx))
+    for i in cli.progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
+        idx = model.encode(np.array(images[i:i + batch_size]))        # (b, h, w) int64
+        if out is None:
+            out = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(len(images), idx[0].numel()))
+        out[i:i + len(idx)] = idx.reshape(len(idx), -1).numpy()
     out.flush()
     del out
     os.replace(path + ".tmp", path)
@@ -362,27 +281,37 @@ def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
     return tuple(idx.shape[1:])
 
 
-def _command(dataset, name, data_dir, image_size, seed, overrides):
-    fmt = lambda v: str(v).lower() if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    flags = {"name": name if name != dataset else None, "data_dir": data_dir,
-             "image_size": image_size if image_size != IMAGE_SIZES.get(dataset, 32) else None, "seed": seed or None}
-    return " ".join(["python prepare_data.py", f"--dataset={dataset}"]
-                    + [f"--{k}={shlex.quote(str(v))}" for k, v in flags.items() if v]
-                    + [f"--vq.{k}={fmt(v)}" for k, v in overrides.items()])
+def _save(path, array, dtype):
+    cli.atomic_save(lambda tmp: np.ascontiguousarray(array, dtype=dtype).tofile(tmp), path)
+
+
+def _save_json(path, obj):
+    cli.atomic_save(lambda tmp: json.dump(obj, open(tmp, "w"), indent=2), path)
 
 
 def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None, log=print):
     """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json), skipping what exists; returns the folder.
-    image_size=0 means the dataset's default (IMAGE_SIZES, else 32)."""
+    image_size=0 means the dataset's default (IMAGE_SIZES, else 32). Every setting is checked, and the folder's
+    existing files are checked against it, before anything is written."""
     if dataset not in DATASETS:
-        hint = difflib.get_close_matches(dataset, DATASETS, n=1)
+        hint = [d for d in DATASETS if d.startswith(dataset[:3])]
         raise UserError(f"unknown dataset {dataset!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; choose one of {', '.join(DATASETS)}")
     if dataset == "imagefolder" and not data_dir:
         raise UserError("--dataset=imagefolder needs --data_dir=ROOT, a folder of ROOT/<class>/*.png|jpg")
-    name, overrides = name or dataset, dict(vq_overrides or {})
-    image_size = image_size or IMAGE_SIZES.get(dataset, 32)
-    cfg, train_kw = _tokenizer_settings(dataset, image_size, seed, overrides)
+    name, image_size = name or dataset, image_size or IMAGE_SIZES.get(dataset, 32)
+    opts, asked = vq_options(dataset), dict(vq_overrides or {})
+    for key in asked:
+        if key not in opts:
+            close = [k for k in opts if k[:4] == key[:4]]
+            raise UserError(f"vq: unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    settings = {**opts, "seed": seed, **asked}
+    try:
+        cfg = vq.VQConfig(image_size=image_size, **{k: settings[k] for k in asdict(vq.VQConfig()) if k in settings})
+        vq.check_config(cfg)                           # side vs downsampling factor, K <= 65536, channels
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    train_kw = {k: v for k, v in settings.items() if k in ("max_iters", "batch_size", "lr", "eval_interval", "seed")}
     folder = data_path(name)
     p = {f: os.path.join(folder, f) for f in ("train_images.u8", "val_images.u8", "train_labels.bin", "val_labels.bin",
                                               "vq.pt", "vq_recon.png", "train.bin", "val.bin", "meta.json")}
@@ -390,13 +319,22 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
         for f in p.values():
             if os.path.exists(f):
                 os.remove(f)
-    meta = json.load(open(p["meta.json"])) if os.path.exists(p["meta.json"]) else {}
-    _check_same(folder, meta, {"dataset": dataset, "image_size": image_size, "seed": seed},
-                ["dataset", "image_size"] + (["seed"] if dataset != "cifar10" else []))
-    model = vq.load_vq(p["vq.pt"]) if os.path.exists(p["vq.pt"]) else None
-    if model is not None:
-        explicit = [k for k in overrides if k not in NOT_COMPARED]
-        _check_same(folder, {**meta.get("vq_train", {}), **asdict(model.cfg)}, {**train_kw, **asdict(cfg)}, explicit)
+    meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
+    # the folder's own settings must be the asked ones: compare what the user set explicitly
+    have = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"), **meta.get("vq_config", {}),
+            **meta.get("vq_train", {})}
+    want = {"dataset": dataset, "image_size": image_size, **asdict(cfg), **train_kw}
+    explicit = ["dataset", "image_size"] + [k for k in asked if k not in ("device", "eval_interval")]
+    diff = [f"{k}={have[k]} (asked for {want[k]})" for k in explicit if have.get(k) not in (None, want.get(k))]
+    if diff:
+        raise UserError(f"{folder} was made with {', '.join(diff)}; pass --force to redo it, or --name=OTHER")
+    model = None
+    if os.path.exists(p["vq.pt"]):               # a tokenizer trained for other images must not tokenize these
+        ckpt = vq.read_vq(p["vq.pt"])
+        if ckpt["vq_config"]["image_size"] != image_size or ckpt.get("trained_on", name) not in ("", name):
+            raise UserError(f"{p['vq.pt']} was trained for other images ({ckpt.get('trained_on') or 'another folder'}"
+                            f", {ckpt['vq_config']['image_size']}px); remove it, or pass --force to retrain it")
+        model = vq.load_vq(p["vq.pt"])
 
     # 1. raw images and labels
     if meta.get("class_names") and all(os.path.exists(p[f]) for f in list(p)[:4]):
@@ -410,7 +348,9 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
         elif dataset == "cifar10":
             train_x, train_y, val_x, val_y, classes = load_cifar10(data_dir, log=log)
             if image_size != 32:
-                train_x, val_x = _resize_all(train_x, image_size), _resize_all(val_x, image_size)
+                resize = lambda ims: np.stack([np.asarray(Image.fromarray(im).resize(
+                    (image_size, image_size), Image.Resampling.BICUBIC)) for im in ims])
+                train_x, val_x = resize(train_x), resize(val_x)
         else:
             train_x, train_y, val_x, val_y, classes = load_imagefolder(data_dir, image_size, seed)
         os.makedirs(folder, exist_ok=True)
@@ -418,37 +358,36 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
             _save(p[f"{split}_images.u8"], x, np.uint8)
             _save(p[f"{split}_labels.bin"], y, np.uint16)
         meta = {"dataset": dataset, "image_size": image_size, "seed": seed, "num_classes": len(classes),
-                "class_names": classes, "train_count": len(train_x), "val_count": len(val_x),
-                "produced_by": "prepare_data.py",
-                "command": _command(dataset, name, data_dir, image_size, seed, overrides)}
+                "class_names": classes, "train_count": len(train_x), "val_count": len(val_x)}
         _save_json(p["meta.json"], meta)
         log(f"wrote {len(train_x)} train and {len(val_x)} val {image_size}x{image_size} images to {folder} "
             f"in {time.time() - t0:.1f}s")
     shape = (-1, image_size, image_size, 3)
     train_u8 = np.memmap(p["train_images.u8"], dtype=np.uint8, mode="r").reshape(shape)
     val_u8 = np.memmap(p["val_images.u8"], dtype=np.uint8, mode="r").reshape(shape)
+    device = cli.pick_device(settings.get("device", ""))
 
     # 2. the tokenizer, trained under a temporary name so an interrupted run never leaves a half-trained vq.pt
     if model is not None:
         log(f"{folder}: tokenizer vq.pt exists, skipping its training")
     else:
-        train_kw = {"device": _default_device(), **train_kw}
         log(f"training the tokenizer: {asdict(cfg)} {train_kw}")
         partial = os.path.join(folder, "vq_partial.pt")
-        vq.train_vq(train_u8, np.array(val_u8), cfg, partial, log=log, **train_kw)
+        vq.train_vq(train_u8, np.array(val_u8), cfg, partial, device=device, log=log, trained_on=name, **train_kw)
         os.replace(partial, p["vq.pt"])
         if os.path.exists(os.path.join(folder, "vq_partial_recon.png")):
             os.replace(os.path.join(folder, "vq_partial_recon.png"), p["vq_recon.png"])
-        meta["vq_train"] = {k: v for k, v in train_kw.items() if k not in NOT_COMPARED}
+        meta["vq_train"] = train_kw
         _save_json(p["meta.json"], meta)
         model = vq.load_vq(p["vq.pt"])
 
     # 3. tokens; redone whenever vq.pt is not the file they were made with (say, after `python vq.py` retrained it)
-    sha1 = _digest(p["vq.pt"], "sha1")
+    with open(p["vq.pt"], "rb") as f:
+        sha1 = hashlib.file_digest(f, "sha1").hexdigest()
     if meta.get("tokenizer_sha1") == sha1 and os.path.exists(p["train.bin"]) and os.path.exists(p["val.bin"]):
         log(f"{folder}: tokens exist, skipping")
         return folder
-    model.to(train_kw.get("device") or _default_device())
+    model.to(device)
     h, w = tokenize(model, train_u8, p["train.bin"], desc="tokenize train", log=log)
     tokenize(model, val_u8, p["val.bin"], desc="tokenize val", log=log)
     K = model.cfg.codebook_size
@@ -462,54 +401,31 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
 # command line
 
 
-CLI_DEFAULTS = {"dataset": "", "name": "", "data_dir": "", "image_size": 0, "force": False, "seed": 0}
-
-
-def _convert(key, value, default):
-    """A flag's text -> the type of its default (bool from true/false, tuples from comma lists)."""
-    try:
-        if isinstance(default, bool):
-            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
-        if isinstance(default, tuple):
-            return tuple(type(default[0])(v) for v in value.split(","))
-        return value if default is None else type(default)(value)
-    except (KeyError, ValueError):
-        raise UserError(f"--{key} expects {type(default).__name__}, got {value!r}") from None
-
-
-def parse_args(argv):
-    """['--dataset=shapes', '--force', '--vq.max_iters=500'] -> ({flag: value}, {vq key: value}), typed."""
-    opts, overrides, vq_opts = dict(CLI_DEFAULTS), {}, vq_options()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        key, eq, value = arg[2:].partition("=")
-        table, name = (vq_opts, key[3:]) if key.startswith("vq.") else (opts, key)
-        if not arg.startswith("--") or name not in table:
-            raise UserError(_unknown(arg.partition("=")[0], ["--" + k for k in opts] + ["--vq." + k for k in vq_opts]))
-        if not eq and not isinstance(table[name], bool):
-            raise UserError(f"--{key} needs a value: --{key}=VALUE")
-        value = _convert(key, value if eq else "true", table[name])
-        (overrides if table is vq_opts else opts)[name] = value
-    if not opts["dataset"]:
-        raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
-    return opts, overrides
+@dataclass
+class PrepareConfig:
+    dataset: str = ""             # cifar10 | imagefolder | shapes
+    name: str = ""                # the folder data/<name>; '' means the dataset's name
+    data_dir: str = ""            # a local CIFAR-10 copy (tarball or extracted), or the image folder's root
+    image_size: int = 0           # image side; 0 means 16 for shapes, 32 for the others
+    force: bool = False           # redo all three steps
+    seed: int = 0                 # shapes: which images; imagefolder: which are held out; the tokenizer's init
 
 
 def main(argv):
     t0 = time.time()
-    try:
-        opts, overrides = parse_args(argv)
-        folder = prepare(opts["dataset"], opts["name"] or None, opts["data_dir"] or None, opts["force"],
-                         opts["image_size"], opts["seed"], overrides)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    dataset = next((a.partition("=")[2] for a in argv if a.startswith("--dataset=")), None)
+    opt, extra = cli.parse_args(argv, PrepareConfig(), doc=__doc__, extra={"vq.": vq_options(dataset)},
+                                extra_help={**cli.field_comments(vq.VQConfig), **cli.field_comments(vq.TrainConfig)})
+    if not opt.dataset:
+        raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
+    cli.check_ranges(opt, {"image_size": (lambda v: v >= 0, "at least 0 (0: the dataset's default)")})
+    folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force, opt.image_size, opt.seed,
+                     extra.get("vq.", {}))
     print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)
 
 
 # Expected output of `python prepare_data.py --dataset=shapes` (idle 2-core CPU, torch's default 2 threads):

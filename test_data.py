@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli
 import prepare_data as pd
 import vq
 from cli import UserError
@@ -190,10 +191,10 @@ def test_prepare_writes_memmaps_that_round_trip(data_root):
     assert folder == str(data_root / "shapes")
     meta = json.load(open(os.path.join(folder, "meta.json")))
     for key in ("dataset", "image_size", "grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "class_names",
-                "train_count", "val_count", "vq_config", "tokenizer", "produced_by", "command"):
+                "train_count", "val_count", "vq_config", "vq_train", "tokenizer"):
         assert key in meta, key
     assert meta["train_count"] == 64 and meta["val_count"] == 16 and meta["class_names"] == list(pd.SHAPES_CLASSES)
-    assert meta["produced_by"] == "prepare_data.py" and "--vq.codebook_size=16" in meta["command"]
+    assert meta["vq_config"]["codebook_size"] == 16 and meta["vq_train"]["max_iters"] == 3
     images, labels = pd.make_shapes(80, 16, seed=0)
     train_u8 = np.memmap(os.path.join(folder, "train_images.u8"), dtype=np.uint8, mode="r").reshape(-1, 16, 16, 3)
     assert np.array_equal(train_u8, images[:64])
@@ -261,20 +262,25 @@ def test_data_path_is_relative_to_the_repository():
 # command line
 
 
+def parse(argv):
+    return cli.parse_args(argv, pd.PrepareConfig(), extra={"vq.": pd.vq_options()})
+
+
 def test_parse_args_types_and_unknown_keys():
-    opts, vq_kw = pd.parse_args(["--dataset=shapes", "--force", "--image_size=16", "--seed=3",
-                                 "--vq.lr=0.01", "--vq.max_iters=7", "--vq.device=cpu"])
-    assert opts["dataset"] == "shapes" and opts["force"] is True and opts["image_size"] == 16 and opts["seed"] == 3
-    assert vq_kw == {"lr": 0.01, "max_iters": 7, "device": "cpu"} and isinstance(vq_kw["lr"], float)
-    assert pd.parse_args(["--dataset=x", "--force=false"])[0]["force"] is False
+    opts, extra = parse(["--dataset=shapes", "--force", "--image_size=16", "--seed=3", "--vq.lr=0.01",
+                         "--vq.max_iters=7", "--vq.device=cpu"])
+    assert opts.dataset == "shapes" and opts.force is True and opts.image_size == 16 and opts.seed == 3
+    assert extra["vq."] == {"lr": 0.01, "max_iters": 7, "device": "cpu"} and isinstance(extra["vq."]["lr"], float)
+    assert parse(["--dataset=x", "--force=false"])[0].force is False
+    assert parse(["--dataset=x", "--vq.max_iters=1e4"])[1]["vq."]["max_iters"] == 10000   # as in every script
     with pytest.raises(UserError, match="--image_size expects int"):
-        pd.parse_args(["--dataset=shapes", "--image_size=big"])
-    with pytest.raises(UserError, match="did you mean '--image_size'"):
-        pd.parse_args(["--dataset=shapes", "--imagesize=16"])
-    with pytest.raises(UserError, match="did you mean '--vq.codebook_size'"):
-        pd.parse_args(["--dataset=shapes", "--vq.codebok_size=16"])
+        parse(["--dataset=shapes", "--image_size=big"])
+    with pytest.raises(UserError, match="did you mean --image_size"):
+        parse(["--dataset=shapes", "--imagesize=16"])
+    with pytest.raises(UserError, match="did you mean --vq.codebook_size"):
+        parse(["--dataset=shapes", "--vq.codebok_size=16"])
     with pytest.raises(UserError, match="--dataset"):
-        pd.parse_args([])
+        pd.main([])
 
 
 def test_cli_error_is_one_line(tmp_path):

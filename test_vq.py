@@ -1,11 +1,14 @@
 """Tests for the VQ tokenizer (vq.py): CPU, tiny configs, no network."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vq
+from cli import UserError
 from vq import Quantizer, VQConfig, VQVAE
 
 TINY = VQConfig(image_size=16, downsample=2, ch=16, n_res=1, codebook_size=32, code_dim=4)
@@ -70,8 +73,11 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert ckpt["vq_config"]["codebook_size"] == 32
     again = vq.load_vq(path)
     assert torch.equal(again.codebook, model.codebook)
-    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+    with pytest.raises(UserError, match="prepare_data.py"):
         vq.load_vq(str(tmp_path / "missing.pt"))
+    open(path, "r+b").truncate(os.path.getsize(path) - 100)                          # a file cut short
+    with pytest.raises(UserError, match="cannot read the tokenizer"):
+        vq.load_vq(path)
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(image_size=17), "not divisible"), (dict(codebook_size=70000), "65536"),

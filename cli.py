@@ -159,8 +159,11 @@ def read_json(path, what="file"):
                         f"edited by hand: delete it and prepare the folder again") from None
 
 
-def progress(iterable, total=None, desc="", unit="it", every=30.0):
-    """tqdm on a terminal; elsewhere (a log file) a line every `every` seconds with the rate and the ETA."""
+PROGRESS_EVERY = 30.0             # seconds between progress lines in a log
+
+
+def progress(iterable, total=None, desc="", unit="it"):
+    """tqdm on a terminal; elsewhere (a log file) a line every PROGRESS_EVERY seconds with the rate and the ETA."""
     from tqdm import tqdm
     if sys.stderr.isatty():
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
@@ -170,7 +173,7 @@ def progress(iterable, total=None, desc="", unit="it", every=30.0):
     for i, item in enumerate(iterable):
         yield item
         now = time.time()
-        if now - last >= every:
+        if now - last >= PROGRESS_EVERY:
             last, rate = now, (i + 1) / (now - t0)
             eta = f", ETA {format_seconds((total - i - 1) / rate)}" if total else ""
             print(f"{desc}: {i + 1}/{total or '?'} {unit} ({rate:.2f} {unit}/s{eta})", flush=True)

@@ -328,8 +328,8 @@ class DiT(nn.Module):
 # position. A categorical q(c | zt) per position trained with CE matches each position's posterior over codes,
 # and pi @ E is then that mean. The z-loss (PaLM) pins the logits' free offset so they cannot drift.
 #
-# vfm_loss, guided and euler_sample are written to be copied: they need only torch, and any network called as
-# model(z, t, y) -> logits (B, h, w, K) will do.
+# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch`, and any network
+# called as model(z, t, y) -> logits (B, h, w, K) will do.
 
 
 def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1e-3, z_loss=1e-5):
@@ -344,7 +344,7 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0                                                       # (B, h, w, d)
     logits = model(zt, t, y).float()                                                   # (B, h, w, K) in fp32
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx.reshape(-1), reduction="none")   # (B*h*w,)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten(), reduction="none")   # (B*h*w,)
     lse = torch.logsumexp(logits, dim=-1)                                              # (B, h, w)
     loss = (ce.view(B, -1) + z_loss * lse.pow(2).view(B, -1)).mean(dim=1)             # (B,)
     if reduction == "none":
@@ -395,7 +395,7 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
         t, dt = ts[i], ts[i + 1] - ts[i]
         logits = guided(model, z, t, y, cfg_scale, null_label)                         # (B, h, w, K)
         with torch.autocast(E.device.type, enabled=False):                             # fp32 geometry
-            pi = F.softmax(logits.float() / temperature, dim=-1)                       # (B, h, w, K)
+            pi = torch.softmax(logits.float() / temperature, dim=-1)                   # (B, h, w, K)
             mu = pi @ E                                                                # (B, h, w, d)
             if return_trajectory:
                 for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", torch.special.entr(pi).sum(-1))):

@@ -294,3 +294,48 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(data_dir, tmp_path
     a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
     for n in a["model"]:
         assert torch.allclose(a["model"][n], b["model"][n], atol=1e-5), n
+
+# -----------------------------------------------------------------------------
+# GPU readiness, checked on the CPU: fp32 geometry under bf16 autocast, fused EMA, torch.compile
+
+
+def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
+    K_, d = 1024, 8                                                                  # CIFAR-10's codebook shape
+    E = F.normalize(torch.randn(K_, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    fixed = torch.randn(16, 4, 4, K_, generator=torch.Generator().manual_seed(1)) * 3  # a fixed network output
+
+    class Fixed(torch.nn.Module):
+        def forward(self, z, t, y):
+            return fixed[: len(y)]
+    y = torch.zeros(16, dtype=torch.long)
+    plain = euler_sample(Fixed(), E, y, 4, 10, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = euler_sample(Fixed(), E, y, 4, 10, generator=torch.Generator().manual_seed(2))
+        z = torch.randn(4096, d)                                                     # the readout alone
+        mixed = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
+    assert torch.equal(plain, under)
+    exact = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
+    assert not torch.equal(mixed, exact)             # what bf16 would have done: the test can tell the difference
+
+
+def test_fused_ema_equals_the_per_tensor_update():
+    a, b = tiny_model(), tiny_model()
+    for p in a.parameters():
+        torch.nn.init.normal_(p)
+    ema = tiny_model()
+    reference = {n: p.detach().clone() for n, p in ema.named_parameters()}
+    for n, p in a.named_parameters():
+        reference[n].mul_(0.99).add_(p.detach(), alpha=1 - 0.99)
+    purrception.update_ema(ema, a, 0.99)
+    assert all(torch.equal(p, reference[n]) for n, p in ema.named_parameters())
+    assert b is not a
+
+
+def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):
+    eager = train(tiny_config(data_dir, tmp_path / "eager", max_iters=3, eval_interval=3))
+    compiled = train(tiny_config(data_dir, tmp_path / "compiled", max_iters=3, eval_interval=3, compile=True))
+    for (i, a), (j, b) in zip(eager["losses"], compiled["losses"]):
+        assert i == j and abs(a - b) < 1e-3 * abs(a), (a, b)
+    ckpt = load(tmp_path / "compiled" / "ckpt.pt")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]) and ckpt["model"].keys() == \
+        load(tmp_path / "eager" / "ckpt.pt")["model"].keys()

@@ -1,0 +1,133 @@
+"""
+bench.py: what one training step and the sampler cost on this device, for any preset, without starting a run.
+
+    python bench.py --dataset=shapes                        # this CPU: under two minutes, compile included
+    python bench.py --dataset=cifar10                       # DiT-B/2 at batch 256, bf16 on a GPU
+    python bench.py --dataset=cifar10 --compile=false --sample_steps=250 --cfg_scale=1.3
+
+It builds the preset's model (every purrception.py flag works here) on random tokens shaped like the dataset's
+(K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real training step (forward,
+backward, clipping, AdamW, EMA) eagerly and under torch.compile in the same process, and the Euler sampler.
+Printed: ms/iter, images/s, MFU (needs the device's peak FLOP/s: known for H100/H200/A100, else --peak_flops),
+peak memory (the CUDA allocator's peak; on a CPU the process's peak resident memory), the compile time and the
+eager/compiled ratio, and sampler images/s.
+"""
+
+import copy
+import os
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+import cli
+import purrception as pc
+
+# K, d and grid side of each dataset's tokens, for when data/<dataset> is not prepared here
+TOKEN_SHAPES = {"shapes": (64, 8, 8), "cifar10": (1024, 8, 16)}
+
+
+@dataclass
+class BenchConfig(pc.Config):
+    bench_iters: int = 10         # timed training steps (after warmup) per mode
+    bench_warmup: int = 3         # untimed steps first (the first compiled step holds the compile)
+    compare_compile: bool = True  # also time torch.compile and print eager / compiled
+    sample_batch: int = 0         # images per sampler call; 0 means the training batch size
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocator peak)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+
+
+def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
+    """Seconds per training step over n steps, on random tokens."""
+    g = torch.Generator().manual_seed(0)
+    sync(device)
+    t0 = time.time()
+    for _ in range(n):
+        idx = torch.randint(0, K, (cfg.batch_size, grid, grid), generator=g).to(device)
+        y = torch.randint(0, model.num_classes + 1, (cfg.batch_size,), generator=g).to(device)
+        with ctx:
+            loss = pc.vfm_loss(model, idx, E, y, generator=g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pc.update_ema(ema, getattr(model, "_orig_mod", model), cfg.ema_decay)
+    sync(device)
+    return (time.time() - t0) / max(n, 1)
+
+
+def main(argv):
+    cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
+    cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
+                           "bench_warmup": (lambda v: v >= 1, "at least 1"),
+                           "sample_batch": (lambda v: v >= 0, "at least 0")})
+    device = cli.pick_device(cfg.device)
+    meta_path = os.path.join(cfg.data_dir or pc.data_path(cfg.dataset), "meta.json")
+    if os.path.exists(meta_path):
+        meta = cli.read_json(meta_path)
+        K, d, side = meta["codebook_size"], meta["code_dim"], meta["grid_h"]
+    elif cfg.dataset in TOKEN_SHAPES:
+        K, d, side = TOKEN_SHAPES[cfg.dataset]
+    else:
+        raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset ({', '.join(TOKEN_SHAPES)})")
+    device_type = device.split(":")[0]
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10, cfg.time_embed).to(device)
+    E = torch.nn.functional.normalize(torch.randn(K, d), dim=1).to(device)
+    peak = cfg.peak_flops or pc.device_peak_flops(device)
+    flops = model.flops_per_image() * cfg.batch_size
+    print(f"bench on {device} ({torch.get_num_threads()} threads): {cfg.dataset} preset, {model.num_params() / 1e6:.2f}M "
+          f"parameters, batch {cfg.batch_size}, K={K} d={d} grid {side}x{side}, "
+          f"{'bf16 autocast' if device_type == 'cuda' else 'fp32'}, {flops / 1e12:.3f} TFLOP per step")
+
+    results = {}
+    modes = ["eager"] + (["compiled"] * cfg.compare_compile)
+    for mode in modes:
+        net = copy.deepcopy(model)
+        ema = copy.deepcopy(net).requires_grad_(False)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=device_type == "cuda")
+        run = torch.compile(net) if mode == "compiled" else net
+        t0 = time.time()
+        time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_warmup)
+        warm = time.time() - t0
+        dt = time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_iters)
+        results[mode] = dt
+        mfu = f", MFU {flops / dt / peak:.1%}" if peak else ", MFU n/a (pass --peak_flops)"
+        extra = f", first {cfg.bench_warmup} steps (compile included) {warm:.1f} s" if mode == "compiled" else ""
+        print(f"train {mode}: {dt * 1000:.1f} ms/iter, {cfg.batch_size / dt:.1f} images/s{mfu}{extra}")
+    if "compiled" in results:
+        print(f"compile speed-up: eager / compiled = {results['eager'] / results['compiled']:.2f}x")
+    print(f"peak memory: {peak_memory(device)}")
+
+    n = cfg.sample_batch or cfg.batch_size
+    y = torch.arange(n, device=device) % 10
+    model.eval()
+    for rep in range(2):                         # the first call warms up kernels and caches
+        sync(device)
+        t0 = time.time()
+        with ctx:
+            pc.euler_sample(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
+                            torch.Generator().manual_seed(0))
+        sync(device)
+    dt = time.time() - t0
+    print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.sample_steps} steps, cfg_scale {cfg.cfg_scale}: "
+          f"{cfg.sample_steps * (1 + (cfg.cfg_scale != 1))} forwards of {n}), eager")
+    return {"ms_per_iter": {k: v * 1000 for k, v in results.items()}, "sampler_images_per_s": n / dt,
+            "config": asdict(cfg)}
+
+
+if __name__ == "__main__":
+    cli.run(main)

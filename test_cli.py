@@ -1,0 +1,109 @@
+"""Tests of what every file shares: the copyable functions run alone, imports run one way, every command line
+parses flags the same way and answers --help with meanings."""
+
+import ast
+import importlib
+import os
+import re
+
+import pytest
+import torch
+
+import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench")
+
+
+def copied_names():
+    """The names the README's 'Copy this' line tells people to copy from purrception.py."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    line = next(line for line in readme.splitlines() if line.startswith("**Copy this:**"))
+    return re.findall(r"`(\w+)`", line.partition("from")[0])
+
+
+def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
+    names = copied_names()
+    assert {"vfm_loss", "euler_sample"} <= set(names)
+    source = open(os.path.join(HERE, "purrception.py")).read()
+    tree = ast.parse(source)
+    chunks = [ast.get_source_segment(source, node, padded=True) for node in tree.body
+              if isinstance(node, ast.FunctionDef) and node.name in names]
+    assert len(chunks) == len(names)
+    namespace = {"torch": torch}                                                       # nothing else
+    exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)
+
+    class Toy(torch.nn.Module):                                                        # not this project's model
+        def __init__(self, d, K, num_classes):
+            super().__init__()
+            self.label = torch.nn.Embedding(num_classes + 1, 8)
+            self.net = torch.nn.Sequential(torch.nn.Linear(d + 1 + 8, 32), torch.nn.GELU(), torch.nn.Linear(32, K))
+
+        def forward(self, z, t, y):
+            B, h, w, _ = z.shape
+            cond = torch.cat([t.view(B, 1).float(), self.label(y)], -1)[:, None, None].expand(B, h, w, -1)
+            return self.net(torch.cat([z, cond], -1))
+
+    K, d, C = 12, 3, 4
+    E, net = torch.randn(K, d), Toy(d, K, C)
+    idx, y = torch.randint(0, K, (6, 3, 5)), torch.randint(0, C, (6,))                 # a non-square grid
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = namespace["vfm_loss"](net, idx, E, y)
+    loss.backward()
+    opt.step()
+    assert abs(loss.item() - namespace["vfm_loss"](net, idx, E, y).item()) < 10 and torch.isfinite(loss)
+    out = namespace["euler_sample"](net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C)
+    assert out.shape == (6, 3, 5) and out.dtype == torch.long and 0 <= out.min() and out.max() < K
+
+
+def project_imports(path):
+    """Every project module a file imports, at the top or inside functions."""
+    tree, mods = ast.parse(open(path).read()), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_no_file_imports_a_file_that_imports_it_back():
+    files = [f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
+    graph = {f: project_imports(os.path.join(HERE, f + ".py")) & set(files) - {f} for f in files}
+    assert "baselines" not in graph["purrception"] and "sample" not in graph["purrception"]
+
+    def reach(start, seen):
+        for nxt in graph[start]:
+            if nxt not in seen:
+                seen.add(nxt)
+                reach(nxt, seen)
+        return seen
+    for f in files:
+        assert f not in reach(f, set()), f"{f} imports itself through {sorted(reach(f, set()))}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_flag_alike(script, capsys):
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as e:
+        main(["--dataset=shapes", "--help"] if script != "sample" else ["--help"])
+    assert e.value.code in (0, None)
+    text = capsys.readouterr().out
+    assert "options (values after the preset):" in text
+    rows = [line for line in text.splitlines() if line.startswith("  --")]
+    assert rows and sum(len(line.split()) > 1 for line in rows) >= 0.8 * len(rows)     # a meaning beside each
+    with pytest.raises(cli.UserError) as e:
+        main(["--nonsense=1"])
+    assert str(e.value).startswith("unknown option '--nonsense'") and "\n" not in str(e.value)
+    with pytest.raises(cli.UserError, match=r"^--device expects str|^--\w+ expects int, got '1.5'$"):
+        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps") if f"--{f}=" in text)
+        main([f"--{int_flag}=1.5"])
+
+
+def test_numbers_parse_the_same_everywhere():
+    from purrception import Config
+    cfg = cli.parse_args(["--max_iters=1e4", "--lr=3e-4", "--compile", "--class_dropout=0"], Config())
+    assert cfg.max_iters == 10000 and cfg.lr == 3e-4 and cfg.compile is True and cfg.class_dropout == 0.0
+    for bad in ("--lr=nan", "--max_iters=inf", "--compile=maybe", "--lr"):
+        with pytest.raises(cli.UserError):
+            cli.parse_args([bad], Config())

@@ -1,12 +1,13 @@
 """
-baselines.py: the objectives Purrception is measured against, as the paper's official code defines them, on the
-same backbone, tokens, time grid and training loop (purrception.train).
+baselines.py: the objectives Purrception is measured against, as the paper's official code defines
+them, on the same backbone, tokens, time grid and training loop (purrception.train).
 
     python baselines.py --dataset=cifar10 --objective=cfm            # continuous flow matching: regress z1 - z0
     python baselines.py --dataset=cifar10 --objective=cfm_endpoint   # regress z1, sample with (z1_hat - z)/(1 - t)
     python baselines.py --dataset=cifar10 --objective=dfm            # discrete flow matching from all masks
 
-Every flag of purrception.py works here too. The checkpoint records its objective and sample.py follows it.
+Every flag of purrception.py works here too. The checkpoint records its objective and sample.py
+follows it.
 
     objective      network input                 output per position   loss                     sampler
     purrception    z_t (d channels)              K logits              CE + z-loss              Euler on (pi @ E - z)/(1 - t)
@@ -31,45 +32,50 @@ from purrception import DiT, Objective, guided
 
 
 def nearest_code(z, E):
-    """The readout: z (..., d) -> the index of its nearest row of E (fp32), ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
+    """The readout: z (..., d) -> the index of its nearest row of E (fp32),
+    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
     with torch.autocast(z.device.type, enabled=False):
         z, E = z.float(), E.float()
         return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
 
 
 def draw_t(B, generator, device, t_eps=1e-3):
-    """t ~ U(t_eps, 1) per image, from a generator that may live on the CPU while the model is on a GPU."""
-    return (t_eps + (1 - t_eps) * torch.rand(B, generator=generator,
-                                             device=generator.device if generator is not None else device)).to(device)
+    """t ~ U(t_eps, 1) per image, from a generator that may live on the CPU while the model is on a
+    GPU."""
+    return (t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=generator.device
+                                             if generator is not None else device)).to(device)
 
 
 def randn_like_on(shape, generator, device):
-    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else device
-                       ).to(device)
+    return torch.randn(shape, generator=generator,
+                       device=generator.device if generator is not None else device).to(device)
 
 # -----------------------------------------------------------------------------
-# CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the codebook's space
+# CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the
+# codebook's space
 #
-# The same path as Purrception, zt = t * z1 + (1 - t) * z0 with z1 = E[idx] and z0 ~ N(0, I), but the network
-# regresses a point in code space instead of a posterior over codes:
-#     cfm:           loss = mean((v(zt, t, y) - (z1 - z0))^2)      the velocity; v = the output
-#     cfm_endpoint:  loss = mean((x1(zt, t, y) - z1)^2)            the endpoint; v = (x1 - zt) / (1 - t)
-# over positions and the d channels. The minimisers are E[z1 - z0 | zt] and E[z1 | zt]: the same marginal
-# velocity Purrception writes as (pi @ E - zt) / (1 - t), estimated by regression. At init the output is 0, so
-# the cfm loss is mean((z1 - z0)^2) = |e|^2 / d + 1 (codes of norm |e|, unit noise) and the endpoint loss |e|^2 / d.
+# The same path as Purrception, zt = t * z1 + (1 - t) * z0 with z1 = E[idx] and z0 ~ N(0, I), but
+# the network regresses a point in code space instead of a posterior over codes:
+#     cfm:           loss = mean((v(zt, t, y) - (z1 - z0))^2)  the velocity; v = the output
+#     cfm_endpoint:  loss = mean((x1(zt, t, y) - z1)^2)        the endpoint; v = (x1 - zt) / (1 - t)
+# over positions and the d channels. The minimisers are E[z1 - z0 | zt] and E[z1 | zt]: the same
+# marginal velocity Purrception writes as (pi @ E - zt) / (1 - t), estimated by regression. At init
+# the output is 0, so the cfm loss is mean((z1 - z0)^2) = |e|^2 / d + 1 (codes of norm |e|, unit
+# noise) and the endpoint loss |e|^2 / d.
 
 
 def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoint=False):
-    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); reduction='none' gives per-image loss (B,)
-    and the per-image accuracy of the one-step guess of z1, read out as the nearest code."""
+    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); reduction='none' gives
+    per-image loss (B,) and the per-image accuracy of the one-step guess of z1, read out as the
+    nearest code."""
     B = idx.shape[0]
-    t = draw_t(B, generator, idx.device) if t is None else t                          # (B,)
-    z1 = E[idx]                                                                        # (B, h, w, d)
-    z0 = randn_like_on(z1.shape, generator, idx.device)                                # (B, h, w, d)
+    t = draw_t(B, generator, idx.device) if t is None else t                        # (B,)
+    z1 = E[idx]                                                                     # (B, h, w, d)
+    z0 = randn_like_on(z1.shape, generator, idx.device)                             # (B, h, w, d)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0
-    out = model(zt, t, y).float()                                                      # (B, h, w, d)
-    loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)         # (B,)
+    out = model(zt, t, y).float()                                                   # (B, h, w, d)
+    loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)     # (B,)
     if reduction == "none":
         z1_hat = out if endpoint else zt + (1 - tb) * out
         return loss, (nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
@@ -80,42 +86,48 @@ def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, reduction="mean"
     return cfm_loss(model, idx, E, y, t, generator, reduction, endpoint=True)
 
 
-# Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the nearest code.
-# Guidance mixes the outputs, out_uncond + s * (out_cond - out_uncond). There is no posterior, so no temperature.
+# Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the
+# nearest code. Guidance mixes the outputs, out_uncond + s * (out_cond - out_uncond). There is no
+# posterior, so no temperature.
 
 
 @torch.no_grad()
-def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
-               endpoint=False):
-    """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity (or endpoint)."""
+def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+               generator=None, endpoint=False):
+    """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity
+    (or endpoint)."""
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
-    z = randn_like_on((y.shape[0], h, w, E.shape[1]), generator, E.device)              # (B, h, w, d) at t = 0
+    z = randn_like_on((y.shape[0], h, w, E.shape[1]), generator, E.device)  # (B, h, w, d) at t = 0
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        out = guided(model, z, t, y, cfg_scale, null_label)                            # (B, h, w, d)
+        out = guided(model, z, t, y, cfg_scale, null_label)                 # (B, h, w, d)
         z = z + dt * ((out - z) / (1 - t) if endpoint else out)
     return nearest_code(z, E)
 
 
-def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None):
-    return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator, endpoint=True)
+def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+                        generator=None):
+    return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator,
+                      endpoint=True)
 
 # -----------------------------------------------------------------------------
-# DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the official code has it
+# DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the
+# official code has it
 #
-# Tokens live on {0..K-1} plus a mask id K. The path keeps each clean token with probability t and masks it
-# otherwise, independently per position, so xt is all masks at t = 0 and the data at t = 1:
+# Tokens live on {0..K-1} plus a mask id K. The path keeps each clean token with probability t and
+# masks it otherwise, independently per position, so xt is all masks at t = 0 and the data at t = 1:
 #     xt = where(u < t, idx, K),    u ~ U(0, 1) per position
-# The network reads xt through a learned (K+1, C) table (N(0, 0.02)) and predicts p1(. | xt) as K+1 logits per
-# position. The loss is cross-entropy + z-loss at every position, masked or not, averaged over B*h*w; at init the
-# logits are 0, so it is log(K+1) + 1e-5 log(K+1)^2.
+# The network reads xt through a learned (K+1, C) table (N(0, 0.02)) and predicts p1(. | xt) as K+1
+# logits per position. The loss is cross-entropy + z-loss at every position, masked or not, averaged
+# over B*h*w; at init the logits are 0, so it is log(K+1) + 1e-5 log(K+1)^2.
 
 
 class MaskedTokenDiT(DiT):
-    """DFM's network: token ids (B, h, w) in [0, K] -> a (K+1, C) table -> the DiT -> (B, h, w, K+1) logits."""
+    """DFM's network: token ids (B, h, w) in [0, K] -> a (K+1, C) table -> the DiT -> (B, h, w, K+1)
+    logits."""
 
     def __init__(self, K, **arch):
         super().__init__(arch["n_embd"], K + 1, **arch)
@@ -126,36 +138,41 @@ class MaskedTokenDiT(DiT):
         return super().forward(self.tok_embed(x), t, y)
 
     def flops_per_image(self):
-        return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens   # a lookup is free
+        # a lookup is free
+        return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens
 
 
 def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=1e-5):
-    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). reduction='none' gives per-image
-    loss (B,) and per-image accuracy on the masked positions (nan where none is masked)."""
+    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). reduction='none'
+    gives per-image loss (B,) and per-image accuracy on the masked positions (nan where none is
+    masked)."""
     B, K = idx.shape[0], E.shape[0]
-    t = draw_t(B, generator, idx.device) if t is None else t                          # (B,)
-    u = torch.rand(idx.shape, generator=generator, device=generator.device if generator is not None else idx.device)
-    masked = u.to(idx.device) >= t.view(B, 1, 1)                                      # (B, h, w)
-    xt = torch.where(masked, K, idx)                                                   # (B, h, w) in [0, K]
-    logits = model(xt, t, y).float()                                                   # (B, h, w, K+1)
+    t = draw_t(B, generator, idx.device) if t is None else t              # (B,)
+    u = torch.rand(idx.shape, generator=generator,
+                   device=generator.device if generator is not None else idx.device)
+    masked = u.to(idx.device) >= t.view(B, 1, 1)                          # (B, h, w)
+    xt = torch.where(masked, K, idx)                                      # (B, h, w) in [0, K]
+    logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
     ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
     loss = (ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).view(B, -1)).mean(dim=1)    # (B,)
     if reduction == "none":
         m = masked.view(B, -1).float()
         correct = (logits.argmax(dim=-1) == idx).float().view(B, -1)
-        return loss, (correct * m).sum(dim=1) / m.sum(dim=1)                           # nan where nothing masked
+        return loss, (correct * m).sum(dim=1) / m.sum(dim=1)              # nan where nothing masked
     return loss.mean()
 
 
-# Sampling (the official sampler): from all masks at t = 1e-4, `steps` steps of size h = 1 / (steps + 1). At each
-# step EVERY position is redrawn from
+# Sampling (the official sampler): from all masks at t = 1e-4, `steps` steps of size
+# h = 1 / (steps + 1). At each step EVERY position is redrawn from
 #     p_t = delta_x + h * (p1 - delta_x) / (1 - t),      p1 = softmax(logits / tau) over the K+1 ids
-# so an unmasked token may change or be masked again. At the last step the mask column of p_t is zeroed (and p_t
-# renormalised), so every position ends on a code. The official "N steps" is N - 1 network calls: steps = N - 1.
+# so an unmasked token may change or be masked again. At the last step the mask column of p_t is
+# zeroed (and p_t renormalised), so every position ends on a code. The official "N steps" is N - 1
+# network calls: steps = N - 1.
 
 
 def dfm_transition(x, p1, t, h, last=False):
-    """p_t (B, h, w, K+1) of one DFM step from tokens x (B, h, w) with the model's p1 (B, h, w, K+1) at time t."""
+    """p_t (B, h, w, K+1) of one DFM step from tokens x (B, h, w) with the model's p1 (B, h, w, K+1)
+    at time t."""
     delta = F.one_hot(x, p1.shape[-1]).float()
     p = delta + h * (p1 - delta) / (1 - t)
     if last:                                     # the final draw may not be a mask
@@ -165,25 +182,31 @@ def dfm_transition(x, p1, t, h, last=False):
 
 
 @torch.no_grad()
-def dfm_step(model, x, t, h, y, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None, last=False):
-    """One step of the sampler: tokens x (B, h, w) at time t -> tokens at t + h, every position drawn from p_t."""
-    logits = guided(model, x, torch.tensor(t, device=x.device), y, cfg_scale, null_label)      # (B, h, w, K+1)
+def dfm_step(model, x, t, h, y, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
+             last=False):
+    """One step of the sampler: tokens x (B, h, w) at time t -> tokens at t + h, every position
+    drawn from p_t."""
+    # (B, h, w, K+1)
+    logits = guided(model, x, torch.tensor(t, device=x.device), y, cfg_scale, null_label)
     p = dfm_transition(x, F.softmax(logits / temperature, dim=-1), t, h, last)
     # one categorical draw per position, by the inverse CDF
-    u = torch.rand((*x.shape, 1), generator=generator, device=generator.device if generator is not None
-                   else x.device).to(x.device)
-    return (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1 - last)                    # (B, h, w)
+    u = torch.rand((*x.shape, 1), generator=generator,
+                   device=generator.device if generator is not None else x.device).to(x.device)
+    return (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1 - last)                # (B, h, w)
 
 
 @torch.no_grad()
-def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
-               t_min=1e-4):
-    """Labels y (B,) -> code indices (B, h, w), by the official Euler jump sampler from an all-mask grid."""
+def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+               generator=None, t_min=1e-4):
+    """Labels y (B,) -> code indices (B, h, w), by the official Euler jump sampler from an all-mask
+    grid."""
     (hh, ww), K = (grid, grid) if isinstance(grid, int) else grid, E.shape[0]
-    x = torch.full((y.shape[0], hh, ww), K, dtype=torch.long, device=E.device)         # all masks at t = t_min
+    # all masks at t = t_min
+    x = torch.full((y.shape[0], hh, ww), K, dtype=torch.long, device=E.device)
     h = 1.0 / (steps + 1)
     for i in range(steps):
-        x = dfm_step(model, x, t_min + i * h, h, y, temperature, cfg_scale, null_label, generator, i == steps - 1)
+        x = dfm_step(model, x, t_min + i * h, h, y, temperature, cfg_scale, null_label, generator,
+                     i == steps - 1)
     return x
 
 
@@ -191,8 +214,8 @@ def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
 OBJECTIVES = {
     "purrception": pc.PURRCEPTION,
     "cfm": Objective("cfm", lambda K, d, **arch: DiT(d, d, **arch), cfm_loss, cfm_sample),
-    "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(d, d, **arch), cfm_endpoint_loss,
-                              cfm_endpoint_sample),
+    "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(d, d, **arch),
+                              cfm_endpoint_loss, cfm_endpoint_sample),
     "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample),
 }
 
@@ -212,7 +235,8 @@ def main(argv):
     cfg = cli.parse_args(argv, BaselineConfig(), pc.PRESETS, __doc__)
     objective = get_objective(cfg.objective)
     if cfg.objective.startswith("cfm") and cfg.temperature != 1.0:
-        raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to sharpen; drop the flag")
+        raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to "
+                        "sharpen; drop the flag")
     print("config: " + " ".join(f"--{k}={v}" for k, v in vars(cfg).items()))
     pc.train(cfg, objective)
 

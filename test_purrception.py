@@ -339,3 +339,18 @@ def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):
     ckpt = load(tmp_path / "compiled" / "ckpt.pt")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]) and ckpt["model"].keys() == \
         load(tmp_path / "eager" / "ckpt.pt")["model"].keys()
+
+
+def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_iters=10**9, eval_interval=10**9, log_interval=10**6)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "purrception.py"),
+                             *[f"--{k}={v}" for k, v in vars(cfg).items()]], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lines = [proc.stdout.readline() for _ in range(5)]
+    finally:
+        proc.kill()
+        proc.wait()
+    note = next(line for line in lines if line.startswith("note:"))
+    assert "one iter takes" in note and "would take" in note and "'CIFAR-10 on a CPU' recipe" in note
+    assert any(line.startswith("iter 0:") and "ETA" in line for line in lines)

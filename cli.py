@@ -11,6 +11,7 @@ keeps its flags in configurator.py for the same reason).
 
 import difflib
 import inspect
+import json
 import math
 import os
 import sys
@@ -156,9 +157,16 @@ def atomic_save(write, path):
     os.replace(tmp, path)
 
 
+def write_json(obj, path):
+    """Atomic JSON file."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_save(write, path)
+
+
 def read_json(path, what="file"):
     """A JSON file -> its value, or a UserError naming the file when it is missing or damaged."""
-    import json
     if not os.path.exists(path):
         raise UserError(f"no {what} at {path}")
     try:

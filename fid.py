@@ -22,7 +22,6 @@ Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000` (see s
 """
 
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -104,7 +103,7 @@ def load_train_images(data_dir):
     if not os.path.exists(path):
         raise cli.UserError(f"no training images at {path}; run `python prepare_data.py` for this "
                             f"dataset")
-    S = json.load(open(os.path.join(data_dir, "meta.json")))["image_size"]
+    S = cli.read_json(os.path.join(data_dir, "meta.json"))["image_size"]
     return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, S, S, 3)
 
 
@@ -150,7 +149,7 @@ def torch_fidelity_fid(samples_u8, data_dir, device="cpu"):
     """The standard protocol: torch-fidelity's Inception, against its registered CIFAR-10 train set
     when it fits."""
     import torch_fidelity
-    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"))
     if meta.get("dataset") == "cifar10" and meta.get("image_size") == 32:
         real, what = "cifar10-train", "the CIFAR-10 training set (50000 images)"
     else:

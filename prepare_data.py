@@ -15,7 +15,6 @@ Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.c
 
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
@@ -23,6 +22,7 @@ import tarfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -165,7 +165,7 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
     names = ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
     try:
         if os.path.isdir(path):               # extracted by the user: read the files directly
-            blobs = [open(os.path.join(path, n), "rb").read() for n in names]
+            blobs = [Path(path, n).read_bytes() for n in names]
         else:
             with tarfile.open(path, "r:gz") as tar:
                 members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
@@ -278,8 +278,9 @@ def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
 
 def _save(path, obj):
     """Write atomically: a dict as JSON, an array as its raw bytes."""
-    cli.atomic_save(lambda tmp: json.dump(obj, open(tmp, "w"), indent=2) if isinstance(obj, dict)
-                    else np.ascontiguousarray(obj).tofile(tmp), path)
+    if isinstance(obj, dict):
+        return cli.write_json(obj, path)
+    cli.atomic_save(lambda tmp: np.ascontiguousarray(obj).tofile(tmp), path)
 
 
 def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None,

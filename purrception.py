@@ -39,7 +39,6 @@ The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-
 """
 
 import copy
-import json
 import math
 import os
 import time
@@ -807,7 +806,7 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
                         "objective": objective.name, "model_args": model_args,
                         "config": asdict(cfg), "metrics": metrics, "rng": rng}
                 cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
-                cli.atomic_save(lambda tmp: json.dump(asdict(cfg), open(tmp, "w"), indent=2),
+                cli.write_json(asdict(cfg),
                                 os.path.join(out_dir, "config.json"))
             t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
         if it == cfg.max_iters:

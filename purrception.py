@@ -383,8 +383,8 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
 #
 # Integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to t = 1 with `steps` Euler steps on a uniform
 # grid:
-#     pi = softmax(logits / tau)        the posterior over the K codes at each position; tau < 1
-#                                       sharpens it
+#     pi = softmax(logits / tau)        the posterior over the K codes at each position (tau < 1
+#                                       sharpens it)
 #     mu = pi @ E                       the posterior-mean embedding, (B, h, w, d)
 #     v  = (mu - z) / (1 - t)           the marginal velocity, exact when pi is the true posterior
 #     z  = z + dt * v
@@ -419,8 +419,8 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
     int side). With return_trajectory, also a dict of cpu tensors, one row per step: t (steps,),
     z and mu (steps, B, h, w, d), entropy (steps, B, h, w) of the pi used at that step."""
     (h, w), (K, d), E = (grid, grid) if isinstance(grid, int) else grid, E.shape, E.float()
-    # a CPU generator may drive a GPU: (B, h, w, d)
-    device = generator.device if generator is not None else E.device
+    device = generator.device if generator is not None else E.device   # a CPU one may drive a GPU
+    # (B, h, w, d) at t = 0
     z = torch.randn(y.shape[0], h, w, d, generator=generator, device=device).to(E.device)
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
@@ -451,8 +451,7 @@ class Objective:
     name: str
     model: object     # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, generator=None, reduction='mean') like vfm_loss
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, generator)
-                      # -> idx
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen) -> idx
 
 
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss,

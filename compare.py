@@ -17,7 +17,7 @@ class-balanced samples from the EMA weights and computes FID against --fid_ref r
 are skipped, so an interrupted comparison continues where it stopped. Results land in --out_dir:
     results.csv             a row per arm and stage: FID and its bootstrap s.e., val loss
                             (and by t bin), token accuracy near t = 1, training and sampling seconds
-    results.png             FID (mean over seeds, error bar: the spread of the seeds) against
+    results.png             FID (mean over seeds, error bar: seeds and sample noise) against
                             iterations
     <arm>/samples_*.png     each arm's EMA sample grid at every stage, a row per class
 The report gives, for each baseline, how many times fewer iterations Purrception needs to reach the
@@ -131,18 +131,19 @@ def read_rows(path):
 
 
 def curves(rows):
-    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. With one seed the
-    error is the bootstrap s.e.; with several, the spread of the seeds over sqrt(n) (which holds the
-    sample noise too)."""
+    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. The error of the mean
+    over n seeds adds the seeds' spread and the FIDs' own bootstrap errors: sqrt((var_seeds + mean
+    s.e.^2) / n), so two seeds that agree by chance still carry their sample noise."""
     out = {}
     for r in rows:
-        out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), []).append(
-            (float(r["fid"]), float(r["fid_se"])))
+        point = out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), [])
+        point.append((float(r["fid"]), float(r["fid_se"])))
     for arm, points in out.items():
         for it, vals in points.items():
-            f = np.array([v[0] for v in vals])
-            se = f.std(ddof=1) / math.sqrt(len(f)) if len(f) > 1 else vals[0][1]
-            points[it] = (float(f.mean()), float(se), f.tolist())
+            f, boot = np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
+            var = f.var(ddof=1) if len(f) > 1 else 0.0
+            points[it] = (float(f.mean()), float(math.sqrt((var + (boot ** 2).mean()) / len(f))),
+                          f.tolist())
     return out
 
 

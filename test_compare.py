@@ -72,8 +72,8 @@ def test_iterations_to_reach_a_fid_interpolate_in_log_iterations():
     assert lo < ratio < hi
 
 
-def test_curves_average_seeds_and_take_their_spread_as_the_error():
+def test_curves_average_seeds_and_add_their_spread_to_the_sample_noise():
     rows = [dict(arm="a", iter="10", fid=str(f), fid_se="0.5") for f in (10.0, 12.0)]
     mean, se, each = compare.curves(rows)["a"][10]
-    assert mean == 11 and se == pytest.approx(1.0) and each == [10.0, 12.0]
+    assert mean == 11 and se == pytest.approx(math.sqrt((2 + 0.25) / 2)) and each == [10.0, 12.0]
     assert compare.curves(rows[:1])["a"][10][1] == 0.5                                 # one seed: the bootstrap s.e.

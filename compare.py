@@ -211,10 +211,11 @@ def report(opt):
     for arm, points in cur.items():
         its = sorted(points)
         ax.errorbar(its, [points[i][0] for i in its], yerr=[points[i][1] for i in its], marker="o",
-                    capsize=3, label=arm)
+                    capsize=3, label=arm, ls="--" if "-" in arm else "-")
     ax.set(xscale="log", xlabel="training iterations", ylabel="FID (lower is better)")
     ax.set_xticks(sorted({i for p in cur.values() for i in p}),
                   labels=map(str, sorted({i for p in cur.values() for i in p})))
+    ax.minorticks_off()
     ax.set_title("FID: " + rows[0]["protocol"] + "\nmean over seeds ± s.e.", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -60,7 +60,10 @@ class Run:
     tokenizer: torch.nn.Module
     meta: dict
     data_dir: str
-    grid = property(lambda self: (self.meta["grid_h"], self.meta["grid_w"]))
+
+    @property
+    def grid(self):
+        return (self.meta["grid_h"], self.meta["grid_w"])
 
     def autocast(self):           # bf16 for the network on cuda; the samplers keep fp32 geometry
         bf16 = self.E.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -95,11 +98,15 @@ def parse_label(class_label, meta):
     names, C = list(meta["class_names"]), meta["num_classes"]
     if class_label in ("all", "none", "-1"):
         return None if class_label == "all" else C
-    if class_label.isdigit() and int(class_label) < C or class_label in names:
-        return int(class_label) if class_label.isdigit() else names.index(class_label)
-    raise UserError(f"--class_label={class_label} is out of range: the classes are 0..{C - 1}"
-                    if class_label.isdigit() else f"unknown class {class_label!r}; the classes are "
-                    f"{', '.join(names)} (or an index, all, none)")
+    if class_label.isdigit():
+        if int(class_label) >= C:
+            raise UserError(f"--class_label={class_label} is out of range: the classes are "
+                            f"0..{C - 1}")
+        return int(class_label)
+    if class_label not in names:
+        raise UserError(f"unknown class {class_label!r}; the classes are {', '.join(names)} "
+                        f"(or an index, all, none)")
+    return names.index(class_label)
 
 
 @torch.no_grad()

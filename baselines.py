@@ -39,16 +39,16 @@ def nearest_code(z, E):
         return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
 
 
+def draw(fn, shape, generator, device):
+    """torch.rand or torch.randn from `generator` on its own device, then moved to `device`: a CPU
+    generator can drive a GPU, and the same seed gives the same numbers on any device."""
+    dev = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=dev).to(device)
+
+
 def draw_t(B, generator, device, t_eps=1e-3):
-    """t ~ U(t_eps, 1) per image, from a generator that may live on the CPU while the model is on a
-    GPU."""
-    return (t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=generator.device
-                                             if generator is not None else device)).to(device)
-
-
-def randn_like_on(shape, generator, device):
-    return torch.randn(shape, generator=generator,
-                       device=generator.device if generator is not None else device).to(device)
+    """t ~ U(t_eps, 1) per image."""
+    return t_eps + (1 - t_eps) * draw(torch.rand, (B,), generator, device)
 
 # -----------------------------------------------------------------------------
 # CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the
@@ -71,7 +71,7 @@ def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoin
     B = idx.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t                        # (B,)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = randn_like_on(z1.shape, generator, idx.device)                             # (B, h, w, d)
+    z0 = draw(torch.randn, z1.shape, generator, idx.device)                 # (B, h, w, d)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0
     out = model(zt, t, y).float()                                                   # (B, h, w, d)
@@ -99,7 +99,8 @@ def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
-    z = randn_like_on((y.shape[0], h, w, E.shape[1]), generator, E.device)  # (B, h, w, d) at t = 0
+    # (B, h, w, d) at t = 0
+    z = draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device)
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
@@ -148,9 +149,8 @@ def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=
     masked)."""
     B, K = idx.shape[0], E.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t              # (B,)
-    u = torch.rand(idx.shape, generator=generator,
-                   device=generator.device if generator is not None else idx.device)
-    masked = u.to(idx.device) >= t.view(B, 1, 1)                          # (B, h, w)
+    # (B, h, w): which positions are masks at time t
+    masked = draw(torch.rand, idx.shape, generator, idx.device) >= t.view(B, 1, 1)
     xt = torch.where(masked, K, idx)                                      # (B, h, w) in [0, K]
     logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
     ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
@@ -190,8 +190,7 @@ def dfm_step(model, x, t, h, y, temperature=1.0, cfg_scale=1.0, null_label=None,
     logits = guided(model, x, torch.tensor(t, device=x.device), y, cfg_scale, null_label)
     p = dfm_transition(x, F.softmax(logits / temperature, dim=-1), t, h, last)
     # one categorical draw per position, by the inverse CDF
-    u = torch.rand((*x.shape, 1), generator=generator,
-                   device=generator.device if generator is not None else x.device).to(x.device)
+    u = draw(torch.rand, (*x.shape, 1), generator, x.device)
     return (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1 - last)                # (B, h, w)
 
 

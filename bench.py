@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import cli
+import prepare_data
 import purrception as pc
 
 # K, d and grid side of each dataset's tokens, for when data/<dataset> is not prepared here
@@ -76,7 +77,7 @@ def main(argv):
                            "bench_warmup": (lambda v: v >= 1, "at least 1"),
                            "sample_batch": (lambda v: v >= 0, "at least 0")})
     device = cli.pick_device(cfg.device)
-    meta_path = os.path.join(cfg.data_dir or pc.data_path(cfg.dataset), "meta.json")
+    meta_path = os.path.join(cfg.data_dir or prepare_data.data_path(cfg.dataset), "meta.json")
     if os.path.exists(meta_path):
         meta = cli.read_json(meta_path)
         K, d, side = meta["codebook_size"], meta["code_dim"], meta["grid_h"]

@@ -396,6 +396,66 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
     return folder
 
 
+# -----------------------------------------------------------------------------
+# the checks of a token folder, for every reader of one (purrception.py, sample.py, bench.py)
+
+
+def load_meta(data_dir):
+    """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked
+    against the token files it describes: any mismatch is a UserError naming the file, before
+    anything is trained."""
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"),
+                         "meta.json (run `python prepare_data.py` first)")
+    need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
+            "val_count", "tokenizer")
+    if not isinstance(meta, dict) or not all(k in meta for k in need):
+        raise UserError(
+            f"{data_dir} is only half prepared; run `python prepare_data.py --dataset="
+            f"{meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
+    for split in ("train", "val"):
+        n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
+        for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
+            path = os.path.join(data_dir, name)
+            have = os.path.getsize(path) if os.path.exists(path) else None
+            if have != size:
+                raise UserError(
+                    f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
+                                  f"meta.json says {size}")
+                    + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
+    return meta
+
+
+def check_tokens(data_dir, meta):
+    """Every token < K and every label < num_classes: a cheap pass over the files
+    (31 MB for CIFAR-10)."""
+    for split in ("train", "val"):
+        for name, limit in ((f"{split}.bin", meta["codebook_size"]),
+                            (f"{split}_labels.bin", meta["num_classes"])):
+            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
+                      .max(initial=0))
+            if top >= limit:
+                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
+                                f"< {limit}: the tokens and meta.json disagree; prepare {data_dir} "
+                                f"again (prepare_data.py --force)")
+
+
+def open_folder(data_dir, device="cpu", check=True):
+    """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
+    files (and, with check, every token against K) and the tokenizer against what made the tokens:
+    a UserError naming the file otherwise."""
+    meta = load_meta(data_dir)
+    if check:
+        check_tokens(data_dir, meta)
+    tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
+    have = (tokenizer.cfg.codebook_size, tokenizer.cfg.code_dim, tokenizer.cfg.grid)
+    if have != (meta["codebook_size"], meta["code_dim"], meta["grid_h"]):
+        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, "
+                        f"d={have[1]}, a {have[2]}-grid but the tokens were made with "
+                        f"K={meta['codebook_size']}, d={meta['code_dim']}, a {meta['grid_h']}-grid; "
+                        f"prepare {data_dir} again (prepare_data.py --force)")
+    return meta, tokenizer
+
+
 @dataclass
 class PrepareConfig:
     dataset: str = ""             # cifar10 | imagefolder | shapes

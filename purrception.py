@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cli
+import prepare_data
 import vq
 from cli import UserError
 
@@ -461,49 +462,6 @@ PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), v
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
 
 
-def data_path(dataset):
-    return os.path.join(HERE, "data", dataset)
-
-
-def load_meta(data_dir):
-    """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked
-    against the token files it describes: any mismatch is a UserError naming the file, before
-    anything is trained."""
-    meta = cli.read_json(os.path.join(data_dir, "meta.json"),
-                         "meta.json (run `python prepare_data.py` first)")
-    need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
-            "val_count", "tokenizer")
-    if not isinstance(meta, dict) or not all(k in meta for k in need):
-        raise UserError(
-            f"{data_dir} is only half prepared; run `python prepare_data.py --dataset="
-            f"{meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
-    for split in ("train", "val"):
-        n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
-        for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
-            path = os.path.join(data_dir, name)
-            have = os.path.getsize(path) if os.path.exists(path) else None
-            if have != size:
-                raise UserError(
-                    f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
-                                  f"meta.json says {size}")
-                    + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
-    return meta
-
-
-def check_tokens(data_dir, meta):
-    """Every token < K and every label < num_classes: a cheap pass over the files
-    (31 MB for CIFAR-10)."""
-    for split in ("train", "val"):
-        for name, limit in ((f"{split}.bin", meta["codebook_size"]),
-                            (f"{split}_labels.bin", meta["num_classes"])):
-            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
-                      .max(initial=0))
-            if top >= limit:
-                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
-                                f"< {limit}: the tokens and meta.json disagree; prepare {data_dir} "
-                                f"again (prepare_data.py --force)")
-
-
 def get_batch(split, data_dir, batch_size, grid, device, generator=None):
     """batch_size random whole images of split ('train' or 'val') -> tokens (B, h, w) and labels
     (B,), int64."""
@@ -653,17 +611,15 @@ def setup_distributed(cfg):
 def load_data(cfg, ddp, device):
     """The token folder (prepared on the spot when missing, by a single process), checked, and its
     tokenizer. -> (data_dir, meta, grid (h, w), tokenizer)."""
-    data_dir = cfg.data_dir or data_path(cfg.dataset)
+    data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        import prepare_data
         if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
             raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py "
                             f"--dataset={cfg.dataset}`" + (" once before torchrun" if ddp else ""))
         print(f"no prepared data in {data_dir}: preparing it now "
               f"(prepare_data.prepare('{cfg.dataset}'))")
         prepare_data.prepare(cfg.dataset)
-    meta = load_meta(data_dir)
-    check_tokens(data_dir, meta)
+    meta, tokenizer = prepare_data.open_folder(data_dir, device)
     grid = (meta["grid_h"], meta["grid_w"])
     if grid[0] != grid[1]:
         raise UserError(f"the token grid {grid} is not square; prepare square images "
@@ -671,13 +627,6 @@ def load_data(cfg, ddp, device):
     if grid[0] % cfg.patch_size:
         raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} "
                         f"token grid; pick a divisor such as --patch_size=2 or 1")
-    tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
-    have = (tokenizer.cfg.codebook_size, tokenizer.cfg.code_dim, tokenizer.cfg.grid)
-    if have != (meta["codebook_size"], meta["code_dim"], grid[0]):
-        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, "
-                        f"d={have[1]}, a {have[2]}-grid but the tokens were made with "
-                        f"K={meta['codebook_size']}, d={meta['code_dim']}, a {grid[0]}-grid; "
-                        f"prepare {data_dir} again (prepare_data.py --force)")
     return data_dir, meta, grid, tokenizer
 
 

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 import baselines
 import cli
 import fid
+import prepare_data
 import purrception
 import vq
 from cli import UserError
@@ -79,10 +80,9 @@ def load_run(ckpt_path, data_dir="", device="cpu"):
     model.load_state_dict(ckpt["ema"])
     run = ckpt["config"]
     if not data_dir:               # the run's folder, or data/<dataset> here if made elsewhere
-        data_dir = next((d for d in (run["data_dir"], purrception.data_path(run["dataset"]))
+        data_dir = next((d for d in (run["data_dir"], prepare_data.data_path(run["dataset"]))
                          if os.path.exists(os.path.join(d, "meta.json"))), run["data_dir"])
-    meta = purrception.load_meta(data_dir)
-    tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
+    meta, tokenizer = prepare_data.open_folder(data_dir, device, check=False)
     E, a = tokenizer.codebook.to(device), ckpt["model_args"]
     # the generator's outputs index its own codebook: another tokenizer decodes them to noise
     if (tuple(E.shape), meta["num_classes"]) != ((a["K"], a["d"]), a["num_classes"]):

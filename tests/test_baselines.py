@@ -15,7 +15,7 @@ from baselines import (OBJECTIVES, cfm_endpoint_loss, cfm_endpoint_sample, cfm_l
                        dfm_sample, dfm_step, get_objective, nearest_code)
 from cli import UserError
 from purrception import train
-from test_purrception import D, GRID, K, NUM_CLASSES, codebook, data_dir, tiny_config  # noqa: F401 (a fixture)
+from conftest import D, GRID, K, NUM_CLASSES, codebook, tiny_config
 
 
 def tiny_model(objective):

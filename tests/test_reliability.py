@@ -23,9 +23,8 @@ import sample
 import vq
 from cli import UserError
 from purrception import train
-from test_purrception import K, data_dir, tiny_config  # noqa: F401 (a fixture)
+from conftest import K, ROOT, tiny_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def snapshot(folder):
@@ -186,7 +185,7 @@ def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_
     cfg = tiny_config(data_dir, tmp_path / "killed", max_iters=40, eval_interval=4, log_interval=4)
     flags = [f"--{k}={v}" for k, v in vars(cfg).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "purrception.py"), *flags], env=env,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "purrception.py"), *flags], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "ckpt.pt"
     deadline = time.time() + 60

@@ -17,8 +17,8 @@ import cli
 import prepare_data as pd
 import vq
 from cli import UserError
+from conftest import ROOT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # a tokenizer that trains in about a second: 16x16 images, 8x8 tokens, 16 codes
 TINY_VQ = {k: v for k, v in dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8,
                                  eval_interval=3, device="cpu").items() if k in pd.vq_options()}
@@ -256,7 +256,7 @@ def test_prepare_rejects_bad_settings_before_writing(data_root):
 
 
 def test_data_path_is_relative_to_the_repository():
-    assert pd.data_path("cifar10") == os.path.join(HERE, "data", "cifar10")
+    assert pd.data_path("cifar10") == os.path.join(ROOT, "data", "cifar10")
 
 # -----------------------------------------------------------------------------
 # command line
@@ -286,7 +286,7 @@ def test_parse_args_types_and_unknown_keys():
 def test_cli_error_is_one_line(tmp_path):
     name = "_test_cli_error"
     args = ["--dataset=imagefolder", "--data_dir=/no/such/folder", f"--name={name}"]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *args],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), *args],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)   # any working directory will do
     assert r.returncode != 0
     assert "Traceback" not in r.stderr

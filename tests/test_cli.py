@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import cli
+from conftest import ROOT
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench")
 
 
 def copied_names():
     """The names the README's 'Copy this' line tells people to copy from purrception.py."""
-    readme = open(os.path.join(HERE, "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
     line = next(line for line in readme.splitlines() if line.startswith("**Copy this:**"))
     return re.findall(r"`(\w+)`", line.partition("from")[0])
 
@@ -25,7 +25,7 @@ def copied_names():
 def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
     names = copied_names()
     assert {"vfm_loss", "euler_sample"} <= set(names)
-    source = open(os.path.join(HERE, "purrception.py")).read()
+    source = open(os.path.join(ROOT, "purrception.py")).read()
     tree = ast.parse(source)
     chunks = [ast.get_source_segment(source, node, padded=True) for node in tree.body
               if isinstance(node, ast.FunctionDef) and node.name in names]
@@ -68,8 +68,8 @@ def project_imports(path):
 
 
 def test_no_file_imports_a_file_that_imports_it_back():
-    files = [f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
-    graph = {f: project_imports(os.path.join(HERE, f + ".py")) & set(files) - {f} for f in files}
+    files = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
+    graph = {f: project_imports(os.path.join(ROOT, f + ".py")) & set(files) - {f} for f in files}
     assert "baselines" not in graph["purrception"] and "sample" not in graph["purrception"]
 
     def reach(start, seen):

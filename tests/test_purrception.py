@@ -17,45 +17,7 @@ import vq
 import sample
 from cli import UserError, parse_args
 from purrception import Config, DiT, PRESETS, euler_sample, get_batch, train, vfm_loss
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-K, D, GRID, NUM_CLASSES = 16, 4, 4, 3          # the fake dataset: 4x4 tokens over 16 codes of dimension 4
-
-
-def tiny_model(patch_size=2, K=K):
-    torch.manual_seed(0)
-    return DiT(in_dim=D, out_dim=K, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2, n_embd=32,
-               num_classes=NUM_CLASSES)
-
-
-def codebook(K=K, d=D, seed=0):
-    return F.normalize(torch.randn(K, d, generator=torch.Generator().manual_seed(seed)), dim=1)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A token folder laid out as prepare_data.py writes it, with a tiny untrained tokenizer (8x8 images)."""
-    folder = tmp_path_factory.mktemp("fake")
-    torch.manual_seed(0)
-    tokenizer = vq.VQVAE(vq.VQConfig(image_size=2 * GRID, downsample=2, ch=8, n_res=1, codebook_size=K, code_dim=D))
-    vq.save_vq(tokenizer, str(folder / "vq.pt"))
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("val", 32)):
-        y = rng.integers(0, NUM_CLASSES, n)
-        tokens = (5 * y[:, None] + rng.integers(0, 3, (n, GRID * GRID))) % K     # tokens that depend on the class
-        tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
-        y.astype(np.uint16).tofile(folder / f"{split}_labels.bin")
-    meta = dict(dataset="fake", image_size=2 * GRID, grid_h=GRID, grid_w=GRID, codebook_size=K, code_dim=D,
-                num_classes=NUM_CLASSES, class_names=["a", "b", "c"], train_count=64, val_count=32, tokenizer="vq.pt")
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
-def tiny_config(data_dir, out_dir, **overrides):
-    base = dict(dataset="fake", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", n_layer=1, n_head=2,
-                n_embd=32, batch_size=4, max_iters=6, eval_interval=3, eval_iters=2, log_interval=1, sample_steps=2,
-                grid_cols=2, warmup_iters=2, lr=1e-3, ema_decay=0.9)
-    return Config(**{**base, **overrides})
+from conftest import D, GRID, K, NUM_CLASSES, ROOT, codebook, tiny_config, tiny_model
 
 # -----------------------------------------------------------------------------
 # the sampler, against posteriors known in closed form
@@ -245,7 +207,7 @@ def test_import_does_not_parse_argv(monkeypatch):
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "purrception.py"), f"--data_dir={tmp_path}"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"), f"--data_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
 
@@ -287,7 +249,7 @@ def test_ddp_two_processes_match_one_at_the_same_global_batch(data_dir, tmp_path
     flags = [f"--{k}={v}" for k, v in vars(tiny_config(data_dir, tmp_path / "ddp", **kw)).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "purrception.py"), *flags], capture_output=True, text=True, env=env,
+                        os.path.join(ROOT, "purrception.py"), *flags], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 processes" in r.stdout and "4 images per iter = 2 x 1 micro-steps x 2" in r.stdout
@@ -343,7 +305,7 @@ def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):
 
 def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_iters=10**9, eval_interval=10**9, log_interval=10**6)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "purrception.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "purrception.py"),
                              *[f"--{k}={v}" for k, v in vars(cfg).items()]], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -12,8 +12,7 @@ import baselines
 import cli
 import compare
 import purrception
-from test_purrception import data_dir, tiny_config  # noqa: F401 (a fixture)
-from test_sample import StubExtractor
+from conftest import StubExtractor, tiny_config
 
 TINY = ("--device=cpu --n_layer=1 --n_head=2 --n_embd=32 --batch_size=4 --warmup_iters=2 --lr=1e-3 --ema_decay=0.9 "
         "--eval_iters=2 --sample_steps=2 --grid_cols=2")

@@ -64,8 +64,8 @@ def draw_t(B, generator, device, t_eps=1e-3):
 # noise) and the endpoint loss |e|^2 / d.
 
 
-def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoint=False):
-    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); reduction='none' gives
+def cfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, endpoint=False):
+    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); per_image=True gives
     per-image loss (B,) and the per-image accuracy of the one-step guess of z1, read out as the
     nearest code."""
     B = idx.shape[0]
@@ -76,14 +76,14 @@ def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoin
     zt = tb * z1 + (1 - tb) * z0
     out = model(zt, t, y).float()                                                   # (B, h, w, d)
     loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)     # (B,)
-    if reduction == "none":
+    if per_image:
         z1_hat = out if endpoint else zt + (1 - tb) * out
         return loss, (nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
     return loss.mean()
 
 
-def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
-    return cfm_loss(model, idx, E, y, t, generator, reduction, endpoint=True)
+def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, per_image=False):
+    return cfm_loss(model, idx, E, y, t, generator, per_image, endpoint=True)
 
 
 # Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the
@@ -143,8 +143,8 @@ class MaskedTokenDiT(DiT):
         return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens
 
 
-def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=1e-5):
-    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). reduction='none'
+def dfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, z_loss=1e-5):
+    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). per_image=True
     gives per-image loss (B,) and per-image accuracy on the masked positions (nan where none is
     masked)."""
     B, K = idx.shape[0], E.shape[0]
@@ -155,7 +155,7 @@ def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=
     logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
     ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
     loss = (ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).view(B, -1)).mean(dim=1)    # (B,)
-    if reduction == "none":
+    if per_image:
         m = masked.view(B, -1).float()
         correct = (logits.argmax(dim=-1) == idx).float().view(B, -1)
         return loss, (correct * m).sum(dim=1) / m.sum(dim=1)              # nan where nothing masked

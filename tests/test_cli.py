@@ -28,7 +28,7 @@ def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
     source = open(os.path.join(ROOT, "purrception.py")).read()
     tree = ast.parse(source)
     chunks = [ast.get_source_segment(source, node, padded=True) for node in tree.body
-              if isinstance(node, ast.FunctionDef) and node.name in names]
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
     assert len(chunks) == len(names)
     namespace = {"torch": torch}                                                       # nothing else
     exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)

@@ -149,7 +149,7 @@ def test_per_image_loss_and_accuracy():
     model, E = tiny_model(), codebook()
     idx, y = torch.randint(0, K, (5, GRID, GRID)), torch.zeros(5, dtype=torch.long)
     t = torch.linspace(0.1, 1, 5)
-    loss, acc = vfm_loss(model, idx, E, y, t=t, reduction="none")
+    loss, acc = vfm_loss(model, idx, E, y, t=t, per_image=True)
     assert loss.shape == acc.shape == (5,)
     assert torch.allclose(loss.mean(), vfm_loss(model, idx, E, y, t=t))
 
@@ -316,3 +316,82 @@ def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
     note = next(line for line in lines if line.startswith("note:"))
     assert "one iter takes" in note and "would take" in note and "'CIFAR-10 on a CPU' recipe" in note
     assert any(line.startswith("iter 0:") and "ETA" in line for line in lines)
+
+# -----------------------------------------------------------------------------
+# the chunked loss and sampler against the plain ones: same loss, gradients and codes
+
+
+def plain_loss(model, idx, E, y, t, z0, z_loss=1e-5):
+    """The loss written with the whole (B, h, w, K) fp32 tensor of logits."""
+    tb = t.view(-1, 1, 1, 1)
+    logits = model(tb * E[idx] + (1 - tb) * z0, t, y).float()
+    ce = F.cross_entropy(logits.flatten(0, -2), idx.flatten())
+    return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@torch.no_grad()
+def plain_sample(model, E, y, side, steps, temperature, cfg_scale, null_label, g):
+    """The sampler written with the whole (B, h, w, K) fp32 posterior, guidance on the logits."""
+    z, ts = torch.randn(len(y), side, side, E.shape[1], generator=g), torch.linspace(0, 1, steps + 1)
+    for i in range(steps):
+        t = ts[i].expand(len(y))
+        logits = model(z, t, y)
+        if cfg_scale != 1.0:
+            uncond = model(z, t, torch.full_like(y, null_label))
+            logits = uncond + cfg_scale * (logits - uncond)
+        mu = torch.softmax(logits / temperature, dim=-1) @ E
+        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
+    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+
+
+class LogitsOnly(torch.nn.Module):
+    """The same network seen from outside: logits only, no last layer offered."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, y):
+        return self.net(z, t, y)
+
+
+def trained_like_model(patch_size, K_):
+    model = tiny_model(patch_size, K_)
+    for p in model.parameters():                                                      # away from the zero init
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("patch_size, fused", [(2, True), (1, True), (2, False)])
+def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, fused, monkeypatch):
+    K_ = 40
+    model, E = trained_like_model(patch_size, K_), codebook(K_)
+    idx, y = torch.randint(0, K_, (3, GRID, GRID)), torch.tensor([0, 2, NUM_CLASSES])
+    t, z0 = torch.tensor([0.2, 0.6, 0.95]), torch.randn(3, GRID, GRID, D, generator=torch.Generator().manual_seed(1))
+    ref = plain_loss(model, idx, E, y, t, z0)
+    want = torch.autograd.grad(ref, list(model.parameters()))
+    net = model if fused else LogitsOnly(model)
+    # chunks of 3 rows: the chunks split images and sub-positions
+    monkeypatch.setattr(purrception.CEZLoss.forward, "__defaults__", (1e-5, True, 3 * K_))
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: z0.clone())                  # the same noise
+    loss = vfm_loss(net, idx, E, y, t=t)
+    monkeypatch.undo()
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9, name
+    per, acc = vfm_loss(net, idx, E, y, t=t, per_image=True, generator=torch.Generator().manual_seed(0))
+    assert per.shape == acc.shape == (3,) and ((0 <= acc) & (acc <= 1)).all()
+
+
+@pytest.mark.parametrize("patch_size, cfg_scale", [(2, 1.0), (2, 1.7), (1, 1.7)])
+def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale, monkeypatch):
+    K_ = 64
+    model, E = trained_like_model(patch_size, K_), codebook(K_)
+    y = torch.tensor([0, 1, 2, NUM_CLASSES] * 4)
+    want = plain_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5))
+    for net, chunk in ((model, 5 * K_), (LogitsOnly(model), 5 * K_), (model, 2**22)):
+        got = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5),
+                           chunk=chunk)
+        assert torch.equal(got, want)
+    assert len(torch.unique(want)) > 8                                              # not a degenerate sample

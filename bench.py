@@ -38,6 +38,9 @@ class BenchConfig(pc.Config):
     bench_warmup: int = 3         # untimed steps first (the first compiled step holds the compile)
     compare_compile: bool = True  # also time torch.compile and print eager / compiled
     sample_batch: int = 0         # images per sampler call; 0 means the training batch size
+    loss_memory: bool = False     # only the loss's and sampler's memory per image vs whole-batch
+    codes: int = 0                # K; 0: the dataset's (16384 on 32x32 is ImageNet's tokenizers)
+    grid: int = 0                 # token grid side; 0: the dataset's
 
 
 def sync(device):
@@ -71,6 +74,90 @@ def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
     return (time.time() - t0) / max(n, 1)
 
 
+# -----------------------------------------------------------------------------
+# the loss's and the sampler's memory: the chunked ones (purrception.py) against the same maths on
+# the whole (B, h, w, K) fp32 tensor of logits. On Linux the peak is the process's peak resident
+# memory above what it held before (VmHWM after a reset through /proc/self/clear_refs); run with
+# MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the system at once.
+
+
+def whole_batch_loss(model, idx, E, y, t=None, generator=None, t_eps=1e-3, z_loss=1e-5):
+    """vfm_loss's maths and draws, written on all the logits at once in fp32."""
+    B, dev = idx.shape[0], generator.device if generator is not None else idx.device
+    if t is None:
+        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=dev).to(idx.device)
+    z0 = torch.randn(E[idx].shape, generator=generator, device=dev).to(idx.device)
+    tb = t.view(B, 1, 1, 1)
+    logits = model(tb * E[idx] + (1 - tb) * z0, t, y).float()                    # (B, h, w, K)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten())
+    return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@torch.no_grad()
+def whole_batch_sample(model, E, y, side, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+                       generator=None):
+    """euler_sample's maths and draws with the whole (B, h, w, K) posterior, guidance on logits."""
+    z = torch.randn(len(y), side, side, E.shape[1], generator=generator).to(E.device)
+    ts = torch.linspace(0, 1, steps + 1, device=E.device)
+    for i in range(steps):
+        logits = pc.guided(model, z, ts[i], y, cfg_scale, null_label)            # (B, h, w, K)
+        mu = torch.softmax(logits / temperature, dim=-1) @ E.float()
+        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
+    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+
+
+class LogitsOnly(torch.nn.Module):
+    """A network seen from outside: logits only, no last layer offered (vfm_loss's plain path)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, y):
+        return self.net(z, t, y)
+
+
+def status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def peak_above_rest(fn):
+    """(seconds, peak resident bytes above the resting ones) of one call of fn()."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                              # VmHWM := VmRSS
+    rest, t0 = status_bytes("VmRSS"), time.time()
+    fn()
+    return time.time() - t0, status_bytes("VmHWM") - rest
+
+
+def loss_memory(model, E, K, side, cfg, reps=2):
+    """Print the peak memory per image and the time of forward + backward with each loss, and of
+    the sampler, the whole-batch versions beside the chunked ones; -> {name: (s, bytes/image)}."""
+    B, g = cfg.batch_size, torch.Generator().manual_seed(0)
+    idx, y = torch.randint(0, K, (B, side, side), generator=g), torch.arange(B) % 10
+    body = lambda: model(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, last_layer=True)
+    steps = {"network without its head (for reference)": lambda: body()[0].square().mean(),
+             "whole-batch fp32 loss": lambda: whole_batch_loss(model, idx, E, y, generator=g),
+             "chunked, logits only": lambda: pc.vfm_loss(LogitsOnly(model), idx, E, y, generator=g),
+             "chunked, last layer (vfm_loss on DiT)": lambda: pc.vfm_loss(model, idx, E, y,
+                                                                            generator=g)}
+    samplers = {"whole-batch sampler": lambda: whole_batch_sample(
+                    model, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g),
+                "euler_sample": lambda: pc.euler_sample(model, E, y, side, 1, 1.0, cfg.cfg_scale,
+                                                        10, g)}
+    steps["network without its head (for reference)"]().backward()   # .grad exists from here on
+    out = {}
+    for name, fn in [*steps.items(), *samplers.items()]:
+        run = (lambda: fn().backward()) if name in steps else fn
+        dt, peak = zip(*[peak_above_rest(run) for _ in range(reps)])
+        out[name] = min(dt), max(peak) / B
+        print(f"{name}: {out[name][1] / 2**20:.0f} MiB per image, {min(dt):.2f} s "
+              f"({'forward + backward' if name in steps else f'1 step, cfg_scale {cfg.cfg_scale}'}"
+              f", batch {B})")
+    return out
+
+
 def main(argv):
     cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
     cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
@@ -78,7 +165,9 @@ def main(argv):
                            "sample_batch": (lambda v: v >= 0, "at least 0")})
     device = cli.pick_device(cfg.device)
     meta_path = os.path.join(cfg.data_dir or prepare_data.data_path(cfg.dataset), "meta.json")
-    if os.path.exists(meta_path):
+    if cfg.codes and cfg.grid:
+        K, d, side = cfg.codes, 8, cfg.grid
+    elif os.path.exists(meta_path):
         meta = cli.read_json(meta_path)
         K, d, side = meta["codebook_size"], meta["code_dim"], meta["grid_h"]
     elif cfg.dataset in TOKEN_SHAPES:
@@ -101,6 +190,8 @@ def main(argv):
           f"{side}x{side}, {'bf16 autocast' if device_type == 'cuda' else 'fp32'}, "
           f"{flops / 1e12:.3f} TFLOP per step")
 
+    if cfg.loss_memory:
+        return loss_memory(model, E, K, side, cfg)
     results = {}
     modes = ["eager"] + (["compiled"] * cfg.compare_compile)
     for mode in modes:

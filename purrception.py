@@ -391,6 +391,9 @@ class CEZLoss(torch.autograd.Function):
         ctx.n, gx = targets.numel(), torch.zeros(x.shape, device=x.device) if grads else None
         gW, gb = [torch.zeros(v.shape, device=x.device) if grads and W is not None else None
                   for v in (W, b)]
+        # out += a @ b: under autocast in its dtype (bf16), else in place in fp32
+        mm_ = ((lambda out, a, b: out.add_(a @ b)) if torch.is_autocast_enabled(x.device.type)
+               else (lambda out, a, b: out.addmm_(a, b)))
         for s, rows, xi, Ws, logits in logit_chunks(x, W, b, targets.shape[1], chunk):
             ti = targets[rows, s, None]                                                  # (n, 1)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)                          # (n, 1)
@@ -398,14 +401,15 @@ class CEZLoss(torch.autograd.Function):
             pred[rows, s] = logits.argmax(dim=-1)
             if not grads:
                 continue
-            g = (logits - lse).exp_().mul_(1 + 2 * z_loss * lse)                         # (n, K)
-            g.scatter_add_(1, ti, torch.full_like(lse, -1.0))
+            # in place of the logits (a copy when they are x itself)                    (n, K)
+            g = (logits.sub_(lse) if W is not None else logits - lse).exp_()
+            g.mul_(1 + 2 * z_loss * lse).scatter_add_(1, ti, torch.full_like(lse, -1.0))
             if W is None:
                 gx[rows] = g
                 continue
             K = Ws.shape[0]
-            gx[rows] += (g.to(xi.dtype) @ Ws.to(xi.dtype)).float()                       # (n, C)
-            gW[s * K:(s + 1) * K] += (g.T.to(xi.dtype) @ xi).float()                     # (K, C)
+            mm_(gx[rows], g, Ws)                                                         # (n, C)
+            mm_(gW[s * K:(s + 1) * K], g.T, xi.float())                                  # (K, C)
             gb[s * K:(s + 1) * K] += g.sum(0)
         ctx.grads = [g if g is None else g.to(v.dtype) for g, v in zip((gx, gW, gb), (x, W, b))]
         ctx.mark_non_differentiable(loss, pred)
@@ -517,9 +521,10 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
             for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy)):
                 trajectory[key].append(val.cpu())
         z = z + dt * (mu - z) / (1 - t)
-    with torch.autocast(E.device.type, enabled=False):
-        # (B, h, w)
-        idx = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+    with torch.autocast(E.device.type, enabled=False):                              # (B, h, w)
+        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
+                         .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // len(E)))])
+    idx = idx.view(B, h, w)
     if return_trajectory:
         return idx, {key: torch.stack(val) for key, val in trajectory.items()}
     return idx

@@ -93,14 +93,15 @@ def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, per_image=False)
 
 @torch.no_grad()
 def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-               generator=None, endpoint=False):
+               generator=None, endpoint=False, noise=None):
     """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity
-    (or endpoint)."""
+    (or endpoint), from noise (B, h, w, d) (drawn from `generator` when None)."""
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
     # (B, h, w, d) at t = 0
-    z = draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device)
+    z = (noise.to(E.device) if noise is not None
+         else draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device))
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
@@ -110,9 +111,9 @@ def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
 
 
 def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                        generator=None):
+                        generator=None, noise=None):
     return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator,
-                      endpoint=True)
+                      endpoint=True, noise=noise)
 
 # -----------------------------------------------------------------------------
 # DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the

@@ -417,7 +417,8 @@ class CEZLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_mean, grad_loss, grad_pred):
-        gx, gW, gb = [g if g is None else g * (grad_mean / ctx.n) for g in ctx.grads]
+        grads, ctx.grads = ctx.grads, None        # let autograd keep them as .grad, no copy
+        gx, gW, gb = [g if g is None else g.mul_(grad_mean / ctx.n) for g in grads]
         return gx, gW, gb, None, None, None, None
 
 
@@ -538,7 +539,8 @@ class Objective:
     name: str
     model: object     # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, generator=None, per_image=False) like vfm_loss
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen) -> idx
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
+                      #  noise=(B, h, w, d) where it starts from noise]) -> idx
 
 
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss,

@@ -12,7 +12,7 @@ import torch
 import cli
 from conftest import ROOT
 
-SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench")
+SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench", "fid")
 
 
 def copied_names():
@@ -86,7 +86,7 @@ def test_no_file_imports_a_file_that_imports_it_back():
 def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_flag_alike(script, capsys):
     main = importlib.import_module(script).main
     with pytest.raises(SystemExit) as e:
-        main(["--dataset=shapes", "--help"] if script != "sample" else ["--help"])
+        main(["--dataset=shapes", "--help"] if script not in ("sample", "fid") else ["--help"])
     assert e.value.code in (0, None)
     text = capsys.readouterr().out
     assert "options (values after the preset):" in text
@@ -96,7 +96,7 @@ def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_f
         main(["--nonsense=1"])
     assert str(e.value).startswith("unknown option '--nonsense'") and "\n" not in str(e.value)
     with pytest.raises(cli.UserError, match=r"^--device expects str|^--\w+ expects int, got '1.5'$"):
-        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps") if f"--{f}=" in text)
+        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps", "batch_size") if f"  --{f}=" in text)
         main([f"--{int_flag}=1.5"])
 
 

@@ -56,7 +56,7 @@ def test_fid_with_stub_extractor(stub_fid):
     same, protocol = fid.compute_fid(real, data_dir, model_path=model_path, batch_size=16)
     assert abs(same) < 1e-6
     assert "64 samples vs 64 train images" in protocol and "stub.pt" in protocol
-    assert os.path.exists(os.path.join(data_dir, "fid_stats_stub_64.npz"))            # cached reference stats
+    assert os.path.exists(os.path.join(data_dir, "fid_stats_stub_cpu_64.npz"))            # cached reference stats
     other = np.clip(real.astype(int) // 2 + 100, 0, 255).astype(np.uint8)             # a different image set
     worse, _ = fid.compute_fid(other, data_dir, model_path=model_path, batch_size=16)
     assert worse > 1e-3

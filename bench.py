@@ -39,6 +39,9 @@ class BenchConfig(pc.Config):
     compare_compile: bool = True  # also time torch.compile and print eager / compiled
     sample_batch: int = 0         # images per sampler call; 0 means the training batch size
     loss_memory: bool = False     # only the loss's and sampler's memory per image vs whole-batch
+    costs: bool = False           # only FLOPs per image (training, sampling) and hours at --mfu
+    mfu: float = 0.4              # the model FLOPs utilisation the --costs hours assume
+    train_images: float = 0.0     # --costs: images seen in training; 0: max_iters x batch_size
     codes: int = 0                # K; 0: the dataset's (16384 on 32x32 is ImageNet's tokenizers)
     grid: int = 0                 # token grid side; 0: the dataset's
 
@@ -133,35 +136,71 @@ def peak_above_rest(fn):
 
 def loss_memory(model, E, K, side, cfg, reps=3):
     """Print the peak memory per image and the time of forward + backward with each loss, and of
-    the sampler, the whole-batch versions beside the chunked ones; -> {name: (s, peak bytes)}."""
+    one sampler step, the whole-batch versions beside the chunked ones: for the whole network, and
+    for the loss alone (the same network without its blocks: embeddings, final layer and loss).
+    -> {(network, name): (seconds, peak bytes)}."""
     B, g = cfg.batch_size, torch.Generator().manual_seed(0)
     idx, y = torch.randint(0, K, (B, side, side), generator=g), torch.arange(B) % 10
-    body = lambda: model(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, last_layer=True)
-    steps = {"network without its head (for reference)": lambda: body()[0].square().mean(),
-             "whole-batch fp32 loss": lambda: whole_batch_loss(model, idx, E, y, generator=g),
-             "chunked, logits only": lambda: pc.vfm_loss(LogitsOnly(model), idx, E, y, generator=g),
-             "chunked, last layer (vfm_loss on DiT)": lambda: pc.vfm_loss(model, idx, E, y,
-                                                                            generator=g)}
-    samplers = {"whole-batch sampler": lambda: whole_batch_sample(
-                    model, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g),
-                "euler_sample": lambda: pc.euler_sample(model, E, y, side, 1, 1.0, cfg.cfg_scale,
-                                                        10, g)}
+    headless = copy.deepcopy(model)
+    headless.blocks = torch.nn.ModuleList()
+
+    def body(net):                            # the head's input; its weights get gradients too
+        x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, last_layer=True)
+        return x.square().mean() + 0 * (W.sum() + b.sum())
+    steps = {"network, no loss": body,
+             "whole-batch fp32 loss": lambda net: whole_batch_loss(net, idx, E, y, generator=g),
+             "chunked, logits only": lambda net: pc.vfm_loss(LogitsOnly(net), idx, E, y,
+                                                             generator=g),
+             "chunked, last layer": lambda net: pc.vfm_loss(net, idx, E, y, generator=g),
+             "whole-batch sampler": lambda net: whole_batch_sample(net, E, y, side, 1, 1.0,
+                                                                   cfg.cfg_scale, 10, g),
+             "euler_sample": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale,
+                                                         10, g)}
     out = {}
     for _ in range(reps):                         # in turns: a busy machine slows them alike
-        for name, fn in [*steps.items(), *samplers.items()]:
-            model.zero_grad(set_to_none=True)     # as the training loop does: .grad made anew
-            dt, peak = peak_above_rest((lambda: fn().backward()) if name in steps else fn)
-            best = out.get(name, (dt, peak))
-            out[name] = min(dt, best[0]), max(peak, best[1])
-    for name, (dt, peak) in out.items():
-        print(f"{name}: {peak / B / 2**20:.0f} MiB per image, {dt:.2f} s "
-              f"({'forward + backward' if name in steps else f'1 step, cfg_scale {cfg.cfg_scale}'}"
-              f", batch {B}, the best of {reps})")
-    base = out["network without its head (for reference)"][1]
-    for name in list(steps)[1:]:
-        print(f"the loss's share, {name}: {(out[name][1] - base) / B / 2**20:.0f} MiB per image, "
-              f"step time {out[name][0] / out['whole-batch fp32 loss'][0]:.2f}x the whole-batch")
+        for net, where in ((model, "whole network"), (headless, "loss alone")):
+            for name, fn in steps.items():
+                net.zero_grad(set_to_none=True)   # as the training loop does: .grad made anew
+                train = "sampler" not in name and name != "euler_sample"
+                dt, peak = peak_above_rest((lambda: fn(net).backward()) if train
+                                           else lambda: fn(net))
+                best = out.get((where, name), (dt, peak))
+                out[where, name] = min(dt, best[0]), max(peak, best[1])
+    for (where, name), (dt, peak) in out.items():
+        what = "1 step" if "sample" in name else "forward + backward"
+        print(f"{where}, {name}: peak {peak / B / 2**20:.0f} MiB per image, {dt:.2f} s ({what},"
+              f" batch {B}, cfg_scale {cfg.cfg_scale if 'sample' in name else '-'}, best of {reps})")
+    time0, memory0 = out["whole network", "whole-batch fp32 loss"][0], out["loss alone",
+                                                                         "whole-batch fp32 loss"][1]
+    for name in ("chunked, logits only", "chunked, last layer"):
+        memory, dt = out["loss alone", name][1], out["whole network", name][0]
+        print(f"{name} / whole-batch: the loss alone {memory / memory0:.2f}x the memory; "
+              f"the whole network's step time {dt / time0:.2f}x")
     return out
+
+
+def sampling_flops(model, steps, cfg_scale):
+    """FLOPs of sampling one image: per step a forward (a third of training's 6 per weight and
+    token), twice the body under guidance but the head once (guidance mixes its input), and the
+    posterior mean pi @ E (2 K d per position)."""
+    head = 2 * model.final_layer.linear.weight.numel() * model.n_tokens
+    forward = model.flops_per_image() / 3
+    per_step = (forward - head) * (1 + (cfg_scale != 1)) + head
+    return steps * (per_step + 2 * model.out_dim * model.in_dim * model.grid_size ** 2)
+
+
+def costs(model, cfg, peak):
+    """Print training and sampling FLOPs per image and what they cost in hours at cfg.mfu."""
+    train, sample = model.flops_per_image(), sampling_flops(model, cfg.sample_steps, cfg.cfg_scale)
+    n_train = cfg.train_images or cfg.max_iters * cfg.batch_size
+    hours = lambda flops: flops / (peak * cfg.mfu) / 3600
+    print(f"training: {train / 1e9:.1f} GFLOP per image; {n_train:.3g} images = "
+          f"{train * n_train:.3g} FLOP = {hours(train * n_train):.0f} GPU-hours at {cfg.mfu:.0%} MFU "
+          f"of {peak / 1e12:.0f} TFLOP/s (an estimate until measured)")
+    print(f"sampling: {sample / 1e12:.2f} TFLOP per image at {cfg.sample_steps} steps, cfg_scale "
+          f"{cfg.cfg_scale}; 50000 images = {hours(sample * 50000):.0f} GPU-hours at the same MFU "
+          f"(an estimate)")
+    return {"train_flops_per_image": train, "sample_flops_per_image": sample}
 
 
 def main(argv):
@@ -181,6 +220,11 @@ def main(argv):
     else:
         raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset "
                             f"({', '.join(TOKEN_SHAPES)})")
+    if cfg.costs:                             # shapes only: no memory, any size
+        with torch.device("meta"):
+            model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 1000)
+        print(f"{model.num_params() / 1e6:.0f}M parameters, K={K} d={d} grid {side}x{side}")
+        return costs(model, cfg, cfg.peak_flops or pc.PEAK_FLOPS["H100"])
     device_type = device.split(":")[0]
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())

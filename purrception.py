@@ -361,9 +361,9 @@ class DiT(nn.Module):
 # logit_chunks, CEZLoss), and any network called as model(z, t, y) -> logits (B, h, w, K) will do.
 # At K = 16384 on a 32x32 grid the logits are 16.8M numbers an image, so neither the loss nor the
 # sampler holds them in fp32 for a whole batch: both read them `chunk` numbers at a time. A network
-# may also offer its last layer (`offers_last_layer`), model(z, t, y, last_layer=True) -> x (B, T, C),
-# W (P*K, C), b (P*K,) with the logits of sub-position s of patch n x_n W_s^T + b_s: then the logits
-# are made a chunk at a time from x and never exist all at once.
+# may also offer its last layer (`offers_last_layer`): model(z, t, y, last_layer=True) -> x
+# (B, T, C), W (P*K, C), b (P*K,), the logits of sub-position s of patch n being x_n W_s^T + b_s. Then the
+# logits are made a chunk at a time from x and never exist all at once.
 
 
 def logit_chunks(x, W, b, P, chunk):
@@ -375,8 +375,8 @@ def logit_chunks(x, W, b, P, chunk):
         for i in range(0, x.shape[0], max(1, chunk // K)):
             rows = slice(i, i + max(1, chunk // K))
             xi = x[rows]
-            yield s, rows, xi, Ws, (xi if W is None else
-                                    torch.nn.functional.linear(xi, Ws, b[s * K:(s + 1) * K])).float()
+            logits = xi if W is None else torch.nn.functional.linear(xi, Ws, b[s * K:(s + 1) * K])
+            yield s, rows, xi, Ws, logits.float()
 
 
 class CEZLoss(torch.autograd.Function):
@@ -429,8 +429,8 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e
     accuracy (B,) of each image."""
     (B, h, w), gen_device = idx.shape, generator.device if generator is not None else idx.device
     if t is None:
-        # (B,)
-        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=gen_device).to(idx.device)
+        t = torch.rand(B, generator=generator, device=gen_device).to(idx.device)     # (B,)
+        t = t_eps + (1 - t_eps) * t
     z1 = E[idx]                                                                     # (B, h, w, d)
     z0 = torch.randn(z1.shape, generator=generator, device=gen_device).to(idx.device)
     tb = t.view(B, 1, 1, 1)
@@ -495,10 +495,12 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
     int side), from noise (B, h, w, d) (drawn from `generator` when None). With return_trajectory,
     also a dict of cpu tensors, one row per step: t (steps,), z and mu (steps, B, h, w, d), entropy
     (steps, B, h, w) of the pi used at that step."""
-    (h, w), (B, d), E = (grid, grid) if isinstance(grid, int) else grid, (len(y), E.shape[1]), E.float()
+    (h, w), (K, d), E = (grid, grid) if isinstance(grid, int) else grid, E.shape, E.float()
+    B = len(y)
     gen_device = generator.device if generator is not None else E.device  # a CPU one drives a GPU
-    z = noise if noise is not None else torch.randn(B, h, w, d, generator=generator, device=gen_device)
-    z = z.to(E.device, torch.float32)                                               # (B, h, w, d)
+    if noise is None:
+        noise = torch.randn(B, h, w, d, generator=generator, device=gen_device)
+    z = noise.to(E.device, torch.float32)                                           # (B, h, w, d)
     last = getattr(getattr(model, "module", model), "offers_last_layer", False)
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
@@ -506,8 +508,8 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
         t, dt = ts[i], ts[i + 1] - ts[i]
         out = guided(model, z, t, y, cfg_scale, null_label, last)       # (B, T, C) or (B, h, w, K)
         x, W, b = (out[0].flatten(0, 1), *out[1:]) if last else (out.flatten(0, -2), None, None)
-        P = W.shape[0] // E.shape[0] if last else 1
-        mu, entropy = torch.empty(len(x), P, d, device=E.device), torch.empty(len(x), P, device=E.device)
+        P = W.shape[0] // K if last else 1
+        mu, entropy = E.new_empty(len(x), P, d), E.new_empty(len(x), P)
         for s, rows, _, _, logits in logit_chunks(x, W, b, P, chunk):
             with torch.autocast(E.device.type, enabled=False):                      # fp32 geometry
                 pi = torch.softmax(logits / temperature, dim=-1)                    # (n, K)
@@ -516,7 +518,8 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
                     entropy[rows, s] = torch.special.entr(pi).sum(-1)
         if last:                          # (B, h/p, w/p, p, p, .) -> (B, h/p, p, w/p, p, .)
             p = round(P ** 0.5)
-            mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3) for v in (mu, entropy)]
+            mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3)
+                           for v in (mu, entropy)]
         mu, entropy = mu.reshape(B, h, w, d), entropy.reshape(B, h, w)
         if return_trajectory:
             for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy)):
@@ -524,7 +527,7 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
         z = z + dt * (mu - z) / (1 - t)
     with torch.autocast(E.device.type, enabled=False):                              # (B, h, w)
         idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
-                         .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // len(E)))])
+                         .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // K))])
     idx = idx.view(B, h, w)
     if return_trajectory:
         return idx, {key: torch.stack(val) for key, val in trajectory.items()}

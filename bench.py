@@ -167,9 +167,9 @@ def loss_memory(model, E, K, side, cfg, reps=3):
                 best = out.get((where, name), (dt, peak))
                 out[where, name] = min(dt, best[0]), max(peak, best[1])
     for (where, name), (dt, peak) in out.items():
-        what = "1 step" if "sample" in name else "forward + backward"
+        what = f"1 step, cfg_scale {cfg.cfg_scale}" if "sample" in name else "forward + backward"
         print(f"{where}, {name}: peak {peak / B / 2**20:.0f} MiB per image, {dt:.2f} s ({what},"
-              f" batch {B}, cfg_scale {cfg.cfg_scale if 'sample' in name else '-'}, best of {reps})")
+              f" batch {B}, best of {reps})")
     time0, memory0 = out["whole network", "whole-batch fp32 loss"][0], out["loss alone",
                                                                          "whole-batch fp32 loss"][1]
     for name in ("chunked, logits only", "chunked, last layer"):
@@ -195,10 +195,10 @@ def costs(model, cfg, peak):
     n_train = cfg.train_images or cfg.max_iters * cfg.batch_size
     hours = lambda flops: flops / (peak * cfg.mfu) / 3600
     print(f"training: {train / 1e9:.1f} GFLOP per image; {n_train:.3g} images = "
-          f"{train * n_train:.3g} FLOP = {hours(train * n_train):.0f} GPU-hours at {cfg.mfu:.0%} MFU "
-          f"of {peak / 1e12:.0f} TFLOP/s (an estimate until measured)")
+          f"{train * n_train:.3g} FLOP = {hours(train * n_train):.1f} GPU-hours at "
+          f"{cfg.mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s (an estimate until measured)")
     print(f"sampling: {sample / 1e12:.2f} TFLOP per image at {cfg.sample_steps} steps, cfg_scale "
-          f"{cfg.cfg_scale}; 50000 images = {hours(sample * 50000):.0f} GPU-hours at the same MFU "
+          f"{cfg.cfg_scale}; 50000 images = {hours(sample * 50000):.1f} GPU-hours at the same MFU "
           f"(an estimate)")
     return {"train_flops_per_image": train, "sample_flops_per_image": sample}
 

@@ -38,6 +38,9 @@ from cli import UserError
 from purrception import tile
 
 
+DECODE_BATCH = 50                 # images per tokenizer decode
+
+
 @dataclass
 class SampleConfig:
     out_dir: str = os.path.join(purrception.HERE, "out-shapes")   # ckpt.pt in, pictures out
@@ -142,7 +145,8 @@ def generate(run, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, batch_s
         with run.autocast():
             idx = run.objective.sample(run.model, run.E, y, run.grid, steps, temperature,
                                        cfg_scale, run.meta["num_classes"], g, **noise)
-        out.append(vq.to_uint8(run.tokenizer.decode(idx)))
+        # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
+        out += [vq.to_uint8(run.tokenizer.decode(part)) for part in idx.split(DECODE_BATCH)]
     return np.concatenate(out)
 
 

@@ -243,19 +243,59 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_ddp_two_processes_match_one_at_the_same_global_batch(data_dir, tmp_path):
-    kw = dict(batch_size=2, grad_accum=2, max_iters=3, eval_interval=3, eval_iters=1, grid_cols=1)
-    train(tiny_config(data_dir, tmp_path / "single", **kw))
-    flags = [f"--{k}={v}" for k, v in vars(tiny_config(data_dir, tmp_path / "ddp", **kw)).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# One torchrun of two gloo processes runs two trainings (one process group, torch imported once):
+# 1. 8 images an iter cut into 2 micro-steps of 4, which one process runs both of and two processes one each. The
+#    same generators draw the same numbers, and DDP's mean of the two gradients, g0/2 + g1/2, is what one process
+#    accumulates (halving is exact in floating point): the runs agree bit for bit on this CPU.
+# 2. rank 1's loss turns NaN from its 3rd step on, rank 0's never: both stop with the same line, and no hang.
+TWO_RUNS = """import os, sys
+sys.path.insert(0, {root!r})
+import dataclasses, cli, purrception as pc
+calls = []
+def loss(model, *args, **kw):
+    calls.append(1)
+    value = pc.vfm_loss(model, *args, **kw)
+    return value * float("nan") if os.environ["RANK"] == "1" and len(calls) >= 3 else value
+replay, poisoned = (cli.parse_args(flags.split(), pc.Config()) for flags in sys.argv[1:])
+pc.train(replay)
+cli.run(lambda argv: pc.train(poisoned, dataclasses.replace(pc.PURRCEPTION, loss=loss)), [])
+"""
+
+
+def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_dir, tmp_path):
+    kw = dict(batch_size=4, grad_accum=2, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1, log_interval=1)
+    single = train(tiny_config(data_dir, tmp_path / "single", **kw))
+    flags = lambda cfg: " ".join(f"--{k}={v}" for k, v in vars(cfg).items())
+    poisoned = tiny_config(data_dir, tmp_path / "nan", max_iters=20, eval_interval=2, log_interval=3,
+                           eval_iters=1, grid_cols=1)
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS.format(root=ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "purrception.py"), *flags], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 processes" in r.stdout and "4 images per iter = 2 x 1 micro-steps x 2" in r.stdout
+                        str(script), flags(tiny_config(data_dir, tmp_path / "ddp", **kw)), flags(poisoned)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    # 1. the same losses (the mean over both processes) and the same weights
+    assert "2 processes" in r.stdout and "8 images per iter = 4 x 1 micro-steps x 2" in r.stdout, r.stderr[-2000:]
+    logged = [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert logged[:4] == [f"iter {i}: loss {loss:.4f}" for i, loss in single["losses"]]
     a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
-    for n in a["model"]:
-        assert torch.allclose(a["model"][n], b["model"][n], atol=1e-5), n
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    # 2. one line, the same on both, and the last good checkpoint untouched
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], r.stderr[-2000:]
+    assert "the loss is nan at iter 3: training diverged, the last good checkpoint" in errors[0]
+    assert load(tmp_path / "nan" / "ckpt.pt")["iter"] == 2
+
+
+def test_the_global_batch_is_split_over_the_processes():
+    split = purrception.split_batch
+    assert split(32, 1, 1) == (32, 1) and split(256, 1, 8) == (32, 1)          # the preset's batch, shared
+    assert split(4, 2, 2) == (4, 1) and split(16, 4, 2) == (16, 2)              # whole micro-steps each
+    assert split(2, 3, 2) == (1, 3) and split(8, 3, 2) == (6, 2)                # finer ones where they must
+    with pytest.raises(UserError, match=r"global batch of 256 images .* does not split over 3 processes; "
+                                        r"keep it on --nproc_per_node=2"):
+        split(256, 1, 3)
+
 
 # -----------------------------------------------------------------------------
 # GPU readiness, checked on the CPU: fp32 geometry under bf16 autocast, fused EMA, torch.compile

@@ -297,6 +297,46 @@ def test_the_global_batch_is_split_over_the_processes():
         split(256, 1, 3)
 
 
+def test_get_lr_warms_up_then_holds_or_follows_the_cosine_to_min_lr():
+    lr = lambda it, decay: purrception.get_lr(it, 1.0, 0.1, 10, decay)
+    assert lr(0, 0) == pytest.approx(1 / 11) and lr(9, 0) == pytest.approx(10 / 11)   # linear, never 0
+    assert lr(10, 0) == lr(500, 0) == 1.0                                              # constant (the paper)
+    assert lr(10, 110) == 1.0 and lr(60, 110) == pytest.approx(0.55)                   # cosine: start, middle
+    assert lr(110, 110) == pytest.approx(0.1) and lr(10**6, 110) == pytest.approx(0.1)  # end, and after
+
+
+def hand_count(C, L, T, p, d, K, freq_dim=256):
+    """Training FLOPs per image of a DiT counted layer by layer: 6 per weight per token for the patch embedding,
+    each block's qkv, proj, fc and fc2 and the final linear; 6 per weight once per image for the t MLP and the
+    adaLN maps; 12 L C T^2 for attention's two T x T products."""
+    per_token = (p * p * d * C + C) + L * ((3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C)
+                                           + (4 * C * C + C)) + (C * p * p * K + p * p * K)
+    per_image = (freq_dim * C + C + C * C + C) + L * (6 * C * C + 6 * C) + (2 * C * C + 2 * C)
+    return 6 * (T * per_token + per_image) + 12 * L * C * T * T
+
+
+@pytest.mark.parametrize("n_embd, n_layer, n_head, K, grid, gflop", [
+    (768, 12, 12, 1024, 16, 34.59),          # DiT-B/2, the cifar10 preset
+    (768, 12, 12, 16384, 32, 215.55),        # DiT-B/2, ImageNet 256 on a 32x32 grid of K=16384
+    (1024, 24, 16, 16384, 32, 587.68),       # DiT-L/2
+    (1152, 28, 16, 16384, 32, 828.21)])      # DiT-XL/2
+def test_flops_per_image_matches_a_count_by_hand(n_embd, n_layer, n_head, K, grid, gflop):
+    with torch.device("meta"):                                                        # shapes only, no memory
+        model = DiT(in_dim=8, out_dim=K, grid_size=grid, patch_size=2, n_layer=n_layer, n_head=n_head,
+                    n_embd=n_embd, num_classes=1000)
+    flops = model.flops_per_image()
+    assert flops == hand_count(n_embd, n_layer, (grid // 2) ** 2, 2, 8, K)
+    assert round(flops / 1e9, 2) == gflop
+
+
+def test_peak_flops_know_the_pcie_and_nvl_parts(monkeypatch):
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA H800", 989e12), ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA GeForce RTX 4090", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        assert purrception.device_peak_flops("cuda:0") == peak, name
+    assert purrception.device_peak_flops("cpu") == 0.0
+
 # -----------------------------------------------------------------------------
 # GPU readiness, checked on the CPU: fp32 geometry under bf16 autocast, fused EMA, torch.compile
 
@@ -321,16 +361,17 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
 
 
 def test_fused_ema_equals_the_per_tensor_update():
-    a, b = tiny_model(), tiny_model()
+    a = tiny_model()
     for p in a.parameters():
         torch.nn.init.normal_(p)
     ema = tiny_model()
     reference = {n: p.detach().clone() for n, p in ema.named_parameters()}
     for n, p in a.named_parameters():
         reference[n].mul_(0.99).add_(p.detach(), alpha=1 - 0.99)
+    before = {n: p.detach().clone() for n, p in ema.named_parameters()}
     purrception.update_ema(ema, a, 0.99)
     assert all(torch.equal(p, reference[n]) for n, p in ema.named_parameters())
-    assert b is not a
+    assert not any(torch.equal(p, before[n]) for n, p in ema.named_parameters())     # every tensor moved
 
 
 def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):

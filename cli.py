@@ -143,7 +143,9 @@ def check_transformer(n_embd, n_head, patch_size=1, side=0):
     """The DiT's shape flags: heads split the width, the 2-D positions take a quarter of it each,
     and a patch tiles the token grid (side, when known). A mistake is a UserError naming values
     that work."""
-    near = lambda values, x: sorted(sorted(values, key=lambda v: abs(v - x))[:2])
+    # the nearest value below x and above it
+    near = lambda values, x: [v for v in (max((v for v in values if v < x), default=None),
+                                          min((v for v in values if v > x), default=None)) if v]
     if n_embd % n_head == 0 and n_embd % 4 == 0:
         pass
     elif n_embd % 4 == 0:
@@ -173,18 +175,19 @@ def command(script, *args):
     return " ".join(["python", shlex.quote(shown), *map(shlex.quote, args)])
 
 
-def pick_device(name=""):
-    """'' -> cuda, then mps, then cpu; a named device is checked to exist."""
+def pick_device(name="", flag="--device"):
+    """'' -> cuda, then mps, then cpu; a named device is checked to exist (flag: as the user set
+    it)."""
     import torch
     if not name:
         return ("cuda" if torch.cuda.is_available()
                 else "mps" if torch.backends.mps.is_available() else "cpu")
     kind = name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device={name}: use cuda, mps or cpu (or '' to pick the best available)")
+        raise UserError(f"{flag}={name}: use cuda, mps or cpu (or '' to pick the best available)")
     if (kind == "cuda" and not torch.cuda.is_available()
             or kind == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"--device={name}, but this machine has no {kind}; try --device=cpu")
+        raise UserError(f"{flag}={name}, but this machine has no {kind}; try {flag}=cpu")
     return name
 
 

@@ -521,7 +521,8 @@ def open_folder(data_dir, device="cpu", check=True):
                else remake(data_dir, meta)) if os.path.isdir(made) else remake(data_dir, meta))
     c, made = tokenizer.cfg, meta.get("vq_config", {})
     have = (getattr(c, "image_size", None), getattr(c, "downsample", None))
-    want = (meta.get("image_size", have[0]), made.get("downsample", have[1]))
+    px = meta.get("image_size", have[0])
+    want = (px, made.get("downsample", px // meta["grid_h"] if px else have[1]))
     if have != want:
         raise UserError(f"the tokenizer {path} reads {have[0]}px images downsampled {have[1]}x, "
                         f"but the tokens in {data_dir} were made from {want[0]}px images "
@@ -558,7 +559,7 @@ def main(argv):
         raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
     cli.check_ranges(opt, {"image_size": (lambda v: v >= 0,
                                            "at least 0 (0: the dataset's default)")})
-    cli.pick_device(extra.get("vq.", {}).get("device", ""))     # before anything is written
+    cli.pick_device(extra.get("vq.", {}).get("device", ""), "--vq.device")   # before any write
     folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
                      opt.image_size, opt.seed, extra.get("vq.", {}))
     record_source(folder, opt, extra.get("vq.", {}))

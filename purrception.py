@@ -684,8 +684,7 @@ def train(cfg, objective=PURRCEPTION):
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
     try:                                     # one writer per out_dir: the master process
         with cli.one_writer(out_dir) if rank == 0 else nullcontext():
-            return _train(replace(cfg, out_dir=out_dir), objective, ddp, rank, local_rank, world,
-                          device, grad_accum)
+            return _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum)
     finally:
         if ddp:
             from torch.distributed import destroy_process_group

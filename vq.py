@@ -199,11 +199,12 @@ class Quantizer(nn.Module):
         sums = torch.zeros_like(self.ema_sum).index_add_(0, c, z)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        dead = self.ema_count < self.dead_threshold
-        if dead.any():                                      # restart at random batch vectors
-            pick = torch.randint(0, z.shape[0], (int(dead.sum()),), device=z.device)
-            self.ema_sum[dead] = z[pick]
-            self.ema_count[dead] = self.dead_threshold
+        # restart dead codes at random batch vectors: a vector is drawn for every code and kept
+        # where the code is dead, so the step never waits for the device to count them
+        dead = self.ema_count < self.dead_threshold                         # (K,)
+        pick = torch.randint(0, z.shape[0], (self.K,), device=z.device)     # (K,)
+        self.ema_sum.copy_(torch.where(dead[:, None], z[pick], self.ema_sum))
+        self.ema_count.clamp_(min=self.dead_threshold)
         self.embed.copy_(F.normalize(self.ema_sum, dim=1))
 
     def forward(self, z):
@@ -211,8 +212,12 @@ class Quantizer(nn.Module):
         loss."""
         B, d, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)         # (B*h*w, d) unit
-        if self.training and not bool(self.initialized):
-            self.kmeans_init(z.detach())
+        # the buffer is read on the host once (after a load too), not at every step
+        if self.training and not getattr(self, "_initialized", False):
+            self._initialized = bool(self.initialized)
+            if not self._initialized:
+                self.kmeans_init(z.detach())
+                self._initialized = True
         c = self.nearest(z.detach())                                         # (B*h*w,)
         if self.training:
             self.ema_update(z.detach(), c)
@@ -712,7 +717,10 @@ def train_vq(train_u8, val_u8, cfg, out_path, *, max_iters=1200, batch_size=128,
         warm = min(1.0, it / min(200, max_iters // 10 + 1))
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * it / max_iters))
         opt.param_groups[0]["lr"] = lr * warm * cosine
-        x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))]).to(device)
+        x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))])
+        # pinned + non_blocking: the copy does not wait for the previous step to finish
+        x = (x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda")
+             else x.to(device))
         if rng.random() < 0.5:
             x = x.flip(3)                       # horizontal flips: free data for natural images
         recon, _, commit = model(x)

@@ -108,6 +108,12 @@ class Config:
     peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
 
 
+# The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
+# models' 180.7M, 525.0M and 750.4M parameters (DiT.num_params(); --n_layer=12 --n_head=12 ...).
+DIT_SIZES = {"B/2": dict(n_layer=12, n_head=12, n_embd=768),
+             "L/2": dict(n_layer=24, n_head=16, n_embd=1024),
+             "XL/2": dict(n_layer=28, n_head=16, n_embd=1152)}
+
 # Per-dataset overrides of the defaults, like nanoGPT's config files.
 PRESETS = {
     # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one transformer token per code
@@ -121,6 +127,11 @@ PRESETS = {
     # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
+    # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
+    # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
+    "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
+                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
+                        sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.

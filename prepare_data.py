@@ -18,6 +18,7 @@ import io
 import math
 import os
 import pickle
+import shlex
 import tarfile
 import time
 import urllib.request
@@ -137,8 +138,9 @@ def _download(url, path):
     except OSError as e:                      # URLError, timeouts and HTTP errors are OSErrors
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not download {url} ({e}); fetch it another way and pass "
-                        f"--data_dir=PATH/TO/cifar-10-python.tar.gz") from None
+        raise UserError(f"could not download {url} ({e}); fetch it another way, then run "
+                        f"`{cli.command('prepare_data.py', '--dataset=cifar10')} "
+                        f"--data_dir=PATH/TO/cifar-10-python.tar.gz`") from None
     os.replace(tmp, path)
 
 
@@ -400,18 +402,64 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
 # the checks of a token folder, for every reader of one (purrception.py, sample.py, bench.py)
 
 
+SOURCE = "source.json"     # how prepare_data.py was asked to make the folder; outlives meta.json
+
+
+def remake_command(data_dir, meta=None, force=False):
+    """-> (the prepare_data.py command line that makes data_dir again, the folder it writes), from
+    data_dir's source.json (written by every `python prepare_data.py` run), else from meta.json;
+    ROOT stands for an image folder that neither records."""
+    source = os.path.join(data_dir, SOURCE)
+    try:
+        args = cli.read_json(source) if os.path.exists(source) else {}
+    except UserError:
+        args = {}
+    if not args:
+        name, meta = os.path.basename(os.path.normpath(data_dir)), meta or {}
+        dataset = meta.get("dataset") or name
+        args = {"dataset": dataset if dataset in DATASETS else "imagefolder", "name": name,
+                "image_size": meta.get("image_size", 0), "seed": meta.get("seed", 0)}
+        if args["dataset"] == "imagefolder":
+            args["data_dir"] = "ROOT"
+    default_size = 16 if args["dataset"] == "shapes" else 32
+    words = [f"--dataset={args['dataset']}"] + [
+        f"--{k}={args[k]}" for k in ("data_dir", "name", "image_size", "seed")
+        if args.get(k) and not (k == "name" and args[k] == args["dataset"])
+        and not (k == "image_size" and args[k] == default_size)]
+    words += [f"--vq.{k}={v}" for k, v in args.get("vq", {}).items()] + ["--force"] * force
+    return cli.command("prepare_data.py", *words), data_path(args.get("name") or args["dataset"])
+
+
+def remake(data_dir, meta=None, force=False):
+    """remake_command as a hint: in backticks, and where it writes when that is not data_dir."""
+    command, made = remake_command(data_dir, meta, force)
+    if os.path.abspath(made) == os.path.abspath(data_dir):
+        return f"`{command}`"
+    return f"`{command}` (it writes {made}: pass --data_dir={made})"
+
+
+def record_source(folder, opt, vq_overrides):
+    """source.json: the arguments that made folder, with absolute paths, for remake_command."""
+    args = {k: v for k, v in asdict(opt).items() if k != "force"}
+    if args["data_dir"]:
+        args["data_dir"] = os.path.abspath(args["data_dir"])
+    cli.write_json({**args, "vq": dict(vq_overrides)}, os.path.join(folder, SOURCE))
+
+
 def load_meta(data_dir):
     """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked
-    against the token files it describes: any mismatch is a UserError naming the file, before
-    anything is trained."""
-    meta = cli.read_json(os.path.join(data_dir, "meta.json"),
-                         "meta.json (run `python prepare_data.py` first)")
+    against the token files it describes: any mismatch is a UserError naming the file and the
+    command that makes it again, before anything is trained."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        raise UserError(f"no prepared tokens in {data_dir} (no meta.json); make them with "
+                        f"{remake(data_dir)}")
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"))
     need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
             "val_count", "tokenizer")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
-        raise UserError(
-            f"{data_dir} is only half prepared; run `python prepare_data.py --dataset="
-            f"{meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
+        meta = meta if isinstance(meta, dict) else {}
+        raise UserError(f"{data_dir} is only half prepared; finish it with "
+                        f"{remake(data_dir, meta)}")
     for split in ("train", "val"):
         n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
         for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
@@ -421,7 +469,8 @@ def load_meta(data_dir):
                 raise UserError(
                     f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
                                   f"meta.json says {size}")
-                    + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
+                    + f"; it is damaged: make the folder again with "
+                      f"{remake(data_dir, meta, force=True)}")
     return meta
 
 
@@ -435,24 +484,58 @@ def check_tokens(data_dir, meta):
                       .max(initial=0))
             if top >= limit:
                 raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
-                                f"< {limit}: the tokens and meta.json disagree; prepare {data_dir} "
-                                f"again (prepare_data.py --force)")
+                                f"< {limit}: the tokens and meta.json disagree; make the folder "
+                                f"again with {remake(data_dir, meta, force=True)}")
+
+
+_SHA1 = {}                       # (path, size, mtime) -> sha1: each tokenizer hashed once a process
+
+
+def file_sha1(path):
+    """sha1 of a file, cached by its path, size and mtime (281 MB: about 0.15 s on a 2-core CPU)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA1:
+        with open(path, "rb") as f:
+            _SHA1[key] = hashlib.file_digest(f, "sha1").hexdigest()
+    return _SHA1[key]
 
 
 def open_folder(data_dir, device="cpu", check=True):
     """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
-    files (and, with check, every token against K) and the tokenizer against what made the tokens:
-    a UserError naming the file otherwise."""
+    files (and, with check, every token against K) and the tokenizer checked, not trusted, to be
+    the file that made the tokens: the images' size, the downsampling factor, K, d and the grid,
+    then its sha1 against meta.json's tokenizer_sha1. A UserError naming the file and the command
+    to re-run otherwise."""
     meta = load_meta(data_dir)
     if check:
         check_tokens(data_dir, meta)
-    tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
-    have = (tokenizer.cfg.codebook_size, tokenizer.cfg.code_dim, tokenizer.cfg.grid)
+    path = os.path.join(data_dir, meta["tokenizer"])
+    if not os.path.exists(path):
+        raise UserError(f"no tokenizer at {path}; train it again and re-tokenize with "
+                        f"{remake(data_dir, meta)}")
+    tokenizer = vq.load_vq(path, device)
+    command, made = remake_command(data_dir, meta)
+    redo = (f"put the tokenizer that made them back, or train another and retokenize: "
+            + (f"`rm {shlex.quote(path)} && {command}`" if os.path.samefile(made, data_dir)
+               else remake(data_dir, meta)) if os.path.isdir(made) else remake(data_dir, meta))
+    c, made = tokenizer.cfg, meta.get("vq_config", {})
+    have = (getattr(c, "image_size", None), getattr(c, "downsample", None))
+    px = meta.get("image_size", have[0])
+    want = (px, made.get("downsample", px // meta["grid_h"] if px else have[1]))
+    if have != want:
+        raise UserError(f"the tokenizer {path} reads {have[0]}px images downsampled {have[1]}x, "
+                        f"but the tokens in {data_dir} were made from {want[0]}px images "
+                        f"downsampled {want[1]}x; {redo}")
+    have = (c.codebook_size, c.code_dim, c.grid)
     if have != (meta["codebook_size"], meta["code_dim"], meta["grid_h"]):
-        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, "
-                        f"d={have[1]}, a {have[2]}-grid but the tokens were made with "
-                        f"K={meta['codebook_size']}, d={meta['code_dim']}, a {meta['grid_h']}-grid; "
-                        f"prepare {data_dir} again (prepare_data.py --force)")
+        raise UserError(f"the tokenizer {path} has K={have[0]}, d={have[1]}, a {have[2]}-grid but "
+                        f"the tokens were made with K={meta['codebook_size']}, d={meta['code_dim']}"
+                        f", a {meta['grid_h']}-grid; {redo}")
+    if meta.get("tokenizer_sha1") and file_sha1(path) != meta["tokenizer_sha1"]:
+        raise UserError(f"the tokenizer {path} is not the file that made the tokens in {data_dir} "
+                        f"(its sha1 is not meta.json's tokenizer_sha1); put that one back, or "
+                        f"retokenize with this one: {remake(data_dir, meta)}")
     return meta, tokenizer
 
 
@@ -476,8 +559,10 @@ def main(argv):
         raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
     cli.check_ranges(opt, {"image_size": (lambda v: v >= 0,
                                            "at least 0 (0: the dataset's default)")})
+    cli.pick_device(extra.get("vq.", {}).get("device", ""), "--vq.device")   # before any write
     folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
                      opt.image_size, opt.seed, extra.get("vq.", {}))
+    record_source(folder, opt, extra.get("vq.", {}))
     print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 

@@ -109,6 +109,12 @@ class Config:
     peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
 
 
+# The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
+# models' 180.7M, 525.0M and 750.4M parameters (DiT.num_params(); --n_layer=12 --n_head=12 ...).
+DIT_SIZES = {"B/2": dict(n_layer=12, n_head=12, n_embd=768),
+             "L/2": dict(n_layer=24, n_head=16, n_embd=1024),
+             "XL/2": dict(n_layer=28, n_head=16, n_embd=1152)}
+
 # Per-dataset overrides of the defaults, like nanoGPT's config files.
 PRESETS = {
     # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one transformer token per code
@@ -122,6 +128,11 @@ PRESETS = {
     # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
+    # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
+    # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
+    "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
+                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
+                        sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.
@@ -555,7 +566,8 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
-    Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1]))).save(path)
+    canvas = Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
+    cli.atomic_save(canvas.save, path)
 
 
 def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
@@ -623,6 +635,9 @@ def train(cfg, objective=PURRCEPTION):
     log line. Bad input raises UserError before anything is written; a non-finite loss stops every
     process with the same UserError before anything is saved."""
     cli.check_ranges(cfg, RANGES)
+    cli.check_transformer(cfg.n_embd, cfg.n_head)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
     # DDP only under torchrun (it sets RANK): one GPU or a CPU needs no launcher
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -645,183 +660,191 @@ def train(cfg, objective=PURRCEPTION):
            else nullcontext())
     pin = device_type == "cuda"              # CPU draws in pinned memory: their copies do not wait
 
-    # the token folder: prepared on the spot when missing (by a lone process), then checked
-    data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py "
-                            f"--dataset={cfg.dataset}`" + (" once before torchrun" if ddp else ""))
-        print(f"no prepared data in {data_dir}: preparing it now "
-              f"(prepare_data.prepare('{cfg.dataset}'))")
-        prepare_data.prepare(cfg.dataset)
-    meta, tokenizer = prepare_data.open_folder(data_dir, device)
-    grid = (meta["grid_h"], meta["grid_w"])
-    if grid[0] != grid[1]:
-        raise UserError(f"the token grid {grid} is not square; prepare square images "
-                        "(prepare_data crops them)")
-    if grid[0] % cfg.patch_size:
-        raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} "
-                        f"token grid; pick a divisor such as --patch_size=2 or 1")
-    E = tokenizer.codebook.to(device)                       # (K, d), frozen
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
-    cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    # one writer per out_dir, the master process, from here to the end
+    with cli.one_writer(out_dir) if master else nullcontext():
+        # the token folder: prepared on the spot when missing (by a lone process), then checked
+        data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
+                raise UserError(f"no prepared tokens in {data_dir}; run "
+                                f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
+                                + (" once before torchrun" if ddp else ""))
+            print(f"no prepared data in {data_dir}: preparing it now "
+                  f"(prepare_data.prepare('{cfg.dataset}'))")
+            prepare_data.prepare(cfg.dataset)
+        meta, tokenizer = prepare_data.open_folder(data_dir, device)
+        grid = (meta["grid_h"], meta["grid_w"])
+        if grid[0] != grid[1]:
+            raise UserError(f"the token grid {grid} is not square; prepare square images "
+                            "(prepare_data crops them)")
+        cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
+        E = tokenizer.codebook.to(device)                       # (K, d), frozen
+        cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    # model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them
-    model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
-                      patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, num_classes=meta["num_classes"], time_embed=cfg.time_embed)
-    ckpt, start_iter = None, 0
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
-        model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
-        if ckpt.get("objective", "purrception") != objective.name:
-            raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
-                            f"resume it with that one, or pick another --out_dir")
-        if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
-            raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
-                            f"d={model_args['d']}, but {data_dir} has K={meta['codebook_size']}, "
-                            f"d={meta['code_dim']}; resume it on its own data (--data_dir)")
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start over "
-                        f"with --overwrite=true (it is replaced at the first save), or pick "
-                        f"another --out_dir")
-    torch.manual_seed(cfg.seed)              # the same initial weights on every process
-    model = objective.build_model(**model_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # one parameter group: with lr 1e-4, decaying norms and biases too changes nothing measurable
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device_type == "cuda")
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device_type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    raw_model = model                        # what gets saved: never the compiled or DDP wrapper
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    flops_per_image = raw_model.flops_per_image()
-    peak = cfg.peak_flops or device_peak_flops(device)
-    images_per_iter = batch_size * grad_accum * world
-    if master:
-        print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
-              f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
-        print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
-              f"images per iter = {batch_size} x {grad_accum} micro-steps x {world}, from iter "
-              f"{start_iter} to {cfg.max_iters}")
+        # model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them
+        model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
+                          patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, num_classes=meta["num_classes"],
+                          time_embed=cfg.time_embed)
+        ckpt, start_iter = None, 0
+        if cfg.init_from == "resume":
+            ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+            model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
+            if start_iter >= cfg.max_iters:
+                raise UserError(f"{ckpt_path} is already at iter {start_iter}: --max_iters="
+                                f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
+            if ckpt.get("objective", "purrception") != objective.name:
+                raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} "
+                                f"objective; resume it with that one, or pick another --out_dir")
+            if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
+                raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
+                                f"d={model_args['d']}, but {data_dir} has "
+                                f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on "
+                                f"its own data (--data_dir)")
+        elif os.path.exists(ckpt_path) and not cfg.overwrite:
+            raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
+                            f"over with --overwrite=true (it is replaced at the first save), or "
+                            f"pick another --out_dir")
+        torch.manual_seed(cfg.seed)              # the same initial weights on every process
+        model = objective.build_model(**model_args).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        # one parameter group: at lr 1e-4, decaying norms and biases too changes nothing measurable
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay, fused=device_type == "cuda")
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device_type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        raw_model = model                    # what gets saved: never the compiled or DDP wrapper
+        if cfg.compile:
+            model = torch.compile(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        flops_per_image = raw_model.flops_per_image()
+        peak = cfg.peak_flops or device_peak_flops(device)
+        images_per_iter = batch_size * grad_accum * world
+        if master:
+            print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+                  f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
+                  f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
+            print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
+                  f"images per iter = {batch_size} x {grad_accum} micro-steps x {world}, from iter "
+                  f"{start_iter} to {cfg.max_iters}")
 
-    metrics, losses = {}, []
-    t0, timed_iters = time.time(), 0
-    for it in range(start_iter, cfg.max_iters + 1):
-        lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters if cfg.decay_lr else 0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        metrics, losses = {}, []
+        t0, timed_iters = time.time(), 0
+        for it in range(start_iter, cfg.max_iters + 1):
+            lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters,
+                        cfg.max_iters if cfg.decay_lr else 0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before the
-        # first step. Every process takes each decision on the same numbers, so all stop together.
-        if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-            if not all_finite(raw_model, ema):
-                raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
-            if master:
-                metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
-                                        device, ctx, loss_fn=objective.loss)
-                print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
-                      + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
-                      + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
-            val_loss = torch.tensor(metrics.get("val_loss", 0.0), device=device)
-            if ddp:
-                dist.broadcast(val_loss, 0)
-            if not math.isfinite(val_loss.item()):
-                raise diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
-            if master:
-                png = os.path.join(out_dir, f"samples_{it:06d}.png")
-                os.makedirs(out_dir, exist_ok=True)
-                sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
-                            cfg.grid_cols, cfg, png, ctx)
-                print(f"samples: {png}")
-                rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
-                                                          if device_type == "cuda" else {})}
-                ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "iter": it,
-                        "objective": objective.name, "model_args": model_args,
-                        "config": asdict(cfg), "metrics": metrics, "rng": rng}
-                cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
-                cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))
-            t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
-        if it == cfg.max_iters:
-            break
+            # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before
+            # the first step. Every process decides on the same numbers, so all stop together.
+            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+                if not all_finite(raw_model, ema):
+                    raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
+                if master:
+                    metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
+                                            device, ctx, loss_fn=objective.loss)
+                    print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
+                          + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
+                          + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
+                val_loss = torch.tensor(metrics.get("val_loss", 0.0), device=device)
+                if ddp:
+                    dist.broadcast(val_loss, 0)
+                if not math.isfinite(val_loss.item()):
+                    raise diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
+                if master:
+                    png = os.path.join(out_dir, f"samples_{it:06d}.png")
+                    os.makedirs(out_dir, exist_ok=True)
+                    sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
+                                cfg.grid_cols, cfg, png, ctx)
+                    print(f"samples: {png}")
+                    rng = {"torch": torch.get_rng_state()}
+                    if device_type == "cuda":
+                        rng["cuda"] = torch.cuda.get_rng_state(device)
+                    ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(), "iter": it,
+                            "objective": objective.name, "model_args": model_args,
+                            "config": asdict(cfg), "metrics": metrics, "rng": rng}
+                    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
+                    cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))
+                t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
+            if it == cfg.max_iters:
+                break
 
-        # one optimizer step over grad_accum micro-steps per process. Each micro-step draws its
-        # images, dropped labels, t and noise from a generator seeded by (seed, iter, its index
-        # among all the processes' micro-steps): a resume replays the same numbers, and so does
-        # any number of processes that cuts the global batch into the same micro-steps.
-        # (Python hashes tuples of ints the same everywhere.)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
-            idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
-            drop = torch.rand(y.shape, generator=g, pin_memory=pin).to(device, non_blocking=True)
-            y = torch.where(drop < cfg.class_dropout, raw_model.num_classes, y)  # null class (CFG)
-            if ddp:                          # all-reduce the gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with ctx:
-                loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
-        # forget the init fast
-        update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
-        timed_iters += 1
-        if it == start_iter:                 # rates leave out the start-up (compile, CUDA init)
-            t0, timed_iters = time.time(), 0
+            # one optimizer step over grad_accum micro-steps per process. Each micro-step draws its
+            # images, dropped labels, t and noise from a generator seeded by (seed, iter, its index
+            # among all the processes' micro-steps): a resume replays the same numbers, and so does
+            # any number of processes that cuts the global batch into the same micro-steps.
+            # (Python hashes tuples of ints the same everywhere.)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
+                idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
+                drop = torch.rand(y.shape, generator=g, pin_memory=pin)
+                drop = drop.to(device, non_blocking=True) < cfg.class_dropout
+                y = torch.where(drop, raw_model.num_classes, y)             # the null class, for CFG
+                if ddp:                      # all-reduce the gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro == grad_accum - 1
+                with ctx:
+                    loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
+            # forget the init fast
+            update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
+            timed_iters += 1
+            if it == start_iter:                 # rates leave out the start-up (compile, CUDA init)
+                t0, timed_iters = time.time(), 0
 
-        # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
-        if device_type == "cpu" and timed_iters == 3 and master and it < start_iter + 4:
-            dt = (time.time() - t0) / timed_iters
-            if dt * (cfg.max_iters - it) > 4 * 3600:
-                print(f"note: on this CPU one iter takes {dt:.1f} s, so {cfg.max_iters - it - 1} "
-                      f"more would take {cli.format_seconds(dt * (cfg.max_iters - it - 1))}; this "
-                      f"preset is sized for a GPU. The README's 'CIFAR-10 on a CPU' recipe trains "
-                      f"a smaller model in under an hour")
+            # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
+            if device_type == "cpu" and timed_iters == 3 and master and it < start_iter + 4:
+                dt = (time.time() - t0) / timed_iters
+                if dt * (cfg.max_iters - it) > 4 * 3600:
+                    left = cfg.max_iters - it - 1
+                    print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
+                          f"{cli.format_seconds(dt * left)}; this preset is sized for a GPU. The "
+                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in under an "
+                          f"hour")
 
-        if it % cfg.log_interval == 0:
-            # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
-            # non-finite on all and every process stops here with the same line
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = loss_sum.item()         # waits for the device: only on log iterations
-            if not math.isfinite(loss_value):
-                raise diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
-            if master:
-                line = f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}"
-                if timed_iters:
-                    dt = (time.time() - t0) / timed_iters
-                    line += f", {dt * 1000:.1f} ms/iter, {images_per_iter / dt:.0f} images/s"
-                    if peak:
-                        line += f", mfu {flops_per_image * images_per_iter / world / dt / peak:.1%}"
-                    line += f", ETA {cli.format_seconds(dt * (cfg.max_iters - it - 1))}"
-                print(line)
-                losses.append((it, loss_value))
-            t0, timed_iters = time.time(), 0
-    return {**metrics, "losses": losses}
+            if it % cfg.log_interval == 0:
+                # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
+                # non-finite on all and every process stops here with the same line
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_value = loss_sum.item()         # waits for the device: only on log iterations
+                if not math.isfinite(loss_value):
+                    raise diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
+                if master:
+                    line = f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}"
+                    if timed_iters:
+                        dt = (time.time() - t0) / timed_iters
+                        line += f", {dt * 1000:.1f} ms/iter, {images_per_iter / dt:.0f} images/s"
+                        if peak:
+                            mfu = flops_per_image * images_per_iter / world / dt / peak
+                            line += f", mfu {mfu:.1%}"
+                        line += f", ETA {cli.format_seconds(dt * (cfg.max_iters - it - 1))}"
+                    print(line)
+                    losses.append((it, loss_value))
+                t0, timed_iters = time.time(), 0
+        return {**metrics, "losses": losses}
 
 
 def main(argv):
-    cfg = cli.parse_args(argv, Config(), PRESETS, __doc__)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
-    train(cfg)
+    train(cli.parse_args(argv, Config(), PRESETS, __doc__))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def test_staged_arms_measure_every_stage_and_match_a_straight_run(data_dir, tmp_
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["arm"], int(r["seed"]), int(r["iter"])) for r in rows] == [
         (o, s, i) for s in (0, 1) for o in ("purrception", "dfm") for i in (3, 6)]
-    assert all(math.isfinite(float(r["fid"])) and float(r["fid_se"]) > 0 for r in rows)   # 6 samples vary
+    # (the standard error's value: test_the_fid_standard_error_is_the_bootstrap_spread...)
+    assert all(math.isfinite(float(r["fid"])) and math.isfinite(float(r["fid_se"])) for r in rows)
     printed = capsys.readouterr().out
     assert "| purrception | 6 |" in printed and "iterations ratio vs dfm" in printed     # the report
     # stages resume bit-exactly: the staged arm ends with the weights of one straight 6-iteration run

@@ -209,7 +209,7 @@ def test_import_does_not_parse_argv(monkeypatch):
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"), f"--data_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
 
 # -----------------------------------------------------------------------------
 # training: smoke, exact resume, DDP
@@ -398,3 +398,18 @@ def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
     assert "one iter takes" in note and "would take" in note and "'CIFAR-10 on a CPU' recipe" in note
     first = next(line for line in lines if line.startswith("iter 0:"))
     assert "loss" in first and "ms/iter" not in first and "ETA" not in first        # start-up is not a rate
+
+# -----------------------------------------------------------------------------
+# the paper's model sizes
+
+
+@pytest.mark.parametrize("size, millions", [("B/2", 180.7), ("L/2", 525.0), ("XL/2", 750.4)])
+def test_paper_sizes_have_the_official_parameter_counts(size, millions):
+    from purrception import DIT_SIZES, PRESETS
+    with torch.device("meta"):                    # shapes only: no memory, no initialisation cost
+        model = DiT(in_dim=8, out_dim=16384, grid_size=32, patch_size=2, num_classes=1000,
+                    **DIT_SIZES[size])
+    assert round(model.num_params() / 1e6, 1) == millions
+    preset = PRESETS["imagenet256"]
+    assert {k: preset[k] for k in DIT_SIZES["XL/2"]} == DIT_SIZES["XL/2"]
+    assert (preset["lr"], preset["decay_lr"], preset["patch_size"]) == (1e-4, False, 2)

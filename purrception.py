@@ -24,18 +24,12 @@ Notable choices:
 - The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
   sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
 - Every random draw of a training step (images, dropped labels, t, noise) comes from a generator
-  seeded by (seed, iter, micro-step). Resuming, or spreading the same global batch over more GPUs,
-  replays the same run.
+  seeded by (seed, iter, micro-step). A resume replays the run, and so do more processes that cut
+  the same global batch into the same micro-steps (bit for bit on a CPU; not measured on GPUs).
 - EMA weights are what every eval, sample grid and sample.py see.
 - A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
   (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
   non-finite loss.
-
-The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-core machine for
-1200 iters.
-    python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 \
-        --batch_size=32 --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 \
-        --ema_decay=0.998 --eval_interval=600 --sample_steps=25
 """
 
 import atexit
@@ -87,8 +81,8 @@ class Config:
     time_embed: str = "scaled"    # 'scaled': 1000 to 1 rad per unit t; 'official': raw t, 1 to 1e-4
     class_dropout: float = 0.1    # chance of training on the null class, which guidance needs
     # optimizer: AdamW as in the paper's configs
-    batch_size: int = 64          # images per micro-step and process
-    grad_accum: int = 1           # micro-steps per iter over all processes (split among GPUs)
+    batch_size: int = 64          # images per micro-step; x grad_accum: the iter's global batch
+    grad_accum: int = 1           # micro-steps per iter, over all processes (torchrun shares them)
     max_iters: int = 100000       # optimizer steps
     lr: float = 1e-4              # the paper's constant learning rate for DiT-B/L/XL
     min_lr: float = 1e-5          # where the cosine ends (with decay_lr)
@@ -106,7 +100,7 @@ class Config:
     device: str = ""              # '' picks cuda, then mps, then cpu
     compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
     seed: int = 0                 # initial weights and every random draw of training
-    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
+    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks the GPU up (PEAK_FLOPS)
 
 
 # The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
@@ -598,10 +592,8 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800
 
 
 def device_peak_flops(device):
-    if "cuda" not in str(device):
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+    name = torch.cuda.get_device_name(device) if "cuda" in str(device) else ""
+    return next((flops for key, flops in PEAK_FLOPS.items() if name and key in name), 0.0)
 
 
 def split_batch(batch_size, grad_accum, world):

@@ -304,10 +304,13 @@ def one_writer(out_dir, instead="pick another --out_dir"):
         yield
         return
     made = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write into {out_dir} ({e.strerror}); {instead}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -215,8 +215,16 @@ def test_the_tokenizer_hash_is_computed_once_per_file_version(tmp_path):
 # every hint is a command that works when typed as printed
 
 
-def test_a_foreign_tokenizer_hint_typed_back_in_gets_further(data_root, tmp_path):
+def test_a_damaged_folder_and_a_foreign_tokenizer_get_hints_that_work_typed_back_in(data_root, tmp_path):
     pd.main(["--dataset=shapes", *TINY_VQ])
+    train_bin = data_root / "shapes" / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-2])
+    with pytest.raises(UserError, match="train.bin holds .* bytes where meta.json says .*; it is damaged: make the "
+                                        "folder again with `python .*prepare_data.py --dataset=shapes --vq.ch=8 .*"
+                                        "--force`$") as e:
+        pd.open_folder(str(data_root / "shapes"))
+    type_in(str(e.value))
+    pd.open_folder(str(data_root / "shapes"))                                        # whole again
     pd.main(["--dataset=shapes", "--name=other", "--seed=1", *TINY_VQ])
     shutil.copy(data_root / "other" / "vq.pt", data_root / "shapes" / "vq.pt")
     with pytest.raises(UserError) as e:

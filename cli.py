@@ -264,7 +264,8 @@ def _no_space(path, size, written):
     fitted = max(written, limit) if capped else written + free
     need = (f"{mb(size)} MB" if size else f"about {mb(max(old, fitted))} MB" if old > fitted
             else f"over {mb(fitted)} MB")
-    where = f"the file-size limit (ulimit -f) is {mb(limit)} MB" if capped else f"{mb(free)} MB free"
+    where = (f"the file-size limit (ulimit -f) is {mb(limit)} MB" if capped
+             else f"{mb(free)} MB free")
     kept = f"the previous {os.path.basename(path)} is intact" if old else "no file was replaced"
     return (f"no space left on device writing {path}: {need} needed, {where}; {kept}; free some "
             f"space and run it again")

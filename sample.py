@@ -80,7 +80,7 @@ def load_run(ckpt_path, data_dir="", device="cpu"):
     ckpt = purrception.load_checkpoint(ckpt_path, f"train one with "
                                                   f"`{cli.command('purrception.py', *flags)}`")
     objective = baselines.get_objective(ckpt.get("objective", "purrception"))
-    model = objective.model(**ckpt["model_args"])
+    model = objective.build_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["ema"])
     run = ckpt["config"]
     if not data_dir:               # the run's folder, or data/<dataset> here if made elsewhere

@@ -10,7 +10,7 @@ It builds the preset's model (every purrception.py flag works here) on random to
 dataset's (K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real
 training step (forward, backward, clipping, AdamW, EMA) eagerly and under torch.compile in the same
 process, and the Euler sampler. Printed: ms/iter, images/s, MFU (needs the device's peak FLOP/s:
-purrception.PEAK_FLOPS knows the H100/H200/H800/A100/A800/L40S parts, else --peak_flops), the peak
+cli.PEAK_FLOPS knows the H100/H200/H800/A100/A800/L40S parts, else --peak_flops), the peak
 memory of each mode on its own (the CUDA allocator's peak; on a CPU the process's peak resident
 memory), the compile time and the eager/compiled ratio, and sampler images/s. Like training, no
 TF32: what runs outside bf16 autocast is fp32.

@@ -14,7 +14,7 @@
 # tarball, or --data_dir=a local copy) and, for FID, an Inception: FID_MODEL=a TorchScript file, or
 # torch-fidelity / fid-helper installed (see fid.py). Everything it writes goes under $OUT.
 # A dry run of the script on a CPU, tiny and in a minute or two (the FID of a stub extractor):
-#     DATASET=shapes ITERS=20 SAMPLES=64 BENCH_ITERS=2 FID_MODEL=stub.pt \
+#     DATASET=shapes ITERS=20 SAMPLES=64 BENCH_ITERS=2 FID_MODEL=stub.pt FID_REF=256 \
 #         EXTRA="--device=cpu --n_layer=1 --n_head=2 --n_embd=32 --batch_size=8" bash gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +24,7 @@ SAMPLES=${SAMPLES:-5000}
 BENCH_ITERS=${BENCH_ITERS:-10}
 EXTRA=${EXTRA:-}                      # flags added to bench.py and purrception.py (a dry run's)
 FID_MODEL=${FID_MODEL:-}
+FID_REF=${FID_REF:-0}                 # train images for the FID reference; 0: all of them
 OUT=${OUT:-gpu-check-$DATASET}
 mkdir -p "$OUT"
 python -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
@@ -40,14 +41,15 @@ python purrception.py --dataset="$DATASET" --compile=true --max_iters="$ITERS" \
 
 # 3. samples and their FID
 python sample.py --out_dir="$OUT/run" --fid --num_samples="$SAMPLES" \
-    ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee "$OUT/fid.log"
+    --fid_ref="$FID_REF" ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee "$OUT/fid.log"
 
 # the summary: the lines that carry the figures
 {
     echo "== gpu_check summary ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     cat "$OUT/device.log"
     grep -E "^bench on|^train (eager|compiled)|^compile speed-up|^sampler" "$OUT/bench.log"
-    grep -E "^training on|^iter " "$OUT/train.log" | tail -n 3
+    grep -E "^model|^training on" "$OUT/train.log"
+    grep -E "^iter " "$OUT/train.log" | tail -n 1
     grep -E "^eval iter" "$OUT/train.log" | tail -n 1
     grep -E "^FID" "$OUT/fid.log"
 } | tee "$OUT/summary.txt"

@@ -287,9 +287,10 @@ def vq_options(dataset=None):
     return {**shape, **train, **vq.PRESETS.get(dataset, {})}
 
 
-def write_file(path, parts):
+def write_file(path, parts, then=""):
     """Write the byte strings `parts` yields, one after another, to path (cli.atomic_save): a full
-    disk or a file-size limit is one line, and the file at path stays as it was."""
+    disk or a file-size limit is one line (ending with `then`, what to do), and the file at path
+    stays as it was."""
     def write(tmp):
         with open(tmp, "wb") as f:
             for part in parts:
@@ -299,9 +300,9 @@ def write_file(path, parts):
     except OSError as e:                      # ENOSPC, EFBIG (ulimit -f), EDQUOT ...
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise UserError(f"could not write {path} ({e.strerror or e}); "
-                        + ("the previous file is intact; " if os.path.exists(path) else "")
-                        + "free some space and run the same command again") from None
+        raise UserError(f"could not write {path} ({e.strerror or e}); " + (then or (
+            "the previous file is intact; " if os.path.exists(path) else "")
+            + "free some space and run the same command again")) from None
 
 
 def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
@@ -525,12 +526,13 @@ def check_space(folder, nbytes, largest):
         limit = None if limit == resource.RLIM_INFINITY else limit
     except ImportError:
         limit = None
-    why = (f"only {free / 2**20:.1f} MB are free there" if free < nbytes else
-           f"this process may write files of at most {limit / 2**20:.2f} MB (ulimit -f)"
+    size = lambda n: f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+    why = (f"only {size(free)} are free there" if free < nbytes else
+           f"this process may write files of at most {size(limit)} (ulimit -f)"
            if limit is not None and limit < largest else "")
     if why:
-        raise UserError(f"the tokens need {nbytes / 2**20:.2f} MB in {folder} (the largest file "
-                        f"{largest / 2**20:.2f} MB), but {why}; make room and run again")
+        raise UserError(f"the tokens need {size(nbytes)} in {folder} (the largest file "
+                        f"{size(largest)}), but {why}; make room and run again")
 
 
 def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size, workers,
@@ -661,18 +663,32 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     if rank != 0:
         return folder
 
-    # every chunk is on disk: the token files, assembled in order, then meta.json
-    if "tokenizer" in meta:                   # the folder is half made until meta.json is written
+    # every chunk is on disk: the new files are assembled beside the old ones (FILE.new), and
+    # replace them only once all are written; until meta.json is, the folder reads as half made
+    counts, unreadable, staged = {}, [], []
+    then = (f"{folder}'s files are intact; free some space and run the same command again: it "
+            f"resumes from the chunks on disk")
+    try:
+        for split, files in (("val", val), ("train", train)):
+            n = -(-len(files) // chunk)
+            labels = np.concatenate([y for _, y, _ in read_chunks(workdir, split, n)])
+            unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
+            staged += [p[f"{split}.bin"], p[f"{split}_labels.bin"]]
+            write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in
+                                                    read_chunks(workdir, split, n)), then)
+            write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()], then)
+            counts[split] = len(labels)
+        staged.append(p["vq.pt"])              # data/NAME/vq.pt stands for the tokenizer file
+        vq.save_pointer(p["vq.pt"] + ".new", tokenizer, image_size)
+    except (UserError, OSError) as e:
+        for f in (f + ".new" for f in staged if os.path.exists(f + ".new")):
+            os.remove(f)
+        raise e if isinstance(e, UserError) else UserError(f"could not write in {folder} "
+                                                           f"({e.strerror}); {then}") from None
+    if "tokenizer" in meta:
         _save(p["meta.json"], {k: v for k, v in meta.items() if k != "tokenizer"})
-    counts, unreadable = {}, []
-    vq.save_pointer(p["vq.pt"], tokenizer, image_size)     # data/NAME/vq.pt stands for the file
-    for split, files in (("val", val), ("train", train)):
-        n = -(-len(files) // chunk)
-        labels = [y for _, y, _ in read_chunks(workdir, split, n)]
-        unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
-        write_file(p[f"{split}.bin"], (t.tobytes() for t, _, _ in read_chunks(workdir, split, n)))
-        _save(p[f"{split}_labels.bin"], np.concatenate(labels))
-        counts[split] = sum(map(len, labels))
+    for f in staged:
+        os.replace(f + ".new", f)
     meta = {"dataset": "imagefolder", "image_size": image_size, "seed": seed,
             "num_classes": len(classes), "class_names": classes, "train_count": counts["train"],
             "val_count": counts["val"], "grid_h": model.cfg.grid, "grid_w": model.cfg.grid,

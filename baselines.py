@@ -236,7 +236,6 @@ def main(argv):
     if cfg.objective.startswith("cfm") and cfg.temperature != 1.0:
         raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to "
                         "sharpen; drop the flag")
-    print("config: " + " ".join(f"--{k}={v}" for k, v in vars(cfg).items()))
     pc.train(cfg, objective)
 
 

@@ -86,6 +86,7 @@ def main(argv):
     else:
         raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset "
                             f"({', '.join(TOKEN_SHAPES)})")
+    cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, side)
     device_type = device.split(":")[0]
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())

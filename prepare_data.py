@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import shutil
 import tarfile
 import time
@@ -141,8 +142,9 @@ def _download(url, path):
     except OSError as e:                      # URLError, timeouts and HTTP errors are OSErrors
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not download {url} ({e}); fetch it another way and pass "
-                        f"--data_dir=PATH/TO/cifar-10-python.tar.gz") from None
+        raise UserError(f"could not download {url} ({e}); fetch it another way, then run "
+                        f"`{cli.command('prepare_data.py', '--dataset=cifar10')} "
+                        f"--data_dir=PATH/TO/cifar-10-python.tar.gz`") from None
     os.replace(tmp, path)
 
 
@@ -287,22 +289,14 @@ def vq_options(dataset=None):
     return {**shape, **train, **vq.PRESETS.get(dataset, {})}
 
 
-def write_file(path, parts, then=""):
-    """Write the byte strings `parts` yields, one after another, to path (cli.atomic_save): a full
-    disk or a file-size limit is one line (ending with `then`, what to do), and the file at path
-    stays as it was."""
+def write_file(path, parts, size=None):
+    """Write the byte strings `parts` yields, one after another, to path through cli.atomic_save
+    (a full disk or a file-size limit: one line, the old file intact, no temporary left)."""
     def write(tmp):
         with open(tmp, "wb") as f:
             for part in parts:
                 f.write(part)
-    try:
-        cli.atomic_save(write, path)
-    except OSError as e:                      # ENOSPC, EFBIG (ulimit -f), EDQUOT ...
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise UserError(f"could not write {path} ({e.strerror or e}); " + (then or (
-            "the previous file is intact; " if os.path.exists(path) else "")
-            + "free some space and run the same command again")) from None
+    cli.atomic_save(write, path, size)
 
 
 def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
@@ -426,7 +420,7 @@ def make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, nam
 def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
     """Step 3: {train,val}.bin, redone whenever vq.pt is not the file they were made with (after
     `python vq.py`); meta.json completed."""
-    sha1 = vq.file_sha1(p["vq.pt"])
+    sha1 = file_sha1(p["vq.pt"])
     if meta.get("tokenizer_sha1") == sha1 and all(os.path.exists(p[f]) for f in TOKEN_FILES):
         log(f"{folder}: tokens exist, skipping")
         return
@@ -519,13 +513,7 @@ def as_list(batch):
 def check_space(folder, nbytes, largest):
     """Refuse before writing when the disk cannot hold nbytes more, or this process may not
     write a file of `largest` bytes (ulimit -f)."""
-    free = shutil.disk_usage(folder).free
-    try:
-        import resource                       # Unix only
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        limit = None if limit == resource.RLIM_INFINITY else limit
-    except ImportError:
-        limit = None
+    free, limit = cli._free_bytes(os.path.join(folder, "x")), cli._file_size_limit()
     size = lambda n: f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
     why = (f"only {size(free)} are free there" if free < nbytes else
            f"this process may write files of at most {size(limit)} (ulimit -f)"
@@ -617,7 +605,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     K, L = model.cfg.codebook_size, model.cfg.grid ** 2
     if K > 65536:
         raise UserError(f"the tokenizer {tokenizer} has K={K} codes: more than uint16 tokens hold")
-    folder, sha1 = data_path(name), vq.file_sha1(tokenizer)
+    folder, sha1 = data_path(name), file_sha1(tokenizer)
     p = {f: os.path.join(folder, f) for f in FILES}
     meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
     made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
@@ -666,8 +654,6 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     # every chunk is on disk: the new files are assembled beside the old ones (FILE.new), and
     # replace them only once all are written; until meta.json is, the folder reads as half made
     counts, unreadable, staged = {}, [], []
-    then = (f"{folder}'s files are intact; free some space and run the same command again: it "
-            f"resumes from the chunks on disk")
     try:
         for split, files in (("val", val), ("train", train)):
             n = -(-len(files) // chunk)
@@ -675,16 +661,16 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
             staged += [p[f"{split}.bin"], p[f"{split}_labels.bin"]]
             write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in
-                                                    read_chunks(workdir, split, n)), then)
-            write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()], then)
+                                                    read_chunks(workdir, split, n)), 2 * L * len(labels))
+            write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()])
             counts[split] = len(labels)
         staged.append(p["vq.pt"])              # data/NAME/vq.pt stands for the tokenizer file
         vq.save_pointer(p["vq.pt"] + ".new", tokenizer, image_size)
-    except (UserError, OSError) as e:
+    except UserError as e:
         for f in (f + ".new" for f in staged if os.path.exists(f + ".new")):
             os.remove(f)
-        raise e if isinstance(e, UserError) else UserError(f"could not write in {folder} "
-                                                           f"({e.strerror}); {then}") from None
+        raise UserError(f"{e} ({folder}'s own files are as they were, and the same command "
+                        f"resumes from the chunks on disk)") from None
     if "tokenizer" in meta:
         _save(p["meta.json"], {k: v for k, v in meta.items() if k != "tokenizer"})
     for f in staged:
@@ -693,7 +679,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             "num_classes": len(classes), "class_names": classes, "train_count": counts["train"],
             "val_count": counts["val"], "grid_h": model.cfg.grid, "grid_w": model.cfg.grid,
             "codebook_size": K, "code_dim": int(model.codebook.shape[1]), "tokenizer": "vq.pt",
-            "tokenizer_sha1": vq.file_sha1(p["vq.pt"]), "released_tokenizer":
+            "tokenizer_sha1": file_sha1(p["vq.pt"]), "released_tokenizer":
             os.path.abspath(tokenizer), "released_sha1": sha1,
             "tokenizer_config": asdict(model.cfg), "preprocessing": "ADM centre crop",
             "unreadable_skipped": len(unreadable)}
@@ -713,18 +699,65 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
 # the checks of a token folder, for every reader of one (purrception.py, sample.py, bench.py)
 
 
+SOURCE = "source.json"     # how prepare_data.py was asked to make the folder; outlives meta.json
+
+
+def remake_command(data_dir, meta=None, force=False):
+    """-> (the prepare_data.py command line that makes data_dir again, the folder it writes), from
+    data_dir's source.json (written by every `python prepare_data.py` run), else from meta.json;
+    ROOT stands for an image folder that neither records."""
+    source = os.path.join(data_dir, SOURCE)
+    try:
+        args = cli.read_json(source) if os.path.exists(source) else {}
+    except UserError:
+        args = {}
+    if not args:
+        name, meta = os.path.basename(os.path.normpath(data_dir)), meta or {}
+        dataset = meta.get("dataset") or name
+        args = {"dataset": dataset if dataset in DATASETS else "imagefolder", "name": name,
+                "image_size": meta.get("image_size", 0), "seed": meta.get("seed", 0)}
+        if args["dataset"] == "imagefolder":
+            args["data_dir"] = "ROOT"
+    default_size = 16 if args["dataset"] == "shapes" else 256 if args.get("tokenizer") else 32
+    words = [f"--dataset={args['dataset']}"] + [
+        f"--{k}={args[k]}" for k in ("data_dir", "name", "image_size", "seed", "tokenizer")
+        if args.get(k) and not (k == "name" and args[k] == args["dataset"])
+        and not (k == "image_size" and args[k] == default_size)]
+    words += [f"--vq.{k}={v}" for k, v in args.get("vq", {}).items()] + ["--force"] * force
+    return cli.command("prepare_data.py", *words), data_path(args.get("name") or args["dataset"])
+
+
+def remake(data_dir, meta=None, force=False):
+    """remake_command as a hint: in backticks, and where it writes when that is not data_dir."""
+    command, made = remake_command(data_dir, meta, force)
+    if os.path.abspath(made) == os.path.abspath(data_dir):
+        return f"`{command}`"
+    return f"`{command}` (it writes {made}: pass --data_dir={made})"
+
+
+def record_source(folder, opt, vq_overrides):
+    """source.json: the arguments that made folder, with absolute paths, for remake_command."""
+    args = {k: v for k, v in asdict(opt).items() if k != "force"}
+    for key in ("data_dir", "tokenizer"):
+        if args.get(key):
+            args[key] = os.path.abspath(args[key])
+    cli.write_json({**args, "vq": dict(vq_overrides)}, os.path.join(folder, SOURCE))
+
+
 def load_meta(data_dir):
     """meta.json of a token folder (K, d, grid, classes, counts, the tokenizer file), checked
-    against the token files it describes: any mismatch is a UserError naming the file, before
-    anything is trained."""
-    meta = cli.read_json(os.path.join(data_dir, "meta.json"),
-                         "meta.json (run `python prepare_data.py` first)")
+    against the token files it describes: any mismatch is a UserError naming the file and the
+    command that makes it again, before anything is trained."""
+    if not os.path.exists(os.path.join(data_dir, "meta.json")):
+        raise UserError(f"no prepared tokens in {data_dir} (no meta.json); make them with "
+                        f"{remake(data_dir)}")
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"))
     need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
             "val_count", "tokenizer")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
-        raise UserError(
-            f"{data_dir} is only half prepared; run `python prepare_data.py --dataset="
-            f"{meta.get('dataset', 'NAME') if isinstance(meta, dict) else 'NAME'}` again")
+        meta = meta if isinstance(meta, dict) else {}
+        raise UserError(f"{data_dir} is only half prepared; finish it with "
+                        f"{remake(data_dir, meta)}")
     for split in ("train", "val"):
         n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
         for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
@@ -734,7 +767,8 @@ def load_meta(data_dir):
                 raise UserError(
                     f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
                                   f"meta.json says {size}")
-                    + f"; it is damaged: prepare {data_dir} again (prepare_data.py --force)")
+                    + f"; it is damaged: make the folder again with "
+                      f"{remake(data_dir, meta, force=True)}")
     return meta
 
 
@@ -748,24 +782,58 @@ def check_tokens(data_dir, meta):
                       .max(initial=0))
             if top >= limit:
                 raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
-                                f"< {limit}: the tokens and meta.json disagree; prepare {data_dir} "
-                                f"again (prepare_data.py --force)")
+                                f"< {limit}: the tokens and meta.json disagree; make the folder "
+                                f"again with {remake(data_dir, meta, force=True)}")
+
+
+_SHA1 = {}                       # (path, size, mtime) -> sha1: each tokenizer hashed once a process
+
+
+def file_sha1(path):
+    """sha1 of a file, cached by its path, size and mtime (281 MB: about 0.15 s on a 2-core CPU)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA1:
+        with open(path, "rb") as f:
+            _SHA1[key] = hashlib.file_digest(f, "sha1").hexdigest()
+    return _SHA1[key]
 
 
 def open_folder(data_dir, device="cpu", check=True):
     """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
-    files (and, with check, every token against K) and the tokenizer against what made the tokens:
-    a UserError naming the file otherwise."""
+    files (and, with check, every token against K) and the tokenizer checked, not trusted, to be
+    the file that made the tokens: the images' size, the downsampling factor, K, d and the grid,
+    then its sha1 against meta.json's tokenizer_sha1. A UserError naming the file and the command
+    to re-run otherwise."""
     meta = load_meta(data_dir)
     if check:
         check_tokens(data_dir, meta)
-    tokenizer = vq.load_vq(os.path.join(data_dir, meta["tokenizer"]), device)
-    have = (tokenizer.cfg.codebook_size, tokenizer.cfg.code_dim, tokenizer.cfg.grid)
+    path = os.path.join(data_dir, meta["tokenizer"])
+    if not os.path.exists(path):
+        raise UserError(f"no tokenizer at {path}; train it again and re-tokenize with "
+                        f"{remake(data_dir, meta)}")
+    tokenizer = vq.load_vq(path, device)
+    command, made = remake_command(data_dir, meta)
+    redo = (f"put the tokenizer that made them back, or train another and retokenize: "
+            + (f"`rm {shlex.quote(path)} && {command}`" if os.path.samefile(made, data_dir)
+               else remake(data_dir, meta)) if os.path.isdir(made) else remake(data_dir, meta))
+    c, made = tokenizer.cfg, meta.get("vq_config", {})
+    have = (getattr(c, "image_size", None), getattr(c, "downsample", None))
+    px = meta.get("image_size", have[0])
+    want = (px, made.get("downsample", px // meta["grid_h"] if px else have[1]))
+    if have != want:
+        raise UserError(f"the tokenizer {path} reads {have[0]}px images downsampled {have[1]}x, "
+                        f"but the tokens in {data_dir} were made from {want[0]}px images "
+                        f"downsampled {want[1]}x; {redo}")
+    have = (c.codebook_size, c.code_dim, c.grid)
     if have != (meta["codebook_size"], meta["code_dim"], meta["grid_h"]):
-        raise UserError(f"the tokenizer {meta['tokenizer']} in {data_dir} has K={have[0]}, "
-                        f"d={have[1]}, a {have[2]}-grid but the tokens were made with "
-                        f"K={meta['codebook_size']}, d={meta['code_dim']}, a {meta['grid_h']}-grid; "
-                        f"prepare {data_dir} again (prepare_data.py --force)")
+        raise UserError(f"the tokenizer {path} has K={have[0]}, d={have[1]}, a {have[2]}-grid but "
+                        f"the tokens were made with K={meta['codebook_size']}, d={meta['code_dim']}"
+                        f", a {meta['grid_h']}-grid; {redo}")
+    if meta.get("tokenizer_sha1") and file_sha1(path) != meta["tokenizer_sha1"]:
+        raise UserError(f"the tokenizer {path} is not the file that made the tokens in {data_dir} "
+                        f"(its sha1 is not meta.json's tokenizer_sha1); put that one back, or "
+                        f"retokenize with this one: {remake(data_dir, meta)}")
     return meta, tokenizer
 
 
@@ -811,9 +879,11 @@ def main(argv):
         raise UserError(f"pass --dataset=NAME, one of {', '.join(DATASETS)} (see --help)")
     cli.check_ranges(opt, {"image_size": (lambda v: v >= 0,
                                            "at least 0 (0: the dataset's default)")})
+    cli.pick_device(extra.get("vq.", {}).get("device", ""), "--vq.device")   # before any write
     if not opt.tokenizer:
         folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
                          opt.image_size, opt.seed, extra.get("vq.", {}))
+        record_source(folder, opt, extra.get("vq.", {}))
         return print(f"done in {time.time() - t0:.0f}s: {folder}")
     rank, world, device = distributed(opt.device)
     try:
@@ -828,6 +898,7 @@ def main(argv):
             from torch.distributed import destroy_process_group
             destroy_process_group()
     if rank == 0:
+        record_source(folder, opt, extra.get("vq.", {}))
         print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 

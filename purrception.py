@@ -563,7 +563,8 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
-    Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1]))).save(path)
+    canvas = Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
+    cli.atomic_save(canvas.save, path)
 
 
 def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
@@ -625,8 +626,9 @@ def load_data(cfg, ddp, device):
     data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
         if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py "
-                            f"--dataset={cfg.dataset}`" + (" once before torchrun" if ddp else ""))
+            raise UserError(f"no prepared tokens in {data_dir}; run "
+                            f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
+                            + (" once before torchrun" if ddp else ""))
         print(f"no prepared data in {data_dir}: preparing it now "
               f"(prepare_data.prepare('{cfg.dataset}'))")
         prepare_data.prepare(cfg.dataset)
@@ -635,9 +637,7 @@ def load_data(cfg, ddp, device):
     if grid[0] != grid[1]:
         raise UserError(f"the token grid {grid} is not square; prepare square images "
                         "(prepare_data crops them)")
-    if grid[0] % cfg.patch_size:
-        raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} "
-                        f"token grid; pick a divisor such as --patch_size=2 or 1")
+    cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
     return data_dir, meta, grid, tokenizer
 
 
@@ -651,6 +651,9 @@ def init_state(cfg, objective, meta, grid, ckpt_path, device, device_type):
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
         model_args = ckpt["model_args"]      # the saved architecture
+        if ckpt["iter"] >= cfg.max_iters:
+            raise UserError(f"{ckpt_path} is already at iter {ckpt['iter']}: --max_iters="
+                            f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
         if ckpt.get("objective", "purrception") != objective.name:
             raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
                             f"resume it with that one, or pick another --out_dir")
@@ -685,9 +688,14 @@ def train(cfg, objective=PURRCEPTION):
     log line. Bad input raises UserError before anything is written; a non-finite loss stops the run
     before it saves."""
     cli.check_ranges(cfg, RANGES)
+    cli.check_transformer(cfg.n_embd, cfg.n_head)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
     ddp, rank, local_rank, world, device, grad_accum = setup_distributed(cfg)
-    try:
-        return _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum)
+    out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
+    try:                                     # one writer per out_dir: the master process
+        with cli.one_writer(out_dir) if rank == 0 else nullcontext():
+            return _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum)
     finally:
         if ddp:
             from torch.distributed import destroy_process_group
@@ -824,10 +832,7 @@ def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
 
 
 def main(argv):
-    cfg = cli.parse_args(argv, Config(), PRESETS, __doc__)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
-    train(cfg)
+    train(cli.parse_args(argv, Config(), PRESETS, __doc__))
 
 
 if __name__ == "__main__":

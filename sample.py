@@ -145,7 +145,7 @@ def save_png(array, path, texts=(), cell=0, pad=2):
         for i, text in enumerate(texts):
             draw.text((pad + i * (cell + pad), 1), text, fill=(0, 0, 0), font=font)
         array = np.concatenate([np.asarray(strip), array])
-    Image.fromarray(array).save(path)
+    cli.atomic_save(Image.fromarray(array).save, path)
     print(f"wrote {path}")
     return path
 
@@ -204,7 +204,8 @@ def draw_trajectory(run, opt, label, temperature, uncertainty):
         frames = [Image.fromarray(tile(x, min(n, 8)))
                   for x in [mean(s) for s in range(len(traj["mu"]))] + [final] * 15]
         gif = os.path.join(opt.out_dir, "trajectory.gif")
-        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50, loop=0)
+        cli.atomic_save(lambda tmp: frames[0].save(tmp, save_all=True, append_images=frames[1:],
+                                                   duration=50, loop=0), gif)
         print(f"wrote {gif}")
     return path, traj
 
@@ -232,8 +233,19 @@ def many_samples(run, opt, label, temperature):
 
 
 def main(argv):
-    """-> a PNG path, (path, trajectory) for --uncertainty/--trajectory, or a dict for npz/FID."""
+    """-> a PNG path, (path, trajectory) for --uncertainty/--trajectory, or a dict for npz/FID.
+    What writes into out_dir holds it (one writer, as a training does): none but the master under
+    torchrun, and not a bare --fid."""
     opt = cli.parse_args(argv, SampleConfig(), doc=__doc__)
+    ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
+    writes = int(os.environ.get("RANK", 0)) == 0 and (opt.save_npz or not opt.fid)
+    instead = f"sample into another folder meanwhile: --ckpt={ckpt_path} --out_dir=OTHER"
+    with cli.one_writer(opt.out_dir, instead) if writes else nullcontext():
+        return draw(opt)
+
+
+def draw(opt):
+    """The work of main, once out_dir is held."""
     at_least = lambda lo, names: {k: (lambda v: v >= lo, f"at least {lo}") for k in names}
     cli.check_ranges(opt, at_least(0, ("steps", "num_samples", "fid_ref"))
                      | at_least(1, ("frames", "batch_size")))

@@ -699,7 +699,7 @@ def save_pairs(originals, recons, path, n=32, cols=8):
     for i in range(0, n - cols + 1, cols):
         rows += [np.concatenate(list(o[i:i + cols]), axis=1),
                  np.concatenate(list(r[i:i + cols]), axis=1)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    cli.atomic_save(Image.fromarray(np.concatenate(rows, axis=0)).save, path)
 
 
 @torch.no_grad()

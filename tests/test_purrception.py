@@ -209,7 +209,7 @@ def test_import_does_not_parse_argv(monkeypatch):
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"), f"--data_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
 
 # -----------------------------------------------------------------------------
 # training: smoke, exact resume, DDP

@@ -660,8 +660,9 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             labels = np.concatenate([y for _, y, _ in read_chunks(workdir, split, n)])
             unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
             staged += [p[f"{split}.bin"], p[f"{split}_labels.bin"]]
-            write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in
-                                                    read_chunks(workdir, split, n)), 2 * L * len(labels))
+            chunks = read_chunks(workdir, split, n)
+            write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in chunks),
+                       2 * L * len(labels))
             write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()])
             counts[split] = len(labels)
         staged.append(p["vq.pt"])              # data/NAME/vq.pt stands for the tokenizer file

@@ -395,7 +395,7 @@ def runner(tmp_path):
     """A script that runs prepare_data.py's command line with data/ under tmp_path. SLOW makes
     every batch take that many seconds. With FSIZE (a file-size limit) it runs twice: as it is,
     then with the space check off, so that the write itself meets the limit; each error line is
-    printed to stdout."""
+    followed by its exit status."""
     script = tmp_path / "run_prepare.py"
     script.write_text(f'''import os, sys, time
 sys.path.insert(0, {ROOT!r})
@@ -414,7 +414,7 @@ for check in (pd.check_space, lambda *a: None):
     try:
         cli.run(pd.main, sys.argv[1:])
     except SystemExit as e:
-        print(e.code)
+        print("exit status", e.code)
 ''')
     return str(script)
 
@@ -474,7 +474,8 @@ def test_a_file_size_limit_is_one_line_and_the_old_tokens_stay(streamed, tmp_pat
     r = subprocess.run([sys.executable, runner(tmp_path), *args], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    refused, met = [line for line in r.stdout.splitlines() if line.startswith("error: ")]
+    assert r.stdout.count("exit status 2") == 2, r.stdout
+    refused, met = r.stderr.strip().split("\n")                   # one line each
     assert refused.startswith("error: ") and "ulimit" in refused, refused
     assert met.startswith("error: no space left") and "train.bin" in met and "resumes" in met
     for f, data in before.items():

@@ -255,16 +255,20 @@ def _out_of_space(e, path, written):
 
 
 def _no_space(path, size, written):
+    """The one line for a write that ran out of space: how much the file needs (size when known;
+    else about the old file's size, or more than what fitted), and where the limit is."""
     mb = lambda n: f"{n / 1e6:.1f}" if n < 1e7 else f"{n / 1e6:.0f}"
     old = os.path.getsize(path) if os.path.exists(path) else 0
-    need = size or max(old, written)
     limit, free = _file_size_limit(), _free_bytes(path)
-    where = (f"the file-size limit (ulimit -f) is {mb(limit)} MB" if limit is not None
-             and limit < free else f"{mb(free)} MB free")
-    return (f"no space left on device writing {path}: {'' if size or old else 'over '}"
-            f"{mb(need)} MB needed, {where}; "
-            + (f"the previous {os.path.basename(path)} is intact" if old else "nothing was written")
-            + "; free some space and run it again")
+    capped = limit is not None and limit < written + free        # the size limit bit, not the disk
+    fitted = max(written, limit) if capped else written + free
+    need = (f"{mb(size)} MB" if size else f"about {mb(max(old, fitted))} MB" if old > fitted
+            else f"over {mb(fitted)} MB")
+    where = (f"the file-size limit (ulimit -f) is {mb(limit)} MB" if capped
+             else f"{mb(free)} MB free")
+    kept = f"the previous {os.path.basename(path)} is intact" if old else "no file was replaced"
+    return (f"no space left on device writing {path}: {need} needed, {where}; {kept}; free some "
+            f"space and run it again")
 
 
 def write_json(obj, path):
@@ -304,10 +308,13 @@ def one_writer(out_dir, instead="pick another --out_dir"):
         yield
         return
     made = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write into {out_dir} ({e.strerror}); {instead}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

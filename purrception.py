@@ -38,6 +38,7 @@ The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-
         --ema_decay=0.998 --eval_interval=600 --sample_steps=25
 """
 
+import atexit
 import copy
 import math
 import os
@@ -171,9 +172,9 @@ TIME_FREQS = {"scaled": (1000.0, 1.0), "official": (1.0, 10000.0 ** (-127 / 128)
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] (B,) -> (B, C): sinusoidal features, then a 2-layer MLP (DiT)."""
 
-    def __init__(self, n_embd, freq_dim=256, freqs="scaled"):
+    def __init__(self, n_embd, freq_dim=256, time_embed="scaled"):
         super().__init__()
-        f_max, f_min = TIME_FREQS[freqs]
+        f_max, f_min = TIME_FREQS[time_embed]
         half = freq_dim // 2
         # (half,)
         freqs = f_max * (f_min / f_max) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
@@ -289,7 +290,7 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(patch_size * patch_size * in_dim, n_embd)
         self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size),
                              persistent=False)
-        self.t_embedder = TimestepEmbedder(n_embd, freqs=time_embed)
+        self.t_embedder = TimestepEmbedder(n_embd, time_embed=time_embed)
         self.y_embedder = LabelEmbedder(num_classes, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
         self.final_layer = FinalLayer(n_embd, patch_size * patch_size * out_dim)
@@ -373,11 +374,13 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
     a GPU) makes t and the noise reproducible. reduction='none' returns per-image loss (B,) and
     per-image token accuracy (B,)."""
     B, device = idx.shape[0], generator.device if generator is not None else idx.device
+    # a CPU generator driving a GPU draws into pinned memory: the copies do not wait for the GPU
+    on = dict(device=device, pin_memory=device.type == "cpu" and idx.is_cuda)
     if t is None:
-        # (B,)
-        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=device).to(idx.device)
+        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, **on)          # (B,)
+        t = t.to(idx.device, non_blocking=True)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = torch.randn(z1.shape, generator=generator, device=device).to(idx.device)   # (B, h, w, d)
+    z0 = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
     # (B, h, w, K) in fp32
@@ -461,13 +464,13 @@ class Objective:
     baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
     loop trains them all."""
     name: str
-    model: object     # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
+    build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, generator=None, reduction='mean') like vfm_loss
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen) -> idx
 
 
-PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss,
-                        euler_sample)
+PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
+                        vfm_loss, euler_sample)
 
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
@@ -587,8 +590,11 @@ def load_checkpoint(path, hint="train one with `python purrception.py --dataset=
     return ckpt
 
 
-# dense bf16 tensor-core peaks from the datasheets (SXM parts), for the MFU print
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# dense bf16 tensor-core peaks from the datasheets (no sparsity), for the MFU print. The first name
+# a GPU's name contains wins, so the PCIe and NVL parts come before their SXM namesakes.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800 PCIe": 756e12,
+              "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12}
 
 
 def device_peak_flops(device):
@@ -597,238 +603,244 @@ def device_peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
 
+
+def split_batch(batch_size, grad_accum, world):
+    """The global batch, batch_size x grad_accum images an iter, over `world` processes ->
+    (images per micro-step, micro-steps per process). It is cut into n equal micro-steps, n the
+    fewest (at least grad_accum) that the processes share evenly."""
+    G = batch_size * grad_accum
+    if G % world:
+        fits = [n for n in range(1, world) if G % n == 0][-1]
+        raise UserError(f"the global batch of {G} images (--batch_size={batch_size} x --grad_accum="
+                        f"{grad_accum}) does not split over {world} processes; keep it on "
+                        f"--nproc_per_node={fits}, or pick a global batch {world} divides, e.g. "
+                        f"--batch_size={G - G % world} --grad_accum=1")
+    n = next(n for n in range(world * -(-grad_accum // world), G + 1, world) if G % n == 0)
+    return G // n, n // world
+
+
+def diverged(what, it, ckpt_path, lr):
+    """The one line every process stops with when training diverges."""
+    last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
+            else "nothing saved")
+    return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr (now "
+                     f"{lr:g}), more --warmup_iters or a smaller --grad_clip")
+
 # -----------------------------------------------------------------------------
-# training: setup in three named steps, then one flat loop in nanoGPT's order
-
-
-def setup_distributed(cfg):
-    """DDP only under torchrun (it sets RANK); a single GPU or CPU needs no launcher.
-    -> (ddp, rank, local_rank, world size, device, micro-steps per process)."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, cli.pick_device(cfg.device), cfg.grad_accum
-    from torch.distributed import init_process_group
-    backend = "nccl" if torch.cuda.is_available() and cfg.device in ("", "cuda") else "gloo"
-    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-                               int(os.environ["WORLD_SIZE"]))
-    if cfg.grad_accum % world:
-        raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes: "
-                        f"it counts micro-steps over all of them (try --grad_accum={world})")
-    init_process_group(backend=backend)
-    device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    return True, rank, local_rank, world, device, cfg.grad_accum // world
-
-
-def load_data(cfg, ddp, device):
-    """The token folder (prepared on the spot when missing, by a single process), checked, and its
-    tokenizer. -> (data_dir, meta, grid (h, w), tokenizer)."""
-    data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {data_dir}; run "
-                            f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
-                            + (" once before torchrun" if ddp else ""))
-        print(f"no prepared data in {data_dir}: preparing it now "
-              f"(prepare_data.prepare('{cfg.dataset}'))")
-        prepare_data.prepare(cfg.dataset)
-    meta, tokenizer = prepare_data.open_folder(data_dir, device)
-    grid = (meta["grid_h"], meta["grid_w"])
-    if grid[0] != grid[1]:
-        raise UserError(f"the token grid {grid} is not square; prepare square images "
-                        "(prepare_data crops them)")
-    cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
-    return data_dir, meta, grid, tokenizer
-
-
-def init_state(cfg, objective, meta, grid, ckpt_path, device, device_type):
-    """Model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them.
-    -> (model, ema, optimizer, model_args, start iter, checkpoint or None)."""
-    ckpt = None
-    model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
-                      patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, num_classes=meta["num_classes"], time_embed=cfg.time_embed)
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
-        model_args = ckpt["model_args"]      # the saved architecture
-        if ckpt["iter"] >= cfg.max_iters:
-            raise UserError(f"{ckpt_path} is already at iter {ckpt['iter']}: --max_iters="
-                            f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
-        if ckpt.get("objective", "purrception") != objective.name:
-            raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
-                            f"resume it with that one, or pick another --out_dir")
-        if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
-            raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
-                            f"d={model_args['d']}, but {cfg.data_dir} has "
-                            f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on its "
-                            f"own data (--data_dir)")
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start over "
-                        f"with --overwrite=true (it is replaced at the first save), or pick "
-                        f"another --out_dir")
-    torch.manual_seed(cfg.seed)              # the same initial weights on every process
-    model = objective.model(**model_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # one parameter group: with lr 1e-4, decaying norms and biases too changes nothing measurable
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device_type == "cuda")
-    if ckpt is None:
-        return model, ema, optimizer, model_args, 0, None
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return model, ema, optimizer, model_args, ckpt["iter"], ckpt
+# training: one flat loop in nanoGPT's order
 
 
 def train(cfg, objective=PURRCEPTION):
     """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
-    log line. Bad input raises UserError before anything is written; a non-finite loss stops the run
-    before it saves."""
+    log line. Bad input raises UserError before anything is written; a non-finite loss stops every
+    process with the same UserError before anything is saved."""
     cli.check_ranges(cfg, RANGES)
     cli.check_transformer(cfg.n_embd, cfg.n_head)
     if int(os.environ.get("RANK", 0)) == 0:
         print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
-    ddp, rank, local_rank, world, device, grad_accum = setup_distributed(cfg)
-    out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
-    try:                                     # one writer per out_dir: the master process
-        with cli.one_writer(out_dir) if rank == 0 else nullcontext():
-            return _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum)
-    finally:
-        if ddp:
-            from torch.distributed import destroy_process_group
-            destroy_process_group()
-
-
-def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
+    # DDP only under torchrun (it sets RANK): one GPU or a CPU needs no launcher
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+                               if ddp else (0, 0, 1))
+    batch_size, grad_accum = split_batch(cfg.batch_size, cfg.grad_accum, world)
+    device = cli.pick_device(cfg.device)
+    if ddp:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"    # one GPU per process, whatever --device numbered
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            atexit.register(dist.destroy_process_group)
     master = rank == 0                       # the master process evaluates, logs and checkpoints
-    device_type = "cuda" if "cuda" in device else "mps" if "mps" in device else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps
+    device_type = device.split(":")[0]
+    # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps. No TF32 switch:
+    # what runs outside autocast (the sampler's geometry, the readout) stays true fp32.
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())
+    pin = device_type == "cuda"              # CPU draws in pinned memory: their copies do not wait
 
-    data_dir, meta, grid, tokenizer = load_data(cfg, ddp, device)
-    E = tokenizer.codebook.to(device)                       # (K, d), frozen
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
-    cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model, ema, optimizer, model_args, start_iter, _ = init_state(cfg, objective, meta, grid,
-                                                                  ckpt_path, device, device_type)
-    raw_model = model                        # what gets saved: never the compiled or DDP wrapper
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    flops_per_image = raw_model.flops_per_image()
-    peak = cfg.peak_flops or device_peak_flops(device)
-    images_per_iter = cfg.batch_size * grad_accum * world
-    if master:
-        print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
-              f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
-        print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
-              f"images per iter = {cfg.batch_size} x {grad_accum} micro-steps x {world}, from iter "
-              f"{start_iter} to {cfg.max_iters}")
+    # one writer per out_dir, the master process, from here to the end
+    with cli.one_writer(out_dir) if master else nullcontext():
+        # the token folder: prepared on the spot when missing (by a lone process), then checked
+        data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
+                raise UserError(f"no prepared tokens in {data_dir}; run "
+                                f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
+                                + (" once before torchrun" if ddp else ""))
+            print(f"no prepared data in {data_dir}: preparing it now "
+                  f"(prepare_data.prepare('{cfg.dataset}'))")
+            prepare_data.prepare(cfg.dataset)
+        meta, tokenizer = prepare_data.open_folder(data_dir, device)
+        grid = (meta["grid_h"], meta["grid_w"])
+        if grid[0] != grid[1]:
+            raise UserError(f"the token grid {grid} is not square; prepare square images "
+                            "(prepare_data crops them)")
+        cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
+        E = tokenizer.codebook.to(device)                       # (K, d), frozen
+        cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    def diverged(what, it):
-        last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
-                else "nothing saved")
-        return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr "
-                         f"(now {cfg.lr:g}), more --warmup_iters or a smaller --grad_clip")
+        # model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them
+        model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
+                          patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, num_classes=meta["num_classes"],
+                          time_embed=cfg.time_embed)
+        ckpt, start_iter = None, 0
+        if cfg.init_from == "resume":
+            ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+            model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
+            if start_iter >= cfg.max_iters:
+                raise UserError(f"{ckpt_path} is already at iter {start_iter}: --max_iters="
+                                f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
+            if ckpt.get("objective", "purrception") != objective.name:
+                raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} "
+                                f"objective; resume it with that one, or pick another --out_dir")
+            if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
+                raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
+                                f"d={model_args['d']}, but {data_dir} has "
+                                f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on "
+                                f"its own data (--data_dir)")
+        elif os.path.exists(ckpt_path) and not cfg.overwrite:
+            raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
+                            f"over with --overwrite=true (it is replaced at the first save), or "
+                            f"pick another --out_dir")
+        torch.manual_seed(cfg.seed)              # the same initial weights on every process
+        model = objective.build_model(**model_args).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        # one parameter group: at lr 1e-4, decaying norms and biases too changes nothing measurable
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay, fused=device_type == "cuda")
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device_type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        raw_model = model                    # what gets saved: never the compiled or DDP wrapper
+        if cfg.compile:
+            model = torch.compile(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        flops_per_image = raw_model.flops_per_image()
+        peak = cfg.peak_flops or device_peak_flops(device)
+        images_per_iter = batch_size * grad_accum * world
+        if master:
+            print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+                  f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
+                  f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
+            print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
+                  f"images per iter = {batch_size} x {grad_accum} micro-steps x {world}, from iter "
+                  f"{start_iter} to {cfg.max_iters}")
 
-    metrics, losses = {}, []
-    t0, timed_iters, warned = time.time(), 0, False
-    for it in range(start_iter, cfg.max_iters + 1):
-        lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters if cfg.decay_lr else 0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        metrics, losses = {}, []
+        t0, timed_iters = time.time(), 0
+        for it in range(start_iter, cfg.max_iters + 1):
+            lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters,
+                        cfg.max_iters if cfg.decay_lr else 0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before the
-        # first step
-        if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-            if not all_finite(raw_model, ema):
-                raise diverged("the weights are not finite", it)
-            if master:
-                metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
-                                        device, ctx, loss_fn=objective.loss)
-                print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
-                      + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
-                      + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
-                if not math.isfinite(metrics["val_loss"]):
-                    raise diverged(f"the val loss is {metrics['val_loss']}", it)
-                png = os.path.join(out_dir, f"samples_{it:06d}.png")
-                os.makedirs(out_dir, exist_ok=True)
-                sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
-                            cfg.grid_cols, cfg, png, ctx)
-                print(f"samples: {png}")
-                rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
-                                                          if device_type == "cuda" else {})}
-                ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "iter": it,
-                        "objective": objective.name, "model_args": model_args,
-                        "config": asdict(cfg), "metrics": metrics, "rng": rng}
-                cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
-                cli.write_json(asdict(cfg),
-                                os.path.join(out_dir, "config.json"))
-            t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
-        if it == cfg.max_iters:
-            break
+            # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before
+            # the first step. Every process decides on the same numbers, so all stop together.
+            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+                if not all_finite(raw_model, ema):
+                    raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
+                if master:
+                    metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
+                                            device, ctx, loss_fn=objective.loss)
+                    print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
+                          + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
+                          + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
+                val_loss = torch.tensor(metrics.get("val_loss", 0.0), device=device)
+                if ddp:
+                    dist.broadcast(val_loss, 0)
+                if not math.isfinite(val_loss.item()):
+                    raise diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
+                if master:
+                    png = os.path.join(out_dir, f"samples_{it:06d}.png")
+                    os.makedirs(out_dir, exist_ok=True)
+                    sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
+                                cfg.grid_cols, cfg, png, ctx)
+                    print(f"samples: {png}")
+                    rng = {"torch": torch.get_rng_state()}
+                    if device_type == "cuda":
+                        rng["cuda"] = torch.cuda.get_rng_state(device)
+                    ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(), "iter": it,
+                            "objective": objective.name, "model_args": model_args,
+                            "config": asdict(cfg), "metrics": metrics, "rng": rng}
+                    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
+                    cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))
+                t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
+            if it == cfg.max_iters:
+                break
 
-        # one optimizer step over grad_accum micro-batches per process. Each micro-step draws its
-        # images, dropped labels, t and noise from a generator seeded by (seed, iter, global
-        # micro-step index): the same numbers whatever the number of processes, and after a resume.
-        # (Python hashes tuples of ints the same everywhere.)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
-            idx, y = get_batch("train", data_dir, cfg.batch_size, grid, device, g)
-            drop = torch.rand(y.shape, generator=g).to(device) < cfg.class_dropout
-            # null class, for CFG
-            y = torch.where(drop, raw_model.num_classes, y)
-            if ddp:                          # all-reduce the gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with ctx:
-                loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
-        # forget the init fast
-        update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
-        timed_iters += 1
-
-        # a GPU-sized run started on a CPU says what it would cost, once, after a few timed
-        # iterations
-        if device_type == "cpu" and not warned and timed_iters == 3 and master:
-            warned, dt = True, (time.time() - t0) / timed_iters
-            if dt * (cfg.max_iters - it) > 4 * 3600:
-                print(f"note: on this CPU one iter takes {dt:.1f} s, so {cfg.max_iters - it - 1} "
-                      f"more would take {cli.format_seconds(dt * (cfg.max_iters - it - 1))}; this "
-                      f"preset is sized for a GPU. The README's 'CIFAR-10 on a CPU' recipe trains "
-                      f"a smaller model in under an hour")
-
-        if it % cfg.log_interval == 0:
-            loss_value = loss_sum.item()         # waits for the device: only on log iterations
-            if not math.isfinite(loss_value):
-                raise diverged(f"the loss is {loss_value}", it)
-            if master:
-                dt = (time.time() - t0) / timed_iters
+            # one optimizer step over grad_accum micro-steps per process. Each micro-step draws its
+            # images, dropped labels, t and noise from a generator seeded by (seed, iter, its index
+            # among all the processes' micro-steps): a resume replays the same numbers, and so does
+            # any number of processes that cuts the global batch into the same micro-steps.
+            # (Python hashes tuples of ints the same everywhere.)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
+                idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
+                drop = torch.rand(y.shape, generator=g, pin_memory=pin)
+                drop = drop.to(device, non_blocking=True) < cfg.class_dropout
+                y = torch.where(drop, raw_model.num_classes, y)             # the null class, for CFG
+                if ddp:                      # all-reduce the gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro == grad_accum - 1
+                with ctx:
+                    loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
+            # forget the init fast
+            update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
+            timed_iters += 1
+            if it == start_iter:                 # rates leave out the start-up (compile, CUDA init)
                 t0, timed_iters = time.time(), 0
-                mfu = (f", mfu {flops_per_image * images_per_iter / world / dt / peak:.1%}" if peak
-                       else "")
-                print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                      f"{images_per_iter / dt:.0f} images/s{mfu}, ETA "
-                      f"{cli.format_seconds(dt * (cfg.max_iters - it - 1))}")
-                losses.append((it, loss_value))
-    return {**metrics, "losses": losses}
+
+            # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
+            if device_type == "cpu" and timed_iters == 3 and master and it < start_iter + 4:
+                dt = (time.time() - t0) / timed_iters
+                if dt * (cfg.max_iters - it) > 4 * 3600:
+                    left = cfg.max_iters - it - 1
+                    print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
+                          f"{cli.format_seconds(dt * left)}; this preset is sized for a GPU. The "
+                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in under an "
+                          f"hour")
+
+            if it % cfg.log_interval == 0:
+                # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
+                # non-finite on all and every process stops here with the same line
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_value = loss_sum.item()         # waits for the device: only on log iterations
+                if not math.isfinite(loss_value):
+                    raise diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
+                if master:
+                    line = f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}"
+                    if timed_iters:
+                        dt = (time.time() - t0) / timed_iters
+                        line += f", {dt * 1000:.1f} ms/iter, {images_per_iter / dt:.0f} images/s"
+                        if peak:
+                            mfu = flops_per_image * images_per_iter / world / dt / peak
+                            line += f", mfu {mfu:.1%}"
+                        line += f", ETA {cli.format_seconds(dt * (cfg.max_iters - it - 1))}"
+                    print(line)
+                    losses.append((it, loss_value))
+                t0, timed_iters = time.time(), 0
+        return {**metrics, "losses": losses}
 
 
 def main(argv):

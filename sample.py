@@ -73,10 +73,14 @@ class Run:
 
 def load_run(ckpt_path, data_dir="", device="cpu"):
     """A checkpoint and the data folder it trained on -> Run; a UserError where they do not fit."""
-    hint = "train one with `python purrception.py --dataset=NAME`"
-    ckpt = purrception.load_checkpoint(ckpt_path, hint)
+    out = os.path.dirname(os.path.abspath(ckpt_path))     # out-<dataset> names its dataset
+    dataset = os.path.basename(out)[4:] if os.path.basename(out).startswith("out-") else "NAME"
+    flags = [f"--dataset={dataset}"] + [f"--out_dir={out}"] * (
+        out != os.path.join(purrception.HERE, f"out-{dataset}"))
+    ckpt = purrception.load_checkpoint(ckpt_path, f"train one with "
+                                                  f"`{cli.command('purrception.py', *flags)}`")
     objective = baselines.get_objective(ckpt.get("objective", "purrception"))
-    model = objective.model(**ckpt["model_args"])
+    model = objective.build_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["ema"])
     run = ckpt["config"]
     if not data_dir:               # the run's folder, or data/<dataset> here if made elsewhere

@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -367,8 +368,9 @@ def one_writer(out_dir, instead="pick another --out_dir"):
                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     try:
         # as the only writer, what atomic_save temporaries remain are from a writer killed mid-write
-        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp-*")):
-            os.remove(tmp)
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp-*-*")):
+            if re.search(r"\.tmp-\d+-[0-9a-f]{8}(\.\w+)?$", tmp):
+                os.remove(tmp)
         yield
     finally:
         os.remove(path)

@@ -30,11 +30,12 @@ Notable choices of VQVAE (each measured on CIFAR-10, see README):
 - Plain MSE reconstruction loss: no perceptual or adversarial loss (those need pretrained networks).
 """
 
+import hashlib
 import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -630,8 +631,8 @@ def read_vq(path):
             "weights_only" in str(e).lower() or "unsupported global" in str(e).lower())
         raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}); "
                             f"a file cut short must be fetched or prepared again{kinds}") from None
-    if not isinstance(ckpt, dict) or not any(isinstance(ckpt.get(k), dict) for k in
-                                             ("vq_config", "model", "state_dict")):
+    if not isinstance(ckpt, dict) or not (isinstance(ckpt.get("released"), str) or any(
+            isinstance(ckpt.get(k), dict) for k in ("vq_config", "model", "state_dict"))):
         raise cli.UserError(f"{path} is not a tokenizer file{kinds}")
     if "vq_config" in ckpt:
         try:
@@ -642,10 +643,35 @@ def read_vq(path):
     return ckpt
 
 
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def save_pointer(path, released, image_size):
+    """A data folder's tokenizer when it is a file brought from elsewhere (a released one): where
+    that file is, its sha1, and the image size the folder feeds it. load_vq follows it."""
+    ckpt = {"released": os.path.abspath(released), "sha1": file_sha1(released),
+            "image_size": image_size}
+    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
+
+
 def load_vq(path, device="cpu"):
-    """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8) -> its model, in eval
-    mode on device; the architecture comes from the file."""
+    """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or a save_pointer to
+    one) -> its model, in eval mode on device; the architecture comes from the file."""
     ckpt = read_vq(path)
+    if "released" in ckpt:                       # a data folder's pointer (prepare_data.py)
+        target = ckpt["released"]
+        if not os.path.exists(target) or file_sha1(target) != ckpt["sha1"]:
+            raise cli.UserError(f"{path} stands for the tokenizer {target}, which is "
+                                + ("missing" if not os.path.exists(target) else "another file "
+                                   "now (its sha1 changed)")
+                                + "; put the file back, or prepare the folder again with "
+                                  "--tokenizer=FILE --force")
+        model = load_vq(target, device)
+        if isinstance(model, VQGAN):
+            model.cfg = replace(model.cfg, image_size=ckpt["image_size"])
+        return model
     if "vq_config" in ckpt:
         model = VQVAE(VQConfig(**ckpt["vq_config"]))
         model.load_state_dict(ckpt["model"])

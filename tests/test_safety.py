@@ -118,6 +118,11 @@ def test_the_lock_is_released_on_an_error_and_a_folder_it_made_is_removed(data_d
             with cli.one_writer(str(tmp_path / "held")):
                 pass
     assert not (tmp_path / "held").exists()
+    (tmp_path / "run").mkdir()
+    for name in ("ckpt.tmp-123-abcdef01.pt", "notes.tmp-1"):                    # a writer killed mid-write
+        (tmp_path / "run" / name).write_bytes(b"x")
+    with cli.one_writer(str(tmp_path / "run")):
+        assert sorted(os.listdir(tmp_path / "run")) == ["notes.tmp-1", cli.LOCK_FILE]
 
 # -----------------------------------------------------------------------------
 # atomic writes: a full disk or a file-size limit is one line, the old file intact, no temporary left

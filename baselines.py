@@ -41,9 +41,11 @@ def nearest_code(z, E):
 
 def draw(fn, shape, generator, device):
     """torch.rand or torch.randn from `generator` on its own device, then moved to `device`: a CPU
-    generator can drive a GPU, and the same seed gives the same numbers on any device."""
-    dev = generator.device if generator is not None else device
-    return fn(shape, generator=generator, device=dev).to(device)
+    generator can drive a GPU (in pinned memory, so the copy does not wait for the GPU), and the
+    same seed gives the same numbers on a CPU and a GPU."""
+    dev = torch.device(generator.device if generator is not None else device)
+    pin = dev.type == "cpu" and torch.device(device).type == "cuda"
+    return fn(shape, generator=generator, device=dev, pin_memory=pin).to(device, non_blocking=True)
 
 
 def draw_t(B, generator, device, t_eps=1e-3):
@@ -213,8 +215,9 @@ def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
 # The objectives, by the name --objective and checkpoints use.
 OBJECTIVES = {
     "purrception": pc.PURRCEPTION,
-    "cfm": Objective("cfm", lambda K, d, **arch: DiT(d, d, **arch), cfm_loss, cfm_sample),
-    "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(d, d, **arch),
+    "cfm": Objective("cfm", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch), cfm_loss,
+                     cfm_sample),
+    "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch),
                               cfm_endpoint_loss, cfm_endpoint_sample),
     "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample),
 }
@@ -237,7 +240,6 @@ def main(argv):
     if cfg.objective.startswith("cfm") and cfg.temperature != 1.0:
         raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to "
                         "sharpen; drop the flag")
-    print("config: " + " ".join(f"--{k}={v}" for k, v in vars(cfg).items()))
     pc.train(cfg, objective)
 
 

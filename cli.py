@@ -4,18 +4,26 @@ keeps its flags in configurator.py for the same reason).
 
 - flags: every field of a dataclass is a flag, --key=value, typed by its default; --help prints each
   flag with the comment beside its field and its value after the dataset's preset;
-- UserError: the one kind of error for bad input; `run` prints it as one line and exits with
-  status 2;
-- pick_device, atomic_save and progress: one of each, for every script.
+- UserError: the one kind of error for bad input; `run` prints it as one line on stderr and exits
+  with status 2 (a crash, a traceback, exits with 1);
+- check_transformer: the model's shape flags against each other, with values that work;
+- pick_device, atomic_save, one_writer and progress: one of each, for every script.
 """
 
+import contextlib
 import difflib
+import errno
+import glob
 import inspect
 import json
 import math
 import os
+import re
+import shlex
+import socket
 import sys
 import time
+import uuid
 from dataclasses import fields, replace
 
 
@@ -29,7 +37,8 @@ def run(main, argv=None):
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -130,31 +139,173 @@ def check_ranges(cfg, rules):
         if not test(value):
             raise UserError(f"--{name}={value} is impossible: it must be {must}")
 
+
+def check_transformer(n_embd, n_head, patch_size=1, side=0):
+    """The DiT's shape flags: heads split the width, the 2-D positions take a quarter of it each,
+    and a patch tiles the token grid (side, when known). A mistake is a UserError naming values
+    that work."""
+    # the nearest value below x and above it
+    near = lambda values, x: [v for v in (max((v for v in values if v < x), default=None),
+                                          min((v for v in values if v > x), default=None)) if v]
+    if n_embd % n_head == 0 and n_embd % 4 == 0:
+        pass
+    elif n_embd % 4 == 0:
+        heads = near([h for h in range(1, n_embd + 1) if n_embd % h == 0 and h != n_head], n_head)
+        raise UserError(f"--n_head={n_head} does not divide --n_embd={n_embd}: try "
+                        + " or ".join(f"--n_head={h}" for h in heads))
+    else:
+        step = math.lcm(4, n_head)
+        widths = [w for w in (n_embd // step * step, n_embd // step * step + step) if w > 0]
+        raise UserError(f"--n_embd={n_embd} must be a multiple of 4 (the 2-D positions) and of "
+                        f"--n_head={n_head}: try " + " or ".join(f"--n_embd={w}" for w in widths))
+    if side and side % patch_size:
+        sizes = [p for p in range(1, min(8, side) + 1) if side % p == 0]
+        raise UserError(f"--patch_size={patch_size} does not divide the {side}x{side} token grid; "
+                        f"try " + ", ".join(f"--patch_size={p}" for p in sizes))
+
 # -----------------------------------------------------------------------------
 # devices, files, progress
 
 
-def pick_device(name=""):
-    """'' -> cuda, then mps, then cpu; a named device is checked to exist."""
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def command(script, *args):
+    """'python SCRIPT ARGS' as typed from the working directory: a hint is a command that works."""
+    shown = script if os.path.abspath(os.getcwd()) == HERE else os.path.join(HERE, script)
+    return " ".join(["python", shlex.quote(shown), *map(shlex.quote, args)])
+
+
+def pick_device(name="", flag="--device"):
+    """'' -> cuda, then mps, then cpu; a named device is checked to exist (flag: as the user set
+    it)."""
     import torch
     if not name:
         return ("cuda" if torch.cuda.is_available()
                 else "mps" if torch.backends.mps.is_available() else "cpu")
     kind = name.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device={name}: use cuda, mps or cpu (or '' to pick the best available)")
+        raise UserError(f"{flag}={name}: use cuda, mps or cpu (or '' to pick the best available)")
     if (kind == "cuda" and not torch.cuda.is_available()
             or kind == "mps" and not torch.backends.mps.is_available()):
-        raise UserError(f"--device={name}, but this machine has no {kind}; try --device=cpu")
+        raise UserError(f"{flag}={name}, but this machine has no {kind}; try {flag}=cpu")
     return name
 
 
-def atomic_save(write, path):
-    """write(tmp_path), then rename over path: an interrupted write never leaves a broken file at
-    path."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+# dense bf16 tensor-core peaks from the datasheets (no sparsity), for the MFU print. The first name
+# a GPU's name contains wins, so the PCIe and NVL parts come before their SXM namesakes.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800 PCIe": 756e12,
+              "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12}
+
+
+def device_peak_flops(device):
+    """The PEAK_FLOPS entry of a CUDA device (0: unknown, or not a GPU)."""
+    import torch
+    name = torch.cuda.get_device_name(device) if "cuda" in str(device) else ""
+    return next((flops for key, flops in PEAK_FLOPS.items() if name and key in name), 0.0)
+
+
+def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
+    """A checkpoint file of this repository -> its dict (weights_only: no code runs), or a
+    UserError naming it."""
+    import torch
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, EOF, foreign pickle: all mean the same to a user
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a "
+                        f"checkpoint; restore it from a copy or train again") from None
+    if (not isinstance(ckpt, dict)
+            or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt)):
+        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter "
+                        "or config)")
+    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
+               if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
+                        "checkpoint")
+    return ckpt
+
+
+def atomic_save(write, path, size=None):
+    """write(tmp), then rename tmp over path; nothing else ever touches path. tmp is a name no other
+    writer uses, in path's folder, ending like path (PIL and numpy read the extension); the file and
+    the folder are fsynced, so a power cut leaves the old file or the new one, and tmp is removed
+    on any failure. A full disk or a file-size limit is a UserError saying how much space the file
+    needs (size, when the caller knows it; else the old file's size or what was written)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, Exception) and _out_of_space(e, path, written):
+            raise UserError(_no_space(path, size, written)) from None
+        raise
+    _fsync_folder(path)
+
+
+def _fsync_folder(path):
+    try:                                  # the rename itself reaches the disk (not on every OS)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _file_size_limit():
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return None if limit == resource.RLIM_INFINITY else limit
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _free_bytes(path):
+    stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return stat.f_bavail * stat.f_frsize
+
+
+def _out_of_space(e, path, written):
+    """Did a write fail for want of space? torch and numpy turn ENOSPC/EFBIG into messages of their
+    own, so the disk and the size limit are asked too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    limit = _file_size_limit()
+    try:
+        return (limit is not None and written >= limit) or _free_bytes(path) < (1 << 20)
+    except OSError:
+        return False
+
+
+def _no_space(path, size, written):
+    """The one line for a write that ran out of space: how much the file needs (size when known;
+    else about the old file's size, or more than what fitted), and where the limit is."""
+    mb = lambda n: f"{n / 1e6:.1f}" if n < 1e7 else f"{n / 1e6:.0f}"
+    old = os.path.getsize(path) if os.path.exists(path) else 0
+    limit, free = _file_size_limit(), _free_bytes(path)
+    capped = limit is not None and limit < written + free        # the size limit bit, not the disk
+    fitted = max(written, limit) if capped else written + free
+    need = (f"{mb(size)} MB" if size else f"about {mb(max(old, fitted))} MB" if old > fitted
+            else f"over {mb(fitted)} MB")
+    where = (f"the file-size limit (ulimit -f) is {mb(limit)} MB" if capped
+             else f"{mb(free)} MB free")
+    kept = f"the previous {os.path.basename(path)} is intact" if old else "no file was replaced"
+    return (f"no space left on device writing {path}: {need} needed, {where}; {kept}; free some "
+            f"space and run it again")
 
 
 def write_json(obj, path):
@@ -176,6 +327,68 @@ def read_json(path, what="file"):
         raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
                         f"it was cut short or edited by hand: delete it and prepare the "
                         f"folder again") from None
+
+
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def one_writer(out_dir, instead="pick another --out_dir"):
+    """Hold out_dir as its only writer while the block runs (a training, or sample.py writing into
+    a run's folder). The lock is a flock on out_dir/run.lock, which holds the holder's pid and host:
+    the kernel drops it when the holder dies, so a lock left by kill -9 never blocks a resume. A
+    second writer gets a UserError naming the holder and `instead`, what else to do. A folder made
+    here and left empty is removed on exit. (No lock where the OS has no flock: Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    made = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write into {out_dir} ({e.strerror}); {instead}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder, stop = _lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"{out_dir} is in use by {holder}; wait for it to end{stop}, or "
+                            f"{instead}") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)                 # the holder removed the file as we opened it: once more
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "command": os.path.basename(sys.argv[0]),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    try:
+        # as the only writer, what atomic_save temporaries remain are from a writer killed mid-write
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp-*-*")):
+            if re.search(r"\.tmp-\d+-[0-9a-f]{8}(\.\w+)?$", tmp):
+                os.remove(tmp)
+        yield
+    finally:
+        os.remove(path)
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+
+
+def _lock_holder(fd):
+    """-> (who holds the lock, how to stop it) from the lock file's record."""
+    try:
+        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        here = h["host"] == socket.gethostname()
+        return (f"{h['command']} (pid {h['pid']} on {h['host']}, since {h['since']})",
+                f" or stop it (kill {h['pid']}{'' if here else ' on ' + h['host']})")
+    except (ValueError, KeyError, OSError):
+        return "another process that is starting", ""
 
 
 PROGRESS_EVERY = 30.0             # seconds between progress lines in a log

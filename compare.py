@@ -120,6 +120,22 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
                 sample_s=f"{sample_s:.0f}", protocol=protocol)
 
 
+def add_row(path, row):
+    """Append row to the CSV at path, the whole file rewritten atomically under a flock: parallel
+    arms can share it and never drop each other's rows."""
+    import fcntl
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_rows(path) + [row]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+        cli.atomic_save(write, path)
+
+
 def read_rows(path):
     if not os.path.exists(path):
         return []
@@ -252,13 +268,7 @@ def main(argv):
                 row = run_stage(opt, name, seed, stage, extractor, extractor_path)
                 print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, "
                       f"val loss {row['val_loss']}", flush=True)
-                new = not os.path.exists(results)
-                # one write per row: parallel arms can share it
-                with open(results, "a", newline="") as f:
-                    writer = csv.DictWriter(f, FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
+                add_row(results, row)
     report(opt)
 
 

@@ -128,8 +128,9 @@ def load_train_images(data_dir):
     """The data folder's real training images as a uint8 memmap (N, H, W, 3)."""
     path = os.path.join(data_dir, "train_images.u8")
     if not os.path.exists(path):
-        raise cli.UserError(f"no training images at {path}; run `python prepare_data.py` for this "
-                            f"dataset")
+        import prepare_data
+        raise cli.UserError(f"no training images at {path}; make them again with "
+                            f"{prepare_data.remake(data_dir)}")
     S = cli.read_json(os.path.join(data_dir, "meta.json"))["image_size"]
     return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, S, S, 3)
 

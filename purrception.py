@@ -11,11 +11,11 @@ left. Training is plain cross-entropy.
 
     python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
+    torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, same batch
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
     python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
-Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise,
-t = 1 is data,
+Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise, 1 data,
     z_t = t * z1 + (1 - t) * z0,   z1 = E[tokens],  z0 ~ N(0, I).
 
 Notable choices:
@@ -24,20 +24,15 @@ Notable choices:
 - The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
   sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
 - Every random draw of a training step (images, dropped labels, t, noise) comes from a generator
-  seeded by (seed, iter, micro-step). Resuming, or spreading the same global batch over more GPUs,
-  replays the same run.
+  seeded by (seed, iter, micro-step). A resume replays the run, and so do more processes that cut
+  the same global batch into the same micro-steps (bit for bit on a CPU; not measured on GPUs).
 - EMA weights are what every eval, sample grid and sample.py see.
 - A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
   (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
   non-finite loss.
-
-The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-core machine for
-1200 iters.
-    python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 \
-        --batch_size=32 --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 \
-        --ema_decay=0.998 --eval_interval=600 --sample_steps=25
 """
 
+import atexit
 import copy
 import math
 import os
@@ -54,7 +49,7 @@ from PIL import Image
 import cli
 import prepare_data
 import vq
-from cli import UserError
+from cli import UserError, device_peak_flops, load_checkpoint
 
 # data/ and out-*/ live next to this file, whatever the CWD
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,8 +81,8 @@ class Config:
     time_embed: str = "scaled"    # 'scaled': 1000 to 1 rad per unit t; 'official': raw t, 1 to 1e-4
     class_dropout: float = 0.1    # chance of training on the null class, which guidance needs
     # optimizer: AdamW as in the paper's configs
-    batch_size: int = 64          # images per micro-step and process
-    grad_accum: int = 1           # micro-steps per iter over all processes (split among GPUs)
+    batch_size: int = 64          # images per micro-step; x grad_accum: the iter's global batch
+    grad_accum: int = 1           # micro-steps per iter, over all processes (torchrun shares them)
     max_iters: int = 100000       # optimizer steps
     lr: float = 1e-4              # the paper's constant learning rate for DiT-B/L/XL
     min_lr: float = 1e-5          # where the cosine ends (with decay_lr)
@@ -105,8 +100,14 @@ class Config:
     device: str = ""              # '' picks cuda, then mps, then cpu
     compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
     seed: int = 0                 # initial weights and every random draw of training
-    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
+    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0: cli.PEAK_FLOPS has it
 
+
+# The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
+# models' 180.7M, 525.0M and 750.4M parameters (DiT.num_params(); --n_layer=12 --n_head=12 ...).
+DIT_SIZES = {"B/2": dict(n_layer=12, n_head=12, n_embd=768),
+             "L/2": dict(n_layer=24, n_head=16, n_embd=1024),
+             "XL/2": dict(n_layer=28, n_head=16, n_embd=1152)}
 
 # Per-dataset overrides of the defaults, like nanoGPT's config files.
 PRESETS = {
@@ -121,6 +122,11 @@ PRESETS = {
     # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
+    # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
+    # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
+    "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
+                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
+                        sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.
@@ -160,9 +166,9 @@ TIME_FREQS = {"scaled": (1000.0, 1.0), "official": (1.0, 10000.0 ** (-127 / 128)
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] (B,) -> (B, C): sinusoidal features, then a 2-layer MLP (DiT)."""
 
-    def __init__(self, n_embd, freq_dim=256, freqs="scaled"):
+    def __init__(self, n_embd, freq_dim=256, time_embed="scaled"):
         super().__init__()
-        f_max, f_min = TIME_FREQS[freqs]
+        f_max, f_min = TIME_FREQS[time_embed]
         half = freq_dim // 2
         # (half,)
         freqs = f_max * (f_min / f_max) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
@@ -279,15 +285,14 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(patch_size * patch_size * in_dim, n_embd)
         self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size),
                              persistent=False)
-        self.t_embedder = TimestepEmbedder(n_embd, freqs=time_embed)
+        self.t_embedder = TimestepEmbedder(n_embd, time_embed=time_embed)
         self.y_embedder = LabelEmbedder(num_classes, n_embd)
         self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
         self.final_layer = FinalLayer(n_embd, patch_size * patch_size * out_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # every linear layer (the patch embedding included): Xavier-uniform weights and zero biases
-        # (ViT, DiT)
+        # every linear layer, the patch embedding included: Xavier-uniform, zero biases (ViT, DiT)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -300,8 +305,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # ... and the output starts at exactly 0: logits 0, a uniform posterior over the K codes,
-        # loss = log K
+        # ... and the output at exactly 0: a uniform posterior over the K codes, loss = log K
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -310,8 +314,8 @@ class DiT(nn.Module):
     offers_last_layer = True      # forward(..., last_layer=True): see vfm_loss
 
     def forward(self, z, t, y, last_layer=False):
-        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) labels -> logits
-        (B, h, w, K); last_layer=True: the final linear's input (B, T, C), weight and bias."""
+        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) -> logits (B, h, w, K);
+        last_layer=True: the final linear's input (B, T, C), weight and bias."""
         B, H, W, D = z.shape
         p, K = self.patch_size, self.out_dim
         # patchify: (B, H/p, p, W/p, p, d) -> (B, H/p, W/p, p, p, d) -> (B, T, p*p*d)
@@ -428,11 +432,13 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e
     a GPU) makes t and the noise reproducible. per_image=True returns the loss (B,) and the token
     accuracy (B,) of each image."""
     (B, h, w), gen_device = idx.shape, generator.device if generator is not None else idx.device
+    # a CPU generator driving a GPU draws into pinned memory: the copies do not wait for the GPU
+    on = dict(device=gen_device, pin_memory=gen_device.type == "cpu" and idx.is_cuda)
     if t is None:
-        t = torch.rand(B, generator=generator, device=gen_device).to(idx.device)     # (B,)
-        t = t_eps + (1 - t_eps) * t
+        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, **on)          # (B,)
+        t = t.to(idx.device, non_blocking=True)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = torch.randn(z1.shape, generator=generator, device=gen_device).to(idx.device)
+    z0 = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
     if getattr(getattr(model, "module", model), "offers_last_layer", False):        # DDP: .module
@@ -540,14 +546,14 @@ class Objective:
     baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
     loop trains them all."""
     name: str
-    model: object     # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
+    build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, generator=None, per_image=False) like vfm_loss
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
                       #  noise=(B, h, w, d) where it starts from noise]) -> idx
 
 
-PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(d, K, **arch), vfm_loss,
-                        euler_sample)
+PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
+                        vfm_loss, euler_sample)
 
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
@@ -567,10 +573,9 @@ def get_batch(split, data_dir, batch_size, grid, device, generator=None):
     # int64 first: uint16 has no torch counterpart
     idx = torch.from_numpy(tokens[ix].astype(np.int64)).view(batch_size, h, w)
     y = torch.from_numpy(labels[ix].astype(np.int64))
-    if "cuda" in str(device):
-        return (idx.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return idx.to(device), y.to(device)
+    if "cuda" in str(device):                # pinned: the copies do not wait for the GPU
+        idx, y = idx.pin_memory(), y.pin_memory()
+    return idx.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
 # training utilities
@@ -592,10 +597,6 @@ def update_ema(ema_model, model, decay):
     ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
-def all_finite(*modules):
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
 @torch.no_grad()
@@ -643,271 +644,252 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
-    Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1]))).save(path)
+    canvas = Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
+    cli.atomic_save(canvas.save, path)
 
 
-def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
-    """A checkpoint file -> its dict (weights_only: no code runs), or a UserError naming it."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, EOF, foreign pickle: all mean the same to a user
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a "
-                        f"checkpoint; restore it from a copy or train again") from None
-    if (not isinstance(ckpt, dict)
-            or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt)):
-        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter "
-                        "or config)")
-    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
-               if v.is_floating_point()):
-        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
-                        "checkpoint")
-    return ckpt
+def split_batch(batch_size, grad_accum, world):
+    """The global batch, batch_size x grad_accum images an iter, over `world` processes ->
+    (images per micro-step, micro-steps per process). It is cut into n equal micro-steps, n the
+    fewest (at least grad_accum) that the processes share evenly."""
+    G = batch_size * grad_accum
+    if G % world:
+        fits = [n for n in range(1, world) if G % n == 0][-1]
+        raise UserError(f"the global batch of {G} images (--batch_size={batch_size} x --grad_accum="
+                        f"{grad_accum}) does not split over {world} processes; keep it on "
+                        f"--nproc_per_node={fits}, or pick a global batch {world} divides, e.g. "
+                        f"--batch_size={G - G % world} --grad_accum=1")
+    n = next(n for n in range(world * -(-grad_accum // world), G + 1, world) if G % n == 0)
+    return G // n, n // world
 
 
-# dense bf16 tensor-core peaks from the datasheets (SXM parts), for the MFU print
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def device_peak_flops(device):
-    if "cuda" not in str(device):
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+def diverged(what, it, ckpt_path, lr):
+    """The one line every process stops with when training diverges."""
+    last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
+            else "nothing saved")
+    return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr (now "
+                     f"{lr:g}), more --warmup_iters or a smaller --grad_clip")
 
 # -----------------------------------------------------------------------------
-# training: setup in three named steps, then one flat loop in nanoGPT's order
-
-
-def setup_distributed(cfg):
-    """DDP only under torchrun (it sets RANK); a single GPU or CPU needs no launcher.
-    -> (ddp, rank, local_rank, world size, device, micro-steps per process)."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, cli.pick_device(cfg.device), cfg.grad_accum
-    from torch.distributed import init_process_group
-    backend = "nccl" if torch.cuda.is_available() and cfg.device in ("", "cuda") else "gloo"
-    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-                               int(os.environ["WORLD_SIZE"]))
-    if cfg.grad_accum % world:
-        raise UserError(f"grad_accum={cfg.grad_accum} must be a multiple of the {world} processes: "
-                        f"it counts micro-steps over all of them (try --grad_accum={world})")
-    init_process_group(backend=backend)
-    device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    return True, rank, local_rank, world, device, cfg.grad_accum // world
-
-
-def load_data(cfg, ddp, device):
-    """The token folder (prepared on the spot when missing, by a single process), checked, and its
-    tokenizer. -> (data_dir, meta, grid (h, w), tokenizer)."""
-    data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {data_dir}; run `python prepare_data.py "
-                            f"--dataset={cfg.dataset}`" + (" once before torchrun" if ddp else ""))
-        print(f"no prepared data in {data_dir}: preparing it now "
-              f"(prepare_data.prepare('{cfg.dataset}'))")
-        prepare_data.prepare(cfg.dataset)
-    meta, tokenizer = prepare_data.open_folder(data_dir, device)
-    grid = (meta["grid_h"], meta["grid_w"])
-    if grid[0] != grid[1]:
-        raise UserError(f"the token grid {grid} is not square; prepare square images "
-                        "(prepare_data crops them)")
-    if grid[0] % cfg.patch_size:
-        raise UserError(f"--patch_size={cfg.patch_size} does not divide the {grid[0]}x{grid[1]} "
-                        f"token grid; pick a divisor such as --patch_size=2 or 1")
-    return data_dir, meta, grid, tokenizer
-
-
-def init_state(cfg, objective, meta, grid, ckpt_path, device, device_type):
-    """Model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them.
-    -> (model, ema, optimizer, model_args, start iter, checkpoint or None)."""
-    ckpt = None
-    model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
-                      patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      n_embd=cfg.n_embd, num_classes=meta["num_classes"], time_embed=cfg.time_embed)
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
-        model_args = ckpt["model_args"]      # the saved architecture
-        if ckpt.get("objective", "purrception") != objective.name:
-            raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
-                            f"resume it with that one, or pick another --out_dir")
-        if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
-            raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
-                            f"d={model_args['d']}, but {cfg.data_dir} has "
-                            f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on its "
-                            f"own data (--data_dir)")
-    elif os.path.exists(ckpt_path) and not cfg.overwrite:
-        raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start over "
-                        f"with --overwrite=true (it is replaced at the first save), or pick "
-                        f"another --out_dir")
-    torch.manual_seed(cfg.seed)              # the same initial weights on every process
-    model = objective.model(**model_args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    # one parameter group: with lr 1e-4, decaying norms and biases too changes nothing measurable
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay, fused=device_type == "cuda")
-    if ckpt is None:
-        return model, ema, optimizer, model_args, 0, None
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return model, ema, optimizer, model_args, ckpt["iter"], ckpt
+# training: one flat loop in nanoGPT's order
 
 
 def train(cfg, objective=PURRCEPTION):
     """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
-    log line. Bad input raises UserError before anything is written; a non-finite loss stops the run
-    before it saves."""
+    log line. Bad input raises UserError before anything is written; a non-finite loss stops every
+    process with the same UserError before anything is saved."""
     cli.check_ranges(cfg, RANGES)
-    ddp, rank, local_rank, world, device, grad_accum = setup_distributed(cfg)
-    try:
-        return _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum)
-    finally:
-        if ddp:
-            from torch.distributed import destroy_process_group
-            destroy_process_group()
-
-
-def _train(cfg, objective, ddp, rank, local_rank, world, device, grad_accum):
+    cli.check_transformer(cfg.n_embd, cfg.n_head)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
+    # DDP only under torchrun (it sets RANK): one GPU or a CPU needs no launcher
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+                               if ddp else (0, 0, 1))
+    batch_size, grad_accum = split_batch(cfg.batch_size, cfg.grad_accum, world)
+    device = cli.pick_device(cfg.device)
+    if ddp:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"    # one GPU per process, whatever --device numbered
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            atexit.register(dist.destroy_process_group)
     master = rank == 0                       # the master process evaluates, logs and checkpoints
-    device_type = "cuda" if "cuda" in device else "mps" if "mps" in device else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps
+    device_type = device.split(":")[0]
+    # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps. No TF32 switch:
+    # what runs outside autocast (the sampler's geometry, the readout) stays true fp32.
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())
+    pin = device_type == "cuda"              # CPU draws in pinned memory: their copies do not wait
 
-    data_dir, meta, grid, tokenizer = load_data(cfg, ddp, device)
-    E = tokenizer.codebook.to(device)                       # (K, d), frozen
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
-    cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model, ema, optimizer, model_args, start_iter, _ = init_state(cfg, objective, meta, grid,
-                                                                  ckpt_path, device, device_type)
-    raw_model = model                        # what gets saved: never the compiled or DDP wrapper
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    flops_per_image = raw_model.flops_per_image()
-    peak = cfg.peak_flops or device_peak_flops(device)
-    images_per_iter = cfg.batch_size * grad_accum * world
-    if master:
-        print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
-              f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
-              f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
-        print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
-              f"images per iter = {cfg.batch_size} x {grad_accum} micro-steps x {world}, from iter "
-              f"{start_iter} to {cfg.max_iters}")
+    # one writer per out_dir, the master process, from here to the end
+    with cli.one_writer(out_dir) if master else nullcontext():
+        # the token folder: prepared on the spot when missing (by a lone process), then checked
+        data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
+                raise UserError(f"no prepared tokens in {data_dir}; run "
+                                f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
+                                + (" once before torchrun" if ddp else ""))
+            print(f"no prepared data in {data_dir}: preparing it now "
+                  f"(prepare_data.prepare('{cfg.dataset}'))")
+            prepare_data.prepare(cfg.dataset)
+        meta, tokenizer = prepare_data.open_folder(data_dir, device)
+        grid = (meta["grid_h"], meta["grid_w"])
+        if grid[0] != grid[1]:
+            raise UserError(f"the token grid {grid} is not square; prepare square images "
+                            "(prepare_data crops them)")
+        cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
+        E = tokenizer.codebook.to(device)                       # (K, d), frozen
+        cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
+        ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    def diverged(what, it):
-        last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
-                else "nothing saved")
-        return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr "
-                         f"(now {cfg.lr:g}), more --warmup_iters or a smaller --grad_clip")
+        # model, EMA copy and optimizer: fresh, or exactly as the checkpoint left them
+        model_args = dict(K=meta["codebook_size"], d=meta["code_dim"], grid_size=grid[0],
+                          patch_size=cfg.patch_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, num_classes=meta["num_classes"],
+                          time_embed=cfg.time_embed)
+        ckpt, start_iter = None, 0
+        if cfg.init_from == "resume":
+            ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+            model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
+            if start_iter >= cfg.max_iters:
+                raise UserError(f"{ckpt_path} is already at iter {start_iter}: --max_iters="
+                                f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
+            if ckpt.get("objective", "purrception") != objective.name:
+                raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} "
+                                f"objective; resume it with that one, or pick another --out_dir")
+            if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
+                raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
+                                f"d={model_args['d']}, but {data_dir} has "
+                                f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on "
+                                f"its own data (--data_dir)")
+        elif os.path.exists(ckpt_path) and not cfg.overwrite:
+            raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
+                            f"over with --overwrite=true (it is replaced at the first save), or "
+                            f"pick another --out_dir")
+        torch.manual_seed(cfg.seed)              # the same initial weights on every process
+        model = objective.build_model(**model_args).to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        # one parameter group: at lr 1e-4, decaying norms and biases too changes nothing measurable
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay, fused=device_type == "cuda")
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device_type == "cuda" and "cuda" in ckpt["rng"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        raw_model = model                    # what gets saved: never the compiled or DDP wrapper
+        if cfg.compile:
+            model = torch.compile(model)
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+        flops_per_image = raw_model.flops_per_image()
+        peak = cfg.peak_flops or device_peak_flops(device)
+        images_per_iter = batch_size * grad_accum * world
+        if master:
+            print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
+                  f"{raw_model.n_tokens} tokens per image, K={meta['codebook_size']} codes of "
+                  f"d={meta['code_dim']}, {flops_per_image / 1e9:.2f} GFLOP per image")
+            print(f"training on {device} ({world} process{'es' * (world > 1)}): {images_per_iter} "
+                  f"images per iter = {batch_size} x {grad_accum} micro-steps x {world}, from iter "
+                  f"{start_iter} to {cfg.max_iters}")
 
-    metrics, losses = {}, []
-    t0, timed_iters, warned = time.time(), 0, False
-    for it in range(start_iter, cfg.max_iters + 1):
-        lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters if cfg.decay_lr else 0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        metrics, losses = {}, []
+        t0, timed_iters = time.time(), 0
+        for it in range(start_iter, cfg.max_iters + 1):
+            lr = get_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters,
+                        cfg.max_iters if cfg.decay_lr else 0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before the
-        # first step
-        if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-            if not all_finite(raw_model, ema):
-                raise diverged("the weights are not finite", it)
-            if master:
-                metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
-                                        device, ctx, loss_fn=objective.loss)
-                print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
-                      + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
-                      + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
-                if not math.isfinite(metrics["val_loss"]):
-                    raise diverged(f"the val loss is {metrics['val_loss']}", it)
-                png = os.path.join(out_dir, f"samples_{it:06d}.png")
-                os.makedirs(out_dir, exist_ok=True)
-                sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
-                            cfg.grid_cols, cfg, png, ctx)
-                print(f"samples: {png}")
-                rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
-                                                          if device_type == "cuda" else {})}
-                ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "iter": it,
-                        "objective": objective.name, "model_args": model_args,
-                        "config": asdict(cfg), "metrics": metrics, "rng": rng}
-                cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
-                cli.write_json(asdict(cfg),
-                                os.path.join(out_dir, "config.json"))
-            t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
-        if it == cfg.max_iters:
-            break
+            # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before
+            # the first step. Every process decides on the same numbers, so all stop together.
+            if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
+                params = [p for m in (raw_model, ema) for p in m.parameters()]
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
+                if master:
+                    metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
+                                            device, ctx, loss_fn=objective.loss)
+                    print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
+                          + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
+                          + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
+                val_loss = torch.tensor(metrics.get("val_loss", 0.0), device=device)
+                if ddp:
+                    dist.broadcast(val_loss, 0)
+                if not math.isfinite(val_loss.item()):
+                    raise diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
+                if master:
+                    png = os.path.join(out_dir, f"samples_{it:06d}.png")
+                    os.makedirs(out_dir, exist_ok=True)
+                    sample_grid(ema, objective, E, tokenizer, grid, min(meta["num_classes"], 10),
+                                cfg.grid_cols, cfg, png, ctx)
+                    print(f"samples: {png}")
+                    rng = {"torch": torch.get_rng_state()}
+                    if device_type == "cuda":
+                        rng["cuda"] = torch.cuda.get_rng_state(device)
+                    ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                            "optimizer": optimizer.state_dict(), "iter": it,
+                            "objective": objective.name, "model_args": model_args,
+                            "config": asdict(cfg), "metrics": metrics, "rng": rng}
+                    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
+                    cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))
+                t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
+            if it == cfg.max_iters:
+                break
 
-        # one optimizer step over grad_accum micro-batches per process. Each micro-step draws its
-        # images, dropped labels, t and noise from a generator seeded by (seed, iter, global
-        # micro-step index): the same numbers whatever the number of processes, and after a resume.
-        # (Python hashes tuples of ints the same everywhere.)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
-            idx, y = get_batch("train", data_dir, cfg.batch_size, grid, device, g)
-            drop = torch.rand(y.shape, generator=g).to(device) < cfg.class_dropout
-            # null class, for CFG
-            y = torch.where(drop, raw_model.num_classes, y)
-            if ddp:                          # all-reduce the gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with ctx:
-                loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
-        # forget the init fast
-        update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
-        timed_iters += 1
-
-        # a GPU-sized run started on a CPU says what it would cost, once, after a few timed
-        # iterations
-        if device_type == "cpu" and not warned and timed_iters == 3 and master:
-            warned, dt = True, (time.time() - t0) / timed_iters
-            if dt * (cfg.max_iters - it) > 4 * 3600:
-                print(f"note: on this CPU one iter takes {dt:.1f} s, so {cfg.max_iters - it - 1} "
-                      f"more would take {cli.format_seconds(dt * (cfg.max_iters - it - 1))}; this "
-                      f"preset is sized for a GPU. The README's 'CIFAR-10 on a CPU' recipe trains "
-                      f"a smaller model in under an hour")
-
-        if it % cfg.log_interval == 0:
-            loss_value = loss_sum.item()         # waits for the device: only on log iterations
-            if not math.isfinite(loss_value):
-                raise diverged(f"the loss is {loss_value}", it)
-            if master:
-                dt = (time.time() - t0) / timed_iters
+            # one optimizer step over grad_accum micro-steps per process. Each micro-step draws its
+            # images, dropped labels, t and noise from a generator seeded by (seed, iter, its index
+            # among all the processes' micro-steps): a resume replays the same numbers, and so does
+            # any number of processes that cuts the global batch into the same micro-steps.
+            # (Python hashes tuples of ints the same everywhere.)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                seed = hash((cfg.seed, it, rank * grad_accum + micro))
+                g = torch.Generator().manual_seed(seed)
+                idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
+                drop = torch.rand(y.shape, generator=g, pin_memory=pin)
+                drop = drop.to(device, non_blocking=True) < cfg.class_dropout
+                y = torch.where(drop, raw_model.num_classes, y)             # the null class (CFG)
+                if ddp:                      # all-reduce the gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro == grad_accum - 1
+                with ctx:
+                    loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
+            # forget the init fast
+            update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
+            timed_iters += 1
+            if it == start_iter:                 # rates leave out the start-up (compile, CUDA init)
                 t0, timed_iters = time.time(), 0
-                mfu = (f", mfu {flops_per_image * images_per_iter / world / dt / peak:.1%}" if peak
-                       else "")
-                print(f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                      f"{images_per_iter / dt:.0f} images/s{mfu}, ETA "
-                      f"{cli.format_seconds(dt * (cfg.max_iters - it - 1))}")
-                losses.append((it, loss_value))
-    return {**metrics, "losses": losses}
+
+            # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
+            left = cfg.max_iters - it - 1
+            if device_type == "cpu" and master and it == start_iter + 3 and timed_iters == 3:
+                dt = (time.time() - t0) / timed_iters
+                if dt * left > 4 * 3600:
+                    print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
+                          f"{cli.format_seconds(dt * left)}; this preset is sized for a GPU. The "
+                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in an hour")
+
+            if it % cfg.log_interval == 0:
+                # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
+                # non-finite on all and every process stops here with the same line
+                if ddp:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_value = loss_sum.item()         # waits for the device: only on log iterations
+                if not math.isfinite(loss_value):
+                    raise diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
+                if master:
+                    line = f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}"
+                    if timed_iters:
+                        dt = (time.time() - t0) / timed_iters
+                        line += f", {dt * 1000:.1f} ms/iter, {images_per_iter / dt:.0f} images/s"
+                        if peak:
+                            mfu = flops_per_image * images_per_iter / world / dt / peak
+                            line += f", mfu {mfu:.1%}"
+                        line += f", ETA {cli.format_seconds(dt * left)}"
+                    print(line)
+                    losses.append((it, loss_value))
+                t0, timed_iters = time.time(), 0
+        return {**metrics, "losses": losses}
 
 
 def main(argv):
-    cfg = cli.parse_args(argv, Config(), PRESETS, __doc__)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
-    train(cfg)
+    train(cli.parse_args(argv, Config(), PRESETS, __doc__))
 
 
 if __name__ == "__main__":

@@ -86,10 +86,14 @@ class Run:
 
 def load_run(ckpt_path, data_dir="", device="cpu"):
     """A checkpoint and the data folder it trained on -> Run; a UserError where they do not fit."""
-    hint = "train one with `python purrception.py --dataset=NAME`"
-    ckpt = purrception.load_checkpoint(ckpt_path, hint)
+    out = os.path.dirname(os.path.abspath(ckpt_path))     # out-<dataset> names its dataset
+    dataset = os.path.basename(out)[4:] if os.path.basename(out).startswith("out-") else "NAME"
+    flags = [f"--dataset={dataset}"] + [f"--out_dir={out}"] * (
+        out != os.path.join(purrception.HERE, f"out-{dataset}"))
+    ckpt = purrception.load_checkpoint(ckpt_path, f"train one with "
+                                                  f"`{cli.command('purrception.py', *flags)}`")
     objective = baselines.get_objective(ckpt.get("objective", "purrception"))
-    model = objective.model(**ckpt["model_args"])
+    model = objective.build_model(**ckpt["model_args"])
     model.load_state_dict(ckpt["ema"])
     run = ckpt["config"]
     if not data_dir:               # the run's folder, or data/<dataset> here if made elsewhere
@@ -170,7 +174,7 @@ def save_png(array, path, texts=(), cell=0, pad=2):
         for i, text in enumerate(texts):
             draw.text((pad + i * (cell + pad), 1), text, fill=(0, 0, 0), font=font)
         array = np.concatenate([np.asarray(strip), array])
-    Image.fromarray(array).save(path)
+    cli.atomic_save(Image.fromarray(array).save, path)
     print(f"wrote {path}")
     return path
 
@@ -233,7 +237,8 @@ def draw_trajectory(run, opt, label, temperature):
     frames = [Image.fromarray(tile(x, min(n, 8)))
               for x in [mean(s) for s in range(len(traj["mu"]))] + [final] * 15]
     gif = os.path.join(opt.out_dir, "trajectory.gif")
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    cli.atomic_save(lambda tmp: frames[0].save(tmp, save_all=True, append_images=frames[1:],
+                                               duration=50, loop=0), gif)
     print(f"wrote {gif}")
     return path, traj
 
@@ -261,20 +266,14 @@ def draw_uncertainty(run, opt, label, temperature):
 
 
 def write_npz(path, **arrays):
-    """np.savez to path atomically; a failed write (disk full, a file-size limit) is one line,
-    with the file that was there before untouched and no temporary left."""
-    def write(tmp):                  # np.savez's layout, with a fixed date: the same bytes
-        with zipfile.ZipFile(tmp, "w") as zf:        # for the same arrays
+    """np.savez's layout to path, atomically (cli.atomic_save: a full disk or a file-size limit is
+    one line, the old file intact), with fixed zip dates: the same arrays give the same bytes."""
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w") as zf:
             for name, array in arrays.items():
                 with zf.open(zipfile.ZipInfo(f"{name}.npy"), "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
-    try:
-        cli.atomic_save(write, path)
-    except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise UserError(f"cannot write {path} ({e.strerror or e}); what was there is untouched: "
-                        f"free some space and run the same command again") from None
+    cli.atomic_save(write, path, size=sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
 def check_npz_path(path):
@@ -363,8 +362,19 @@ def many_samples(run, opt, label, temperature, rank=0, world=1):
 
 def main(argv):
     """-> a PNG path, (path, trajectory) for --uncertainty/--trajectory, or a dict for npz/FID (None
-    on the processes of a torchrun other than the first)."""
+    on the processes of a torchrun other than the first). What writes into out_dir holds it (one
+    writer, as a training does): the first process under torchrun (the others only add parts to
+    FILE.parts/), and not a bare --fid."""
     opt = cli.parse_args(argv, SampleConfig(), doc=__doc__)
+    ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
+    writes = int(os.environ.get("RANK", 0)) == 0 and (opt.save_npz or not opt.fid)
+    instead = f"sample into another folder meanwhile: --ckpt={ckpt_path} --out_dir=OTHER"
+    with cli.one_writer(opt.out_dir, instead) if writes else nullcontext():
+        return draw(opt)
+
+
+def draw(opt):
+    """The work of main, once out_dir is held."""
     at_least = lambda lo, names: {k: (lambda v: v >= lo, f"at least {lo}") for k in names}
     cli.check_ranges(opt, at_least(0, ("steps", "num_samples", "fid_ref"))
                      | at_least(1, ("frames", "batch_size")))
@@ -411,9 +421,9 @@ def main(argv):
     os.makedirs(opt.out_dir, exist_ok=True)
     if opt.save_npz or opt.fid:
         return many_samples(run, opt, label, temps[0], rank, world)
-    drawn = [draw(run, opt, label, temps[0])        # both: the uncertainty is returned
-             for draw, on in ((draw_trajectory, opt.trajectory), (draw_uncertainty,
-                                                                 opt.uncertainty)) if on]
+    drawn = [fn(run, opt, label, temps[0])          # both: the uncertainty is returned
+             for fn, on in ((draw_trajectory, opt.trajectory), (draw_uncertainty,
+                                                               opt.uncertainty)) if on]
     return drawn[-1] if drawn else draw_grid(run, opt, label, temps)
 
 

@@ -1,19 +1,25 @@
 """
-vq.py: the VQ tokenizer. A small convolutional autoencoder with a vector-quantised bottleneck that
-turns an image into a grid of codebook indices and back:
+vq.py: the VQ tokenizers. Each turns an image into a grid of codebook indices and back:
 
     32x32x3 image --encoder--> 16x16x d vectors --nearest code--> 16x16 indices in [0, K)
     16x16 indices --codebook E (K, d)--> 16x16x d vectors --decoder--> 32x32x3 image
+
+Two kinds live here, behind one interface (encode(uint8 images) -> indices, decode(indices) ->
+images, codebook (K, d)):
+- VQVAE, a small convolutional autoencoder trained here (`train_vq`) for the small data sets;
+- VQGAN, the released tokenizers the paper's ImageNet results use, read from their files:
+  LlamaGen's VQ-8 / VQ-16 and LDM's vq-f8 (`load_vq` tells the files apart).
 
 The generator (purrception.py) never sees pixels: it learns to move Gaussian noise onto the rows of
 the codebook E, so `model.codebook` is exported exactly as the decoder consumes it.
 
 Run:
-    python vq.py --dataset=shapes                  # retrains data/shapes/vq.pt on data/shapes/train_images.u8
+    python vq.py --dataset=shapes        # retrains data/shapes/vq.pt on data/shapes/train_images.u8
     python vq.py --dataset=cifar10 --max_iters=20000 --vq.codebook_size=512
-(prepare_data.py calls `train_vq` itself when data/NAME/vq.pt is missing, and re-tokenizes after a retraining.)
+(prepare_data.py calls `train_vq` itself when data/NAME/vq.pt is missing, and re-tokenizes after a
+retraining.)
 
-Notable choices (each measured on CIFAR-10, see README):
+Notable choices of VQVAE (each measured on CIFAR-10, see README):
 - Downsample by f=2 only (16x16 tokens for 32x32 images). Its cost is paid by the generator with a
   2x2 patchify, which brings the transformer back to 64 tokens.
 - l2-normalised, low-dimensional codes (d=8), looked up by cosine similarity, as in ViT-VQGAN and
@@ -24,10 +30,12 @@ Notable choices (each measured on CIFAR-10, see README):
 - Plain MSE reconstruction loss: no perceptual or adversarial loss (those need pretrained networks).
 """
 
+import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -62,18 +70,21 @@ def check_config(cfg):
     if f < 1 or f & (f - 1):
         raise ValueError(f"vq downsample must be a power of two, got {f}")
     if cfg.image_size % f:
-        raise ValueError(f"image side {cfg.image_size} is not divisible by the tokenizer's downsampling "
-                         f"factor {f}; pick --image_size as a multiple of {f}")
+        raise ValueError(f"image side {cfg.image_size} is not divisible by the tokenizer's "
+                         f"downsampling factor {f}; pick --image_size as a multiple of {f}")
     if not 2 <= cfg.codebook_size <= 65536:
-        raise ValueError(f"codebook_size {cfg.codebook_size} must be in [2, 65536]: tokens are stored as uint16")
+        raise ValueError(f"codebook_size {cfg.codebook_size} must be in [2, 65536]: tokens are "
+                         f"stored as uint16")
     if cfg.ch % 8 or cfg.ch // f < 1:
-        raise ValueError(f"vq ch={cfg.ch} must be a multiple of 8 (GroupNorm uses 8 groups) and at least {f}")
+        raise ValueError(f"vq ch={cfg.ch} must be a multiple of 8 (GroupNorm uses 8 groups) and "
+                         f"at least {f}")
 
 
-# Per-dataset settings (VQConfig fields and train_vq arguments); the rest take the defaults. Shapes are 16x16 and
-# flat-coloured, so a small VQ with 64 codes and 1000 steps is enough (29.7 dB PSNR, every code used, 27 s on a
-# CPU): an 8x8 token grid that a CPU-sized generator learns in minutes.
-PRESETS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=1000, batch_size=64, eval_interval=1000)}
+# Per-dataset settings (VQConfig fields and train_vq arguments); the rest take the defaults. Shapes
+# are 16x16 and flat-coloured, so a small VQ with 64 codes and 1000 steps is enough (29.7 dB PSNR,
+# every code used, 27 s on a CPU): an 8x8 token grid that a CPU-sized generator learns in minutes.
+PRESETS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=1000, batch_size=64,
+                          eval_interval=1000)}
 
 # -----------------------------------------------------------------------------
 # encoder and decoder
@@ -100,7 +111,8 @@ class Encoder(nn.Module):
         n_down = int(math.log2(cfg.downsample))
         chs = [cfg.ch // 2 ** (n_down - i) for i in range(n_down)] + [cfg.ch]   # e.g. f=2: [32, 64]
         self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
-        self.down = nn.ModuleList(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1) for i in range(n_down))
+        self.down = nn.ModuleList(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1)
+                                  for i in range(n_down))
         self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
         self.norm_out = nn.GroupNorm(8, cfg.ch)
         self.conv_out = nn.Conv2d(cfg.ch, cfg.code_dim, 1)
@@ -123,7 +135,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.code_dim, cfg.ch, 3, padding=1)
         self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
         self.norm = nn.GroupNorm(8, cfg.ch)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chs[i], chs[i + 1], 4, stride=2, padding=1) for i in range(n_up))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chs[i], chs[i + 1], 4, stride=2, padding=1)
+                                for i in range(n_up))
         self.conv_out = nn.Conv2d(chs[-1], 3, 3, padding=1)
 
     def forward(self, z):
@@ -143,7 +156,8 @@ class Decoder(nn.Module):
 # The encoder is pulled towards its code by the commitment loss  beta * ||z - stopgrad(e_c)||^2.
 # The codes themselves are not trained by gradient: each is the (normalised) running mean of the
 # encoder outputs assigned to it (EMA k-means, VQ-VAE appendix; Razavi et al. 2019):
-#     N_k <- decay * N_k + (1 - decay) * n_k,      S_k <- decay * S_k + (1 - decay) * sum_{i: c_i = k} z_i
+#     N_k <- decay * N_k + (1 - decay) * n_k
+#     S_k <- decay * S_k + (1 - decay) * sum_{i: c_i = k} z_i
 #     e_k  = normalise(S_k / N_k)
 # A code whose usage N_k falls below `dead_threshold` is restarted at a random encoder output of the
 # current batch, so probability mass the generator must learn is never spread over unused codes.
@@ -152,8 +166,9 @@ class Decoder(nn.Module):
 class Quantizer(nn.Module):
     def __init__(self, K, d, beta=0.25, decay=0.99, dead_threshold=1.0):
         super().__init__()
-        self.K, self.d, self.beta, self.decay, self.dead_threshold = K, d, beta, decay, dead_threshold
-        self.register_buffer("embed", F.normalize(torch.randn(K, d), dim=1))   # (K, d) the codebook E
+        self.K, self.d, self.beta, self.decay = K, d, beta, decay
+        self.dead_threshold = dead_threshold
+        self.register_buffer("embed", F.normalize(torch.randn(K, d), dim=1))   # (K, d): E
         self.register_buffer("ema_count", torch.ones(K))                        # N_k
         self.register_buffer("ema_sum", self.embed.clone())                     # S_k
         self.register_buffer("initialized", torch.tensor(False))
@@ -185,25 +200,31 @@ class Quantizer(nn.Module):
         sums = torch.zeros_like(self.ema_sum).index_add_(0, c, z)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        dead = self.ema_count < self.dead_threshold
-        if dead.any():                                                      # restart at random batch vectors
-            pick = torch.randint(0, z.shape[0], (int(dead.sum()),), device=z.device)
-            self.ema_sum[dead] = z[pick]
-            self.ema_count[dead] = self.dead_threshold
+        # restart dead codes at random batch vectors: a vector is drawn for every code and kept
+        # where the code is dead, so the step never waits for the device to count them
+        dead = self.ema_count < self.dead_threshold                         # (K,)
+        pick = torch.randint(0, z.shape[0], (self.K,), device=z.device)     # (K,)
+        self.ema_sum.copy_(torch.where(dead[:, None], z[pick], self.ema_sum))
+        self.ema_count.clamp_(min=self.dead_threshold)
         self.embed.copy_(F.normalize(self.ema_sum, dim=1))
 
     def forward(self, z):
-        """z: (B, d, h, w) encoder output -> z_q (B, d, h, w), indices (B, h, w), commitment loss."""
+        """z: (B, d, h, w) encoder output -> z_q (B, d, h, w), indices (B, h, w), commitment
+        loss."""
         B, d, h, w = z.shape
-        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)         # (B*h*w, d) unit vectors
-        if self.training and not bool(self.initialized):
-            self.kmeans_init(z.detach())
+        z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)         # (B*h*w, d) unit
+        # the buffer is read on the host once (after a load too), not at every step
+        if self.training and not getattr(self, "_initialized", False):
+            self._initialized = bool(self.initialized)
+            if not self._initialized:
+                self.kmeans_init(z.detach())
+                self._initialized = True
         c = self.nearest(z.detach())                                         # (B*h*w,)
         if self.training:
             self.ema_update(z.detach(), c)
         e = self.embed[c]                                                    # (B*h*w, d)
         commit = self.beta * F.mse_loss(z, e)
-        z_q = z + (e - z).detach()                                           # straight-through estimator
+        z_q = z + (e - z).detach()                                  # straight-through estimator
         z_q = z_q.reshape(B, h, w, d).permute(0, 3, 1, 2)
         return z_q, c.reshape(B, h, w), commit
 
@@ -212,7 +233,8 @@ class Quantizer(nn.Module):
 
 
 def to_float(images):
-    """uint8 (N, H, W, 3) numpy/tensor -> float (N, 3, H, W) in [-1, 1]; float input passes through."""
+    """uint8 (N, H, W, 3) numpy/tensor -> float (N, 3, H, W) in [-1, 1]; float input passes
+    through."""
     x = torch.as_tensor(images)
     if x.dtype == torch.uint8:
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -229,6 +251,12 @@ def psnr(a, b):
     """Peak signal-to-noise ratio in dB between two uint8 image arrays (over the whole set)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+def batched(model, fn, x, batch_size):
+    """fn over x in batches on the model's device; the results concatenated on the cpu."""
+    dev = next(model.parameters()).device
+    return torch.cat([fn(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
 
 
 class VQVAE(nn.Module):
@@ -250,58 +278,411 @@ class VQVAE(nn.Module):
         z_q, idx, commit = self.quantizer(self.encoder(x))
         return self.decoder(z_q), idx, commit
 
-    def _batched(self, fn, x, batch_size):
-        dev = next(self.parameters()).device
-        return torch.cat([fn(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
-
     @torch.no_grad()
     def encode(self, images, batch_size=512):
-        """images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1] -> indices (N, h, w) int64, on cpu."""
+        """images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1] -> indices (N, h, w) int64,
+        on cpu."""
         def enc(x):
             z = F.normalize(self.encoder(to_float(x)), dim=1)               # (b, d, h, w)
             b, d, h, w = z.shape
             return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).reshape(b, h, w)
-        return self._batched(enc, torch.as_tensor(images), batch_size)
+        return batched(self, enc, torch.as_tensor(images), batch_size)
 
     @torch.no_grad()
     def decode_z(self, z, batch_size=512):
-        """z: (N, h, w, d) points in code space (codes, or posterior means) -> images (N, 3, H, W), on cpu."""
-        return self._batched(lambda zb: self.decoder(zb.float().permute(0, 3, 1, 2)), z, batch_size)
+        """z: (N, h, w, d) points in code space (codes, or posterior means) -> images
+        (N, 3, H, W), on cpu."""
+        return batched(self, lambda zb: self.decoder(zb.float().permute(0, 3, 1, 2)), z, batch_size)
 
     @torch.no_grad()
     def decode(self, indices, batch_size=512):
-        """indices: (N, h, w) integers in [0, K) -> images (N, 3, H, W) in [-1, 1] (float), on cpu."""
+        """indices: (N, h, w) integers in [0, K) -> images (N, 3, H, W) in [-1, 1] (float), on
+        cpu."""
         E = self.quantizer.embed
         idx = torch.as_tensor(indices).long()
-        return self._batched(lambda i: self.decoder(E[i].permute(0, 3, 1, 2)), idx, batch_size)
+        return batched(self, lambda i: self.decoder(E[i].permute(0, 3, 1, 2)), idx, batch_size)
+
+# -----------------------------------------------------------------------------
+# the released tokenizers: LlamaGen VQ-8 / VQ-16 and the LDM (Stable Diffusion) first stage vq-f8
+#
+# Both are taming-transformers' VQGAN autoencoder; their files differ in key names, not in what they
+# compute. One implementation reads both, its shape taken from the file's tensors:
+#     encoder: conv_in -> per level [n_res x (ResnetBlock, + AttnBlock at the attention levels),
+#              Downsample but at the last level] -> mid (ResnetBlock, AttnBlock, ResnetBlock)
+#              -> GroupNorm, swish, conv_out (z_channels)
+#     quant_conv (1x1, z_channels -> d) -> nearest of the K codebook rows
+#     -> post_quant_conv (1x1, d -> z_channels)
+#     decoder: the mirror, with n_res + 1 blocks a level and nearest-neighbour Upsample
+# GroupNorm(32 groups, eps 1e-6) everywhere, swish = x * sigmoid(x), single-head attention.
+# LlamaGen VQ-8: width 128, ch_mult (1, 2, 2, 4), attention at the lowest level, z 256, K=16384,
+# d=8, and the quantiser l2-normalises both the encoder output and the rows (the rows' stored norms
+# are free after training), so the codebook the generator sees is the normalised rows. VQ-16: the
+# same with ch_mult (1, 1, 2, 2, 4). LDM vq-f8: width 128, ch_mult (1, 2, 2, 4), attention at 32x32,
+# z 4, K=16384, d=4, raw rows and a plain L2 nearest neighbour.
+
+
+def Normalize(ch):
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(swish(norm(conv(swish(norm(x)))))), with a 1x1 shortcut when the width changes."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class AttnBlock(nn.Module):
+    """x + proj_out(softmax(q k^T / sqrt(C)) v): one head over all h*w positions, 1x1 convs."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = Normalize(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (f(h).reshape(B, 1, C, H * W).transpose(2, 3) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)                             # (B, 1, HW, C)
+        return x + self.proj_out(y.transpose(2, 3).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: pad one pixel right and bottom, then a 3x3 conv of stride 2 (taming)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then a 3x3 conv."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@dataclass
+class VQGANConfig:
+    """The shape of a released tokenizer, as read from its tensors (read_vqgan_config)."""
+    family: str = "llamagen"      # 'llamagen' (l2-normalised codes) or 'ldm' (raw codes)
+    ch: int = 128                 # width at full resolution
+    ch_mult: tuple = (1, 2, 2, 4)  # width multiplier per level; 2^(levels-1) is the downsampling
+    n_res: int = 2                # ResnetBlocks a level in the encoder (the decoder has one more)
+    attn_levels: tuple = (3,)     # the levels with attention (0: full resolution)
+    z_channels: int = 256         # channels around the quantiser's 1x1 convs
+    codebook_size: int = 16384    # K
+    code_dim: int = 8             # d
+    image_size: int = 256         # the side this project feeds it (ImageNet 256, as in the paper)
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid(self):
+        return self.image_size // self.downsample
+
+
+class VQGANEncoder(nn.Module):
+    """(B, 3, H, W) in [-1, 1] -> (B, z_channels, H/f, W/f)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in (1, *cfg.ch_mult)]                        # in, then each level
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for i in range(len(cfg.ch_mult)):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(chs[i] if j == 0 else chs[i + 1], chs[i + 1])
+                                        for j in range(cfg.n_res))
+            level.attn = nn.ModuleList(AttnBlock(chs[i + 1]) for _ in range(cfg.n_res)
+                                       if i in cfg.attn_levels)
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(chs[i + 1])
+            self.down.append(level)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
+        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.norm_out = Normalize(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)                                     # halve H and W
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQGANDecoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, 3, h*f, w*f). up[i] is level i, run from the lowest up."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
+        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.up = nn.ModuleList()
+        for i in range(len(chs)):
+            level = nn.Module()
+            c_in = chs[i + 1] if i + 1 < len(chs) else chs[-1]      # the level below's width
+            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else chs[i], chs[i])
+                                        for j in range(cfg.n_res + 1))
+            level.attn = nn.ModuleList(AttnBlock(chs[i]) for _ in range(cfg.n_res + 1)
+                                       if i in cfg.attn_levels)
+            if i != 0:
+                level.upsample = Upsample(chs[i])
+            self.up.append(level)
+        self.norm_out = Normalize(chs[0])
+        self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)                                       # double H and W
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@contextmanager
+def exact_fp32():
+    """No TF32 inside (CUDA's convolutions use it by default): a trained codebook's nearest-code
+    margins can be 1e-5, under what TF32's 10-bit mantissa changes."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+class VQGAN(nn.Module):
+    """A released tokenizer with this project's interface: encode(uint8) -> indices,
+    decode(indices) -> images, codebook (K, d) as the decoder consumes it. Always fp32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = VQGANEncoder(cfg), VQGANDecoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(cfg.codebook_size, cfg.code_dim)
+
+    @property
+    def l2_norm(self):
+        return self.cfg.family == "llamagen"
+
+    @property
+    def codebook(self):
+        """E: (K, d) float32: LlamaGen's rows normalised (what its decoder receives), LDM's raw."""
+        E = self.quantize.embedding.weight.detach().float()
+        return (F.normalize(E, dim=1) if self.l2_norm else E).clone()
+
+    def nearest(self, z, E, rows=4096):
+        """z (M, d), E (K, d) -> (M,) argmin_k ||z - e_k||^2, written as the official quantisers
+        write it (z^2 + e^2 - 2 z.e, so ties fall the same way), rows at a time: (rows, K)."""
+        e2 = (E ** 2).sum(dim=1)
+        out = [((zc ** 2).sum(dim=1, keepdim=True) + e2 - 2 * zc @ E.t()).argmin(dim=1)
+               for zc in z.split(rows)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode(self, images, batch_size=32):
+        """images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1] -> indices (N, h, w) int64,
+        on cpu."""
+        E = self.codebook.to(next(self.parameters()).device)
+
+        def enc(x):
+            z = self.quant_conv(self.encoder(to_float(x)))                  # (b, d, h, w)
+            b, d, h, w = z.shape
+            z = z.permute(0, 2, 3, 1).reshape(-1, d)                        # (b*h*w, d)
+            z = F.normalize(z, dim=1) if self.l2_norm else z
+            return self.nearest(z, E).reshape(b, h, w)
+        with exact_fp32():
+            return batched(self, enc, torch.as_tensor(images), batch_size)
+
+    @torch.no_grad()
+    def decode_z(self, z, batch_size=32):
+        """z: (N, h, w, d) points in code space -> images (N, 3, H, W), on cpu."""
+        dec = lambda zb: self.decoder(self.post_quant_conv(zb.float().permute(0, 3, 1, 2)))
+        with exact_fp32():
+            return batched(self, dec, z, batch_size)
+
+    @torch.no_grad()
+    def decode(self, indices, batch_size=32):
+        """indices: (N, h, w) integers in [0, K) -> images (N, 3, H, W) in [-1, 1], on cpu."""
+        return self.decode_z(self.codebook[torch.as_tensor(indices).long()], batch_size)
+
+
+# LlamaGen's key names -> the ones above (LDM's): its levels are conv_blocks.{i}.res/.attn, its
+# middle a list, and its decoder's levels counted from the lowest resolution up.
+LLAMAGEN_MID = {"0": "block_1", "1": "attn_1", "2": "block_2"}
+LLAMAGEN_DROP = ("quantize.codebook_used",)       # the usage ring buffer of its training loop
+LDM_DROP = ("loss.",)                             # the LPIPS and discriminator of its training loss
+LAYOUTS = ("a tokenizer written by vq.py", "LlamaGen VQ-8/VQ-16 ({'model': state_dict})",
+           "LDM vq-f8 ({'state_dict': state_dict})")
+
+
+def rename_llamagen(sd):
+    """A LlamaGen VQModel state dict -> VQGAN's key names (and its usage buffer dropped)."""
+    n_dec = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.conv_blocks."))
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(LLAMAGEN_DROP):
+            continue
+        part = key.split(".")
+        if part[1] == "mid":
+            part[2] = LLAMAGEN_MID[part[2]]
+        elif part[1] == "conv_blocks":
+            i = int(part[2]) if part[0] == "encoder" else n_dec - 1 - int(part[2])
+            part[1:3] = ["down" if part[0] == "encoder" else "up", str(i)]
+            part[3] = {"res": "block"}.get(part[3], part[3])
+        out[".".join(part)] = value
+    return out
+
+
+def read_vqgan_config(sd, family):
+    """VQGAN's shape from its tensors: width, levels and their widths, blocks a level, the levels
+    with attention, z channels, K and d."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    width = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
+    n_res = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    attn = tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    K, d = sd["quantize.embedding.weight"].shape
+    return VQGANConfig(family=family, ch=ch, ch_mult=tuple(w // ch for w in width), n_res=n_res,
+                       attn_levels=attn, z_channels=sd["quant_conv.weight"].shape[1],
+                       codebook_size=K, code_dim=d)
+
+
+def load_vqgan(ckpt):
+    """A released checkpoint dict -> VQGAN, or None when it is neither LlamaGen's nor LDM's."""
+    sd = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt.get("state_dict")
+    if not isinstance(sd, dict):
+        return None
+    if any(k.startswith("encoder.conv_blocks.") for k in sd):
+        family, sd = "llamagen", rename_llamagen(sd)
+    elif "encoder.down.0.block.0.conv1.weight" in sd:
+        family, sd = "ldm", {k: v for k, v in sd.items() if not k.startswith(LDM_DROP)}
+    else:
+        return None
+    model = VQGAN(read_vqgan_config(sd, family))
+    want = model.state_dict()
+    for key in sorted(want.keys() | sd.keys()):  # strict: every key, every shape, as released
+        if key not in sd or key not in want or sd[key].shape != want[key].shape:
+            raise ValueError(f"its key {key} " + ("is missing" if key not in sd else "is unexpected"
+                             if key not in want else f"has the shape {tuple(sd[key].shape)}, not "
+                             f"{tuple(want[key].shape)}"))
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model
+
+# -----------------------------------------------------------------------------
+# tokenizer files: vq.py's own, and the released ones
 
 
 def save_vq(model, path, metrics=None, trained_on=""):
-    """Atomic save of weights + constructor arguments (loadable with weights_only=True); trained_on names the
-    data folder whose images trained it, so a tokenizer is never used on another folder's images by mistake."""
+    """Atomic save of weights + constructor arguments (loadable with weights_only=True); trained_on
+    names the data folder whose images trained it, so a tokenizer is never used on another folder's
+    images by mistake."""
     ckpt = {"model": model.state_dict(), "vq_config": asdict(model.cfg), "metrics": metrics or {},
             "trained_on": trained_on}
     cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
 
 
 def read_vq(path):
-    """The checkpoint dict of a tokenizer file, or a UserError naming the file."""
+    """The checkpoint dict of a tokenizer file of any of LAYOUTS, or a UserError naming the file."""
     if not os.path.exists(path):
-        raise cli.UserError(f"no tokenizer at {path}; run `python prepare_data.py --dataset=NAME` to train one")
+        raise cli.UserError(f"no tokenizer at {path}; run `python prepare_data.py --dataset=NAME` "
+                            f"to train one, or pass --tokenizer=FILE (LlamaGen's or LDM's)")
+    kinds = "; it reads " + ", ".join(LAYOUTS)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        VQConfig(**ckpt["vq_config"])
-        return ckpt
-    except Exception as e:                       # truncated, foreign, or from another version
-        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}); delete it and prepare the "
-                            f"data again") from None
+    except Exception as e:                       # truncated, foreign, or pickled objects
+        pickled = " (it holds pickled Python objects: keep its state dict alone)" * (
+            "weights_only" in str(e).lower() or "unsupported global" in str(e).lower())
+        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}); "
+                            f"a file cut short must be fetched or prepared again{kinds}") from None
+    if not isinstance(ckpt, dict) or not (isinstance(ckpt.get("released"), str) or any(
+            isinstance(ckpt.get(k), dict) for k in ("vq_config", "model", "state_dict"))):
+        raise cli.UserError(f"{path} is not a tokenizer file{kinds}")
+    if "vq_config" in ckpt:
+        try:
+            VQConfig(**ckpt["vq_config"])
+        except TypeError:                        # from another version of vq.py
+            raise cli.UserError(f"cannot read the tokenizer {path} (another version's settings); "
+                                f"delete it and prepare the data again") from None
+    return ckpt
+
+
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def save_pointer(path, released, image_size):
+    """A data folder's tokenizer when it is a file brought from elsewhere (a released one): where
+    that file is, its sha1, and the image size the folder feeds it. load_vq follows it."""
+    ckpt = {"released": os.path.abspath(released), "sha1": file_sha1(released),
+            "image_size": image_size}
+    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
 
 
 def load_vq(path, device="cpu"):
-    """Rebuild a VQVAE from a checkpoint written by save_vq, in eval mode."""
+    """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or a save_pointer to
+    one) -> its model, in eval mode on device; the architecture comes from the file."""
     ckpt = read_vq(path)
-    model = VQVAE(VQConfig(**ckpt["vq_config"]))
-    model.load_state_dict(ckpt["model"])
+    if "released" in ckpt:                       # a data folder's pointer (prepare_data.py)
+        target = ckpt["released"]
+        if not os.path.exists(target) or file_sha1(target) != ckpt["sha1"]:
+            raise cli.UserError(f"{path} stands for the tokenizer {target}, which is "
+                                + ("missing" if not os.path.exists(target) else "another file "
+                                   "now (its sha1 changed)")
+                                + "; put the file back, or prepare the folder again with "
+                                  "--tokenizer=FILE --force")
+        model = load_vq(target, device)
+        if isinstance(model, VQGAN):
+            model.cfg = replace(model.cfg, image_size=ckpt["image_size"])
+        return model
+    if "vq_config" in ckpt:
+        model = VQVAE(VQConfig(**ckpt["vq_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval()
+    try:
+        model = load_vqgan(ckpt)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise cli.UserError(f"{path} is laid out like a released tokenizer, but {e}; it reads "
+                            + ", ".join(LAYOUTS)) from None
+    if model is None:
+        raise cli.UserError(f"{path} is not a tokenizer file; it reads " + ", ".join(LAYOUTS))
     return model.to(device).eval()
 
 # -----------------------------------------------------------------------------
@@ -316,13 +697,15 @@ def save_pairs(originals, recons, path, n=32, cols=8):
     o, r = originals[:n], recons[:n]
     rows = []
     for i in range(0, n - cols + 1, cols):
-        rows += [np.concatenate(list(o[i:i + cols]), axis=1), np.concatenate(list(r[i:i + cols]), axis=1)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        rows += [np.concatenate(list(o[i:i + cols]), axis=1),
+                 np.concatenate(list(r[i:i + cols]), axis=1)]
+    cli.atomic_save(Image.fromarray(np.concatenate(rows, axis=0)).save, path)
 
 
 @torch.no_grad()
 def evaluate(model, val_u8, batch_size=500):
-    """Reconstruction PSNR on held-out images, codebook usage (fraction of codes hit) and perplexity."""
+    """Reconstruction PSNR on held-out images, codebook usage (fraction of codes hit) and
+    perplexity."""
     model.eval()
     idx = model.encode(val_u8, batch_size)
     recon = to_uint8(model.decode(idx, batch_size))
@@ -330,33 +713,42 @@ def evaluate(model, val_u8, batch_size=500):
     p = counts / counts.sum()
     perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
     model.train()
-    return {"psnr": psnr(val_u8, recon), "usage": float((counts > 0).float().mean()), "perplexity": perplexity}, recon
+    usage = float((counts > 0).float().mean())
+    return {"psnr": psnr(val_u8, recon), "usage": usage, "perplexity": perplexity}, recon
 
 
-def train_vq(train_u8, val_u8, cfg, out_path, max_iters=1200, batch_size=128, lr=2e-3, device="cpu",
-             eval_interval=1000, seed=0, log=print, trained_on=""):
-    """Train the tokenizer on uint8 (N, H, W, 3) images; write out_path (+ a reconstruction PNG beside it)."""
+def train_vq(train_u8, val_u8, cfg, out_path, *, max_iters=1200, batch_size=128, lr=2e-3,
+             device="cpu", eval_interval=1000, seed=0, log=print, trained_on=""):
+    """Train the tokenizer on uint8 (N, H, W, 3) images; write out_path (+ a reconstruction PNG
+    beside it)."""
     check_config(cfg)
     if train_u8.shape[1] != cfg.image_size:
-        raise ValueError(f"images are {train_u8.shape[1]}px but the tokenizer config says image_size={cfg.image_size}")
+        raise ValueError(f"images are {train_u8.shape[1]}px but the tokenizer config says "
+                         f"image_size={cfg.image_size}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = VQVAE(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"vq: {n_params / 1e6:.2f}M parameters, {cfg.grid}x{cfg.grid} tokens, K={cfg.codebook_size}, "
-        f"d={cfg.code_dim}, {max_iters} iters of batch {batch_size}")
+    log(f"vq: {n_params / 1e6:.2f}M parameters, {cfg.grid}x{cfg.grid} tokens, "
+        f"K={cfg.codebook_size}, d={cfg.code_dim}, {max_iters} iters of batch {batch_size}")
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
-    # 2000 val images are enough for a stable PSNR and cheap to encode: a fixed random subset, in random order, so
-    # figures and the preview stand for every class (val sets are often sorted by class)
+    # 2000 val images are enough for a stable PSNR and cheap to encode: a fixed random subset, in
+    # random order, so figures and the preview stand for every class (val sets are often sorted by
+    # class)
     val_u8 = val_u8[np.random.default_rng(0).permutation(len(val_u8))[:2000]]
     metrics, t0 = {}, time.time()
     for it in cli.progress(range(1, max_iters + 1), desc="vq", unit="iter"):
-        # cosine decay to 10% of lr after a short warmup: long training at full lr makes the codes churn
+        # cosine decay to 10% of lr after a short warmup: long training at full lr makes the codes
+        # churn
         warm = min(1.0, it / min(200, max_iters // 10 + 1))
-        opt.param_groups[0]["lr"] = lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * it / max_iters)))
-        x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))]).to(device)
+        cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * it / max_iters))
+        opt.param_groups[0]["lr"] = lr * warm * cosine
+        x = to_float(train_u8[np.sort(rng.integers(0, len(train_u8), batch_size))])
+        # pinned + non_blocking: the copy does not wait for the previous step to finish
+        x = (x.pin_memory().to(device, non_blocking=True) if device.startswith("cuda")
+             else x.to(device))
         if rng.random() < 0.5:
-            x = x.flip(3)                                   # horizontal flips: free data for natural images
+            x = x.flip(3)                       # horizontal flips: free data for natural images
         recon, _, commit = model(x)
         rec = F.mse_loss(recon, x)
         loss = rec + commit
@@ -366,8 +758,9 @@ def train_vq(train_u8, val_u8, cfg, out_path, max_iters=1200, batch_size=128, lr
         if it % eval_interval == 0 or it == max_iters:
             metrics, recon_u8 = evaluate(model, val_u8)
             metrics.update(iter=it, minutes=(time.time() - t0) / 60)
-            log(f"vq iter {it}: val psnr {metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.1%}, "
-                f"perplexity {metrics['perplexity']:.0f}, {metrics['minutes']:.1f} min")
+            log(f"vq iter {it}: val psnr {metrics['psnr']:.2f} dB, codebook usage "
+                f"{metrics['usage']:.1%}, perplexity {metrics['perplexity']:.0f}, "
+                f"{metrics['minutes']:.1f} min")
             save_pairs(val_u8, recon_u8, os.path.splitext(out_path)[0] + "_recon.png")
             save_vq(model, out_path, metrics, trained_on)
     return model.eval()
@@ -379,7 +772,7 @@ def train_vq(train_u8, val_u8, cfg, out_path, max_iters=1200, batch_size=128, lr
 @dataclass
 class TrainConfig:
     dataset: str = "shapes"       # data/<dataset>/ with train_images.u8 from prepare_data.py
-    out: str = ""                 # the tokenizer file; '' means data/<dataset>/vq.pt (re-tokenized on next prepare)
+    out: str = ""                 # the tokenizer; '' means data/<dataset>/vq.pt (then re-tokenized)
     max_iters: int = 1200         # optimizer steps
     batch_size: int = 128         # images per step
     lr: float = 2e-3              # Adam's peak learning rate (cosine to 10%)
@@ -391,27 +784,32 @@ class TrainConfig:
 def main(argv):
     train_keys = asdict(TrainConfig())
     presets = {name: {k: v for k, v in p.items() if k in train_keys} for name, p in PRESETS.items()}
-    preset = next((PRESETS.get(a.partition("=")[2], {}) for a in argv if a.startswith("--dataset=")),
-                  PRESETS.get(TrainConfig.dataset, {}))
+    preset = next((PRESETS.get(a.partition("=")[2], {}) for a in argv
+                   if a.startswith("--dataset=")), PRESETS.get(TrainConfig.dataset, {}))
     shape_keys = {k: v for k, v in asdict(VQConfig()).items() if k != "image_size"}
     opt, extra = cli.parse_args(argv, TrainConfig(), presets, __doc__, {"vq.": {**shape_keys, **{
         k: v for k, v in preset.items() if k in shape_keys}}}, cli.field_comments(VQConfig))
-    cli.check_ranges(opt, {k: (lambda v: v >= 1, "at least 1") for k in ("max_iters", "batch_size", "eval_interval")})
+    cli.check_ranges(opt, {k: (lambda v: v >= 1, "at least 1")
+                           for k in ("max_iters", "batch_size", "eval_interval")})
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", opt.dataset)
-    meta = cli.read_json(os.path.join(root, "meta.json"), f"prepared images (run `python prepare_data.py "
-                                                           f"--dataset={opt.dataset}` first)")
+    meta = cli.read_json(os.path.join(root, "meta.json"),
+                         f"prepared images (run `python prepare_data.py --dataset={opt.dataset}` "
+                         f"first)")
     S = meta["image_size"]                       # the images' size is the folder's, not a flag
     shape = (-1, S, S, 3)
-    train_u8 = np.memmap(os.path.join(root, "train_images.u8"), dtype=np.uint8, mode="r").reshape(shape)
-    val_u8 = np.array(np.memmap(os.path.join(root, "val_images.u8"), dtype=np.uint8, mode="r").reshape(shape))
+    images = lambda split: np.memmap(os.path.join(root, f"{split}_images.u8"), dtype=np.uint8,
+                                     mode="r").reshape(shape)
+    train_u8, val_u8 = images("train"), np.array(images("val"))
     fields = {**{k: v for k, v in preset.items() if k in shape_keys}, **extra.get("vq.", {})}
     try:
         cfg = VQConfig(**{**fields, "image_size": S})
         check_config(cfg)
     except ValueError as e:
         raise cli.UserError(str(e)) from None
-    train_vq(train_u8, val_u8, cfg, opt.out or os.path.join(root, "vq.pt"), opt.max_iters, opt.batch_size, opt.lr,
-             cli.pick_device(opt.device), opt.eval_interval, opt.seed, trained_on=opt.dataset)
+    train_vq(train_u8, val_u8, cfg, opt.out or os.path.join(root, "vq.pt"),
+             max_iters=opt.max_iters, batch_size=opt.batch_size, lr=opt.lr,
+             device=cli.pick_device(opt.device), eval_interval=opt.eval_interval, seed=opt.seed,
+             trained_on=opt.dataset)
 
 
 if __name__ == "__main__":

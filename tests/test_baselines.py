@@ -20,7 +20,7 @@ from conftest import D, GRID, K, NUM_CLASSES, codebook, tiny_config
 
 def tiny_model(objective):
     torch.manual_seed(0)
-    return OBJECTIVES[objective].model(K, D, grid_size=GRID, patch_size=2, n_layer=2, n_head=2, n_embd=32,
+    return OBJECTIVES[objective].build_model(K, D, grid_size=GRID, patch_size=2, n_layer=2, n_head=2, n_embd=32,
                                        num_classes=NUM_CLASSES)
 
 

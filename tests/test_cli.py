@@ -48,10 +48,11 @@ def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
     E, net = torch.randn(K, d), Toy(d, K, C)
     idx, y = torch.randint(0, K, (6, 3, 5)), torch.randint(0, C, (6,))                 # a non-square grid
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    loss = namespace["vfm_loss"](net, idx, E, y)
+    same_draws = lambda: torch.Generator().manual_seed(0)                            # the same t and noise
+    loss = namespace["vfm_loss"](net, idx, E, y, generator=same_draws())
     loss.backward()
     opt.step()
-    assert abs(loss.item() - namespace["vfm_loss"](net, idx, E, y).item()) < 10 and torch.isfinite(loss)
+    assert namespace["vfm_loss"](net, idx, E, y, generator=same_draws()) < loss      # a step down the gradient
     out = namespace["euler_sample"](net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C)
     assert out.shape == (6, 3, 5) and out.dtype == torch.long and 0 <= out.min() and out.max() < K
 

@@ -33,7 +33,8 @@ def test_staged_arms_measure_every_stage_and_match_a_straight_run(data_dir, tmp_
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["arm"], int(r["seed"]), int(r["iter"])) for r in rows] == [
         (o, s, i) for s in (0, 1) for o in ("purrception", "dfm") for i in (3, 6)]
-    assert all(math.isfinite(float(r["fid"])) and float(r["fid_se"]) >= 0 for r in rows)
+    # (the standard error's value: test_the_fid_standard_error_is_the_bootstrap_spread...)
+    assert all(math.isfinite(float(r["fid"])) and math.isfinite(float(r["fid_se"])) for r in rows)
     printed = capsys.readouterr().out
     assert "| purrception | 6 |" in printed and "iterations ratio vs dfm" in printed     # the report
     # stages resume bit-exactly: the staged arm ends with the weights of one straight 6-iteration run
@@ -54,6 +55,15 @@ def test_staged_arms_measure_every_stage_and_match_a_straight_run(data_dir, tmp_
         "time_embed"] == "official"
     with pytest.raises(cli.UserError, match="purrception, cfm, cfm_endpoint, dfm"):
         compare.main(argv[:-1] + ["--objectives=purrception,mdlm"])
+
+
+def test_the_fid_standard_error_is_the_bootstrap_spread_and_shrinks_with_more_samples():
+    rng = np.random.default_rng(0)
+    ref = compare.fid.feature_stats(rng.normal(size=(2000, 3)))
+    few, many = rng.normal(size=(40, 3)) + 0.5, rng.normal(size=(640, 3)) + 0.5
+    (fid_few, se_few), (fid_many, se_many) = (compare.fid_with_error(f, ref, 200, 0) for f in (few, many))
+    assert 0 < se_many < se_few / 2                                   # 16x the samples: about a quarter the s.e.
+    assert abs(fid_many - 0.75) < 3 * se_many + 0.05                  # a mean shift of 0.5 in 3 dims: FID 0.75
 
 
 def test_iterations_to_reach_a_fid_interpolate_in_log_iterations():

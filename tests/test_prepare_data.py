@@ -292,3 +292,213 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
     assert not os.path.exists(pd.data_path(name))
+
+# -----------------------------------------------------------------------------
+# an image folder streamed through a tokenizer file: ADM's crop, chunks, resume, torchrun, bad files
+
+MODES = ("RGB", "L", "P", "CMYK", "RGBA")                 # CMYK and L as JPEG, the others as PNG
+
+
+def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(18, 70, 2))
+            mode = MODES[i % len(MODES)]
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            os.makedirs(root / c, exist_ok=True)
+            im.save(root / c / f"{i:03d}.{'jpg' if mode in ('L', 'CMYK') else 'png'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """An image folder, a LlamaGen-layout tokenizer file and the folder's tokens from one process."""
+    from test_vq import released_file
+    base = tmp_path_factory.mktemp("stream")
+    root = make_folder(base / "images")
+    released_file(str(base / "tok.pt"), "llamagen")
+    data = base / "data"
+    old, pd.DATA_ROOT = pd.DATA_ROOT, str(data)
+    try:
+        pd.stream_folder(str(root), "ref", str(base / "tok.pt"), 16, workers=0, batch_size=3,
+                         chunk=4, device="cpu", log=lambda *a: None)
+    finally:
+        pd.DATA_ROOT = old
+    return base, root, data / "ref"
+
+
+def test_adm_center_crop_box_halves_then_bicubic_then_crops():
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (32, 80, 3), dtype=np.uint8))     # 80 x 32, to 16
+    out = pd.center_crop(im, 16)
+    halved = np.asarray(im.resize((40, 16), Image.Resampling.BOX))     # short side 32 >= 2 * 16
+    assert out.shape == (16, 16, 3) and np.array_equal(out, halved[:, 12:28])
+    small = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))  # 30 x 20 to 16
+    resized = np.asarray(small.resize((24, 16), Image.Resampling.BICUBIC))
+    assert np.array_equal(pd.center_crop(small, 16), resized[:, 4:20])
+    for mode in MODES:                                      # every mode comes back RGB
+        assert pd.center_crop(im.convert(mode).convert("RGB"), 16).shape == (16, 16, 3)
+
+
+def test_streamed_tokens_are_the_tokenizers_codes_of_every_file(streamed):
+    base, root, folder = streamed
+    meta = json.load(open(folder / "meta.json"))
+    model = vq.load_vq(str(folder / "vq.pt"))                      # the folder's pointer to tok.pt
+    assert meta["released_tokenizer"] == str(base / "tok.pt") and model.cfg.image_size == 16
+    classes, train, val = pd.split_imagefolder(str(root))
+    assert meta["class_names"] == classes == ["n01", "n02", "n03"]
+    assert (meta["train_count"], meta["val_count"], meta["grid_h"]) == (len(train), len(val), 8)
+    for split, files in (("train", train), ("val", val)):
+        images = np.stack([pd.load_image(f, 16) for f, _ in files])
+        tokens = np.fromfile(folder / f"{split}.bin", np.uint16).reshape(len(files), 64)
+        assert np.array_equal(tokens, model.encode(images).reshape(len(files), 64).numpy())
+        assert np.array_equal(np.fromfile(folder / f"{split}_labels.bin", np.uint16),
+                              [y for _, y in files])
+    assert [f for f in os.listdir(folder) if f.startswith(".")] == []       # chunks cleaned up
+    meta2, tokenizer = pd.open_folder(str(folder))                 # what training reads
+    assert tokenizer.cfg.grid == meta2["grid_h"] == 8
+
+
+def test_streaming_with_workers_gives_the_same_bytes_and_reruns_skip(streamed, tmp_path,
+                                                                     monkeypatch):
+    base, root, ref = streamed
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path))
+    logs = []
+    folder = pd.stream_folder(str(root), "w2", str(base / "tok.pt"), 16, workers=2, batch_size=3,
+                              chunk=4, device="cpu", log=logs.append)
+    for f in ("train.bin", "val.bin", "train_labels.bin", "val_labels.bin"):
+        assert open(os.path.join(folder, f), "rb").read() == (ref / f).read_bytes(), f
+    pd.stream_folder(str(root), "w2", str(base / "tok.pt"), 16, workers=0, log=logs.append)
+    assert "tokens exist, skipping" in logs[-1]
+
+
+def test_streaming_memory_does_not_grow_with_the_images(streamed, tmp_path, monkeypatch):
+    """Python-side peak (tracemalloc sees numpy's buffers: decoded images, token arrays) for a
+    folder and one 4x larger: the same but for the file list."""
+    import tracemalloc
+    base, _, _ = streamed
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path / "data"))
+    peaks = []
+    for n in (8, 32):
+        root = make_folder(tmp_path / f"f{n}", per_class=n, classes=("a", "b"), seed=n)
+        tracemalloc.start()
+        pd.stream_folder(str(root), f"m{n}", str(base / "tok.pt"), 32, workers=0, batch_size=4,
+                         chunk=8, device="cpu", log=lambda *a: None)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    per_image = 32 * 32 * 3                                     # one decoded image, uint8
+    assert peaks[1] - peaks[0] < 8 * per_image, peaks          # 48 more images: not 48 kept
+
+
+def runner(tmp_path):
+    """A script that runs prepare_data.py's command line with data/ under tmp_path. SLOW makes
+    every batch take that many seconds. With FSIZE (a file-size limit) it runs twice: as it is,
+    then with the space check off, so that the write itself meets the limit; each error line is
+    followed by its exit status."""
+    script = tmp_path / "run_prepare.py"
+    script.write_text(f'''import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import cli, prepare_data as pd, vq
+pd.DATA_ROOT = os.environ["DATA_ROOT"]
+if os.environ.get("SLOW"):
+    encode = vq.VQGAN.encode
+    vq.VQGAN.encode = lambda *a, **k: (time.sleep(float(os.environ["SLOW"])), encode(*a, **k))[1]
+if not os.environ.get("FSIZE"):
+    cli.run(pd.main, sys.argv[1:])
+    sys.exit()
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ["FSIZE"]),) * 2)
+for check in (pd.check_space, lambda *a: None):
+    pd.check_space = check
+    try:
+        cli.run(pd.main, sys.argv[1:])
+    except SystemExit as e:
+        print("exit status", e.code)
+''')
+    return str(script)
+
+
+def stream_args(base, root, name, *more):
+    return ["--dataset=imagefolder", f"--data_dir={root}", f"--name={name}", "--image_size=16",
+            f"--tokenizer={base / 'tok.pt'}", "--workers=0", "--batch_size=3", "--chunk=4",
+            "--device=cpu", *more]
+
+
+def test_kill_9_while_tokenizing_then_the_same_command_resumes_to_the_same_bytes(
+        streamed, tmp_path, monkeypatch, capsys):
+    import signal
+    import time
+    base, root, ref = streamed
+    env = {**os.environ, "DATA_ROOT": str(tmp_path), "SLOW": "0.1", "OMP_NUM_THREADS": "1"}
+    args = stream_args(base, root, "k")
+    proc = subprocess.Popen([sys.executable, runner(tmp_path), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, chunks = time.time() + 60, []
+    while time.time() < deadline and proc.poll() is None and len(chunks) < 2:
+        work = list((tmp_path / "k").glob(".tokens-*"))
+        chunks = list(work[0].glob("*.npz")) if work else []
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed: make SLOW larger"
+    proc.send_signal(signal.SIGKILL)                       # mid-run, at no particular point
+    proc.wait()
+    assert not (tmp_path / "k" / "train.bin").exists() and len(chunks) >= 2
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path))
+    pd.main(args)                                          # the same command, in this process
+    assert "resuming" in capsys.readouterr().out
+    for f in ("train.bin", "val.bin", "train_labels.bin", "val_labels.bin"):
+        assert (tmp_path / "k" / f).read_bytes() == (ref / f).read_bytes(), f
+
+
+def test_two_torchrun_processes_write_the_bytes_of_one(streamed, tmp_path):
+    base, root, ref = streamed
+    env = {**os.environ, "DATA_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", runner(tmp_path), *stream_args(base, root, "t2")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("train.bin", "val.bin", "train_labels.bin", "val_labels.bin"):
+        assert (tmp_path / "t2" / f).read_bytes() == (ref / f).read_bytes(), f
+
+
+def test_a_file_size_limit_is_one_line_and_the_old_tokens_stay(streamed, tmp_path):
+    import shutil
+    base, root, ref = streamed
+    shutil.copytree(ref, tmp_path / "lim")                        # a good folder, made before
+    before = {f: (tmp_path / "lim" / f).read_bytes() for f in os.listdir(tmp_path / "lim")}
+    from test_vq import released_file
+    released_file(str(tmp_path / "other.pt"), "llamagen", seed=1)   # another tokenizer
+    args = [*stream_args(base, root, "lim", "--force"), f"--tokenizer={tmp_path / 'other.pt'}"]
+    limit = (tmp_path / "lim" / "train.bin").stat().st_size // 2
+    env = {**os.environ, "DATA_ROOT": str(tmp_path), "FSIZE": str(limit), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, runner(tmp_path), *args], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("exit status 2") == 2, r.stdout
+    refused, met = r.stderr.strip().split("\n")                   # one line each
+    assert refused.startswith("error: ") and "ulimit" in refused, refused
+    assert met.startswith("error: no space left") and "train.bin" in met and "resumes" in met
+    for f, data in before.items():
+        assert (tmp_path / "lim" / f).read_bytes() == data, f
+    assert not [f for _, _, fs in os.walk(tmp_path / "lim") for f in fs if ".tmp" in f or
+        f.endswith(".new")], "a temporary was left"
+
+
+def test_unreadable_files_and_empty_class_folders(streamed, tmp_path, monkeypatch):
+    base, _, _ = streamed
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path / "data"))
+    root = make_folder(tmp_path / "bad", per_class=4, classes=("a", "b"))
+    (root / "b" / "broken.png").write_bytes(b"not a png")
+    run = lambda **kw: pd.stream_folder(str(root), "bad", str(base / "tok.pt"), 16, workers=0,
+                                        batch_size=2, chunk=4, device="cpu",
+                                        log=lambda *a: None, **kw)
+    with pytest.raises(UserError, match="cannot read image .*broken.png.*--skip_unreadable"):
+        run()
+    folder = run(skip_unreadable=True)
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["unreadable_skipped"] == 1 and meta["train_count"] + meta["val_count"] == 8
+    labels = np.fromfile(os.path.join(folder, "train_labels.bin"), np.uint16)
+    assert len(labels) == meta["train_count"] and sorted(set(labels.tolist())) == [0, 1]
+    (root / "c").mkdir()
+    with pytest.raises(UserError, match="class folder .*c has no"):
+        pd.split_imagefolder(str(root))

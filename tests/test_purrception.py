@@ -209,7 +209,7 @@ def test_import_does_not_parse_argv(monkeypatch):
 def test_command_line_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"), f"--data_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
 
 # -----------------------------------------------------------------------------
 # training: smoke, exact resume, DDP
@@ -243,19 +243,99 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_ddp_two_processes_match_one_at_the_same_global_batch(data_dir, tmp_path):
-    kw = dict(batch_size=2, grad_accum=2, max_iters=3, eval_interval=3, eval_iters=1, grid_cols=1)
-    train(tiny_config(data_dir, tmp_path / "single", **kw))
-    flags = [f"--{k}={v}" for k, v in vars(tiny_config(data_dir, tmp_path / "ddp", **kw)).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# One torchrun of two gloo processes runs two trainings (one process group, torch imported once):
+# 1. 8 images an iter cut into 2 micro-steps of 4, which one process runs both of and two processes one each. The
+#    same generators draw the same numbers, and DDP's mean of the two gradients, g0/2 + g1/2, is what one process
+#    accumulates (halving is exact in floating point): the runs agree bit for bit on this CPU.
+# 2. rank 1's loss turns NaN from its 3rd step on, rank 0's never: both stop with the same line, and no hang.
+TWO_RUNS = """import os, sys
+sys.path.insert(0, {root!r})
+import dataclasses, cli, purrception as pc
+calls = []
+def loss(model, *args, **kw):
+    calls.append(1)
+    value = pc.vfm_loss(model, *args, **kw)
+    return value * float("nan") if os.environ["RANK"] == "1" and len(calls) >= 3 else value
+replay, poisoned = (cli.parse_args(flags.split(), pc.Config()) for flags in sys.argv[1:])
+pc.train(replay)
+cli.run(lambda argv: pc.train(poisoned, dataclasses.replace(pc.PURRCEPTION, loss=loss)), [])
+"""
+
+
+def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_dir, tmp_path):
+    kw = dict(batch_size=4, grad_accum=2, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1, log_interval=1)
+    single = train(tiny_config(data_dir, tmp_path / "single", **kw))
+    flags = lambda cfg: " ".join(f"--{k}={v}" for k, v in vars(cfg).items())
+    poisoned = tiny_config(data_dir, tmp_path / "nan", max_iters=20, eval_interval=2, log_interval=3,
+                           eval_iters=1, grid_cols=1)
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS.format(root=ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "purrception.py"), *flags], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 processes" in r.stdout and "4 images per iter = 2 x 1 micro-steps x 2" in r.stdout
+                        str(script), flags(tiny_config(data_dir, tmp_path / "ddp", **kw)), flags(poisoned)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    # 1. the same losses (the mean over both processes) and the same weights
+    assert "2 processes" in r.stdout and "8 images per iter = 4 x 1 micro-steps x 2" in r.stdout, r.stderr[-2000:]
+    logged = [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
+    assert logged[:4] == [f"iter {i}: loss {loss:.4f}" for i, loss in single["losses"]]
     a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
-    for n in a["model"]:
-        assert torch.allclose(a["model"][n], b["model"][n], atol=1e-5), n
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    # 2. one line, the same on both, and the last good checkpoint untouched
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], r.stderr[-2000:]
+    assert "the loss is nan at iter 3: training diverged, the last good checkpoint" in errors[0]
+    assert load(tmp_path / "nan" / "ckpt.pt")["iter"] == 2
+
+
+def test_the_global_batch_is_split_over_the_processes():
+    split = purrception.split_batch
+    assert split(32, 1, 1) == (32, 1) and split(256, 1, 8) == (32, 1)          # the preset's batch, shared
+    assert split(4, 2, 2) == (4, 1) and split(16, 4, 2) == (16, 2)              # whole micro-steps each
+    assert split(2, 3, 2) == (1, 3) and split(8, 3, 2) == (6, 2)                # finer ones where they must
+    with pytest.raises(UserError, match=r"global batch of 256 images .* does not split over 3 processes; "
+                                        r"keep it on --nproc_per_node=2"):
+        split(256, 1, 3)
+
+
+def test_get_lr_warms_up_then_holds_or_follows_the_cosine_to_min_lr():
+    lr = lambda it, decay: purrception.get_lr(it, 1.0, 0.1, 10, decay)
+    assert lr(0, 0) == pytest.approx(1 / 11) and lr(9, 0) == pytest.approx(10 / 11)   # linear, never 0
+    assert lr(10, 0) == lr(500, 0) == 1.0                                              # constant (the paper)
+    assert lr(10, 110) == 1.0 and lr(60, 110) == pytest.approx(0.55)                   # cosine: start, middle
+    assert lr(110, 110) == pytest.approx(0.1) and lr(10**6, 110) == pytest.approx(0.1)  # end, and after
+
+
+def hand_count(C, L, T, p, d, K, freq_dim=256):
+    """Training FLOPs per image of a DiT counted layer by layer: 6 per weight per token for the patch embedding,
+    each block's qkv, proj, fc and fc2 and the final linear; 6 per weight once per image for the t MLP and the
+    adaLN maps; 12 L C T^2 for attention's two T x T products."""
+    per_token = (p * p * d * C + C) + L * ((3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C)
+                                           + (4 * C * C + C)) + (C * p * p * K + p * p * K)
+    per_image = (freq_dim * C + C + C * C + C) + L * (6 * C * C + 6 * C) + (2 * C * C + 2 * C)
+    return 6 * (T * per_token + per_image) + 12 * L * C * T * T
+
+
+@pytest.mark.parametrize("n_embd, n_layer, n_head, K, grid, gflop", [
+    (768, 12, 12, 1024, 16, 34.59),          # DiT-B/2, the cifar10 preset
+    (768, 12, 12, 16384, 32, 215.55),        # DiT-B/2, ImageNet 256 on a 32x32 grid of K=16384
+    (1024, 24, 16, 16384, 32, 587.68),       # DiT-L/2
+    (1152, 28, 16, 16384, 32, 828.21)])      # DiT-XL/2
+def test_flops_per_image_matches_a_count_by_hand(n_embd, n_layer, n_head, K, grid, gflop):
+    with torch.device("meta"):                                                        # shapes only, no memory
+        model = DiT(in_dim=8, out_dim=K, grid_size=grid, patch_size=2, n_layer=n_layer, n_head=n_head,
+                    n_embd=n_embd, num_classes=1000)
+    flops = model.flops_per_image()
+    assert flops == hand_count(n_embd, n_layer, (grid // 2) ** 2, 2, 8, K)
+    assert round(flops / 1e9, 2) == gflop
+
+
+def test_peak_flops_know_the_pcie_and_nvl_parts(monkeypatch):
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA H800", 989e12), ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                       ("NVIDIA GeForce RTX 4090", 0.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        assert purrception.device_peak_flops("cuda:0") == peak, name
+    assert purrception.device_peak_flops("cpu") == 0.0
 
 # -----------------------------------------------------------------------------
 # GPU readiness, checked on the CPU: fp32 geometry under bf16 autocast, fused EMA, torch.compile
@@ -281,16 +361,17 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
 
 
 def test_fused_ema_equals_the_per_tensor_update():
-    a, b = tiny_model(), tiny_model()
+    a = tiny_model()
     for p in a.parameters():
         torch.nn.init.normal_(p)
     ema = tiny_model()
     reference = {n: p.detach().clone() for n, p in ema.named_parameters()}
     for n, p in a.named_parameters():
         reference[n].mul_(0.99).add_(p.detach(), alpha=1 - 0.99)
+    before = {n: p.detach().clone() for n, p in ema.named_parameters()}
     purrception.update_ema(ema, a, 0.99)
     assert all(torch.equal(p, reference[n]) for n, p in ema.named_parameters())
-    assert b is not a
+    assert not any(torch.equal(p, before[n]) for n, p in ema.named_parameters())     # every tensor moved
 
 
 def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):
@@ -315,44 +396,26 @@ def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
         proc.wait()
     note = next(line for line in lines if line.startswith("note:"))
     assert "one iter takes" in note and "would take" in note and "'CIFAR-10 on a CPU' recipe" in note
-    assert any(line.startswith("iter 0:") and "ETA" in line for line in lines)
+    first = next(line for line in lines if line.startswith("iter 0:"))
+    assert "loss" in first and "ms/iter" not in first and "ETA" not in first        # start-up is not a rate
+
+# -----------------------------------------------------------------------------
+# the paper's model sizes
+
+
+@pytest.mark.parametrize("size, millions", [("B/2", 180.7), ("L/2", 525.0), ("XL/2", 750.4)])
+def test_paper_sizes_have_the_official_parameter_counts(size, millions):
+    from purrception import DIT_SIZES, PRESETS
+    with torch.device("meta"):                    # shapes only: no memory, no initialisation cost
+        model = DiT(in_dim=8, out_dim=16384, grid_size=32, patch_size=2, num_classes=1000,
+                    **DIT_SIZES[size])
+    assert round(model.num_params() / 1e6, 1) == millions
+    preset = PRESETS["imagenet256"]
+    assert {k: preset[k] for k in DIT_SIZES["XL/2"]} == DIT_SIZES["XL/2"]
+    assert (preset["lr"], preset["decay_lr"], preset["patch_size"]) == (1e-4, False, 2)
 
 # -----------------------------------------------------------------------------
 # the chunked loss and sampler against the plain ones: same loss, gradients and codes
-
-
-def plain_loss(model, idx, E, y, t, z0, z_loss=1e-5):
-    """The loss written with the whole (B, h, w, K) fp32 tensor of logits."""
-    tb = t.view(-1, 1, 1, 1)
-    logits = model(tb * E[idx] + (1 - tb) * z0, t, y).float()
-    ce = F.cross_entropy(logits.flatten(0, -2), idx.flatten())
-    return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
-
-
-@torch.no_grad()
-def plain_sample(model, E, y, side, steps, temperature, cfg_scale, null_label, g):
-    """The sampler written with the whole (B, h, w, K) fp32 posterior, guidance on the logits."""
-    z, ts = torch.randn(len(y), side, side, E.shape[1], generator=g), torch.linspace(0, 1, steps + 1)
-    for i in range(steps):
-        t = ts[i].expand(len(y))
-        logits = model(z, t, y)
-        if cfg_scale != 1.0:
-            uncond = model(z, t, torch.full_like(y, null_label))
-            logits = uncond + cfg_scale * (logits - uncond)
-        mu = torch.softmax(logits / temperature, dim=-1) @ E
-        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
-    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
-
-
-class LogitsOnly(torch.nn.Module):
-    """The same network seen from outside: logits only, no last layer offered."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z, t, y):
-        return self.net(z, t, y)
 
 
 def trained_like_model(patch_size, K_):
@@ -364,32 +427,32 @@ def trained_like_model(patch_size, K_):
 
 @pytest.mark.parametrize("patch_size, fused", [(2, True), (1, True), (2, False)])
 def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, fused, monkeypatch):
+    from bench import LogitsOnly, whole_batch_loss                                   # all logits at once, fp32
     K_ = 40
     model, E = trained_like_model(patch_size, K_), codebook(K_)
     idx, y = torch.randint(0, K_, (3, GRID, GRID)), torch.tensor([0, 2, NUM_CLASSES])
-    t, z0 = torch.tensor([0.2, 0.6, 0.95]), torch.randn(3, GRID, GRID, D, generator=torch.Generator().manual_seed(1))
-    ref = plain_loss(model, idx, E, y, t, z0)
+    ref = whole_batch_loss(model, idx, E, y, generator=torch.Generator().manual_seed(1))
     want = torch.autograd.grad(ref, list(model.parameters()))
     net = model if fused else LogitsOnly(model)
     # chunks of 3 rows: the chunks split images and sub-positions
     monkeypatch.setattr(purrception.CEZLoss.forward, "__defaults__", (1e-5, True, 3 * K_))
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: z0.clone())                  # the same noise
-    loss = vfm_loss(net, idx, E, y, t=t)
-    monkeypatch.undo()
+    loss = vfm_loss(net, idx, E, y, generator=torch.Generator().manual_seed(1))     # the same t and noise
     got = torch.autograd.grad(loss, list(model.parameters()))
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for (name, _), a, b in zip(model.named_parameters(), got, want):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9, name
-    per, acc = vfm_loss(net, idx, E, y, t=t, per_image=True, generator=torch.Generator().manual_seed(0))
+    per, acc = vfm_loss(net, idx, E, y, per_image=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(per.mean(), loss)
     assert per.shape == acc.shape == (3,) and ((0 <= acc) & (acc <= 1)).all()
 
 
 @pytest.mark.parametrize("patch_size, cfg_scale", [(2, 1.0), (2, 1.7), (1, 1.7)])
-def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale, monkeypatch):
+def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale):
+    from bench import LogitsOnly, whole_batch_sample                   # all of pi at once, guidance on logits
     K_ = 64
     model, E = trained_like_model(patch_size, K_), codebook(K_)
     y = torch.tensor([0, 1, 2, NUM_CLASSES] * 4)
-    want = plain_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5))
+    want = whole_batch_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5))
     for net, chunk in ((model, 5 * K_), (LogitsOnly(model), 5 * K_), (model, 2**22)):
         got = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5),
                            chunk=chunk)

@@ -8,7 +8,8 @@ sample.py: see what a trained purrception model does; every picture goes into ou
     python sample.py --out_dir=out-cifar10 --fid --num_samples=10000  # or --save_npz=s.npz
 
 It loads out_dir/ckpt.pt (EMA weights), its objective's sampler and its data folder's tokenizer.
-The same --seed gives the same images on any device. Time runs from t = 0 (noise) to 1 (data).
+The same --seed draws the same noise on any device (the images: the same run after run on a CPU;
+across devices the network's arithmetic differs). Time runs from t = 0 (noise) to 1 (data).
 """
 
 import os

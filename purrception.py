@@ -131,8 +131,8 @@ PRESETS = {
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
     # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
     "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
-                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
-                        sample_steps=100),
+                        lr=1e-4, decay_lr=False, warmup_iters=0, eval_interval=50000,
+                        log_interval=100, sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.

@@ -11,6 +11,12 @@ It writes data/NAME/ next to this file, in three steps, each skipped when its ou
     3. {train,val}.bin         uint16 (N, h*w) codebook indices, row-major; meta.json
 Tokens are redone when vq.pt was retrained (`python vq.py`); --force redoes all three.
 Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.codebook_size=512.
+
+With a tokenizer file (a released one: LlamaGen's VQ-8/VQ-16, LDM's vq-f8) an image folder of any
+size streams straight to tokens, resumably, on one GPU or many (stream_folder):
+    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \
+        --image_size=256 --tokenizer=vq_ds8_c2i.pt --workers=8
+    torchrun --standalone --nproc_per_node=8 prepare_data.py ... (the same flags)
 """
 
 import hashlib

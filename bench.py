@@ -10,9 +10,10 @@ It builds the preset's model (every purrception.py flag works here) on random to
 dataset's (K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real
 training step (forward, backward, clipping, AdamW, EMA) eagerly and under torch.compile in the same
 process, and the Euler sampler. Printed: ms/iter, images/s, MFU (needs the device's peak FLOP/s:
-known for H100/H200/A100, else --peak_flops), peak memory (the CUDA allocator's peak; on a CPU the
-process's peak resident memory), the compile time and the eager/compiled ratio, and sampler
-images/s.
+cli.PEAK_FLOPS knows the H100/H200/H800/A100/A800/L40S parts, else --peak_flops), the peak
+memory of each mode on its own (the CUDA allocator's peak; on a CPU the process's peak resident
+memory), the compile time and the eager/compiled ratio, and sampler images/s. Like training, no
+TF32: what runs outside bf16 autocast is fp32.
 """
 
 import copy
@@ -45,11 +46,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device):
+    """Start a new peak: the CUDA allocator's, or on Linux the process's peak resident set (VmHWM,
+    reset by writing 5 to /proc/self/clear_refs)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass                                     # not Linux: peak_memory says it is cumulative
+
+
 def peak_memory(device):
+    """The peak since reset_peak_memory(device), as a printable figure."""
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocator peak)"
-    return (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
-            "(process peak RSS)")
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return f"{kib / 2**20:.2f} GiB (process peak RSS)"
+    except (OSError, StopIteration):
+        return (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+                "(process peak RSS so far, this mode and those before it)")
 
 
 def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
@@ -90,7 +110,6 @@ def main(argv):
     device_type = device.split(":")[0]
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10,
                    cfg.time_embed).to(device)
@@ -109,6 +128,7 @@ def main(argv):
         ema = copy.deepcopy(net).requires_grad_(False)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=device_type == "cuda")
         run = torch.compile(net) if mode == "compiled" else net
+        reset_peak_memory(device)
         t0 = time.time()
         time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_warmup)
         warm = time.time() - t0
@@ -117,11 +137,10 @@ def main(argv):
         mfu = f", MFU {flops / dt / peak:.1%}" if peak else ", MFU n/a (pass --peak_flops)"
         extra = (f", first {cfg.bench_warmup} steps (compile included) {warm:.1f} s"
                  if mode == "compiled" else "")
-        print(f"train {mode}: {dt * 1000:.1f} ms/iter, "
-              f"{cfg.batch_size / dt:.1f} images/s{mfu}{extra}")
+        print(f"train {mode}: {dt * 1000:.1f} ms/iter, {cfg.batch_size / dt:.1f} images/s{mfu}"
+              f"{extra}; peak memory {peak_memory(device)}")
     if "compiled" in results:
         print(f"compile speed-up: eager / compiled = {results['eager'] / results['compiled']:.2f}x")
-    print(f"peak memory: {peak_memory(device)}")
 
     n = cfg.sample_batch or cfg.batch_size
     y = torch.arange(n, device=device) % 10

@@ -192,6 +192,42 @@ def pick_device(name="", flag="--device"):
     return name
 
 
+# dense bf16 tensor-core peaks from the datasheets (no sparsity), for the MFU print. The first name
+# a GPU's name contains wins, so the PCIe and NVL parts come before their SXM namesakes.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800 PCIe": 756e12,
+              "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12}
+
+
+def device_peak_flops(device):
+    """The PEAK_FLOPS entry of a CUDA device (0: unknown, or not a GPU)."""
+    import torch
+    name = torch.cuda.get_device_name(device) if "cuda" in str(device) else ""
+    return next((flops for key, flops in PEAK_FLOPS.items() if name and key in name), 0.0)
+
+
+def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
+    """A checkpoint file of this repository -> its dict (weights_only: no code runs), or a
+    UserError naming it."""
+    import torch
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, EOF, foreign pickle: all mean the same to a user
+        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a "
+                        f"checkpoint; restore it from a copy or train again") from None
+    if (not isinstance(ckpt, dict)
+            or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt)):
+        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter "
+                        "or config)")
+    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
+               if v.is_floating_point()):
+        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
+                        "checkpoint")
+    return ckpt
+
+
 def atomic_save(write, path, size=None):
     """write(tmp), then rename tmp over path; nothing else ever touches path. tmp is a name no other
     writer uses, in path's folder, ending like path (PIL and numpy read the extension); the file and

@@ -11,11 +11,11 @@ left. Training is plain cross-entropy.
 
     python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
+    torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, same batch
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
     python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
-Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise,
-t = 1 is data,
+Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise, 1 data,
     z_t = t * z1 + (1 - t) * z0,   z1 = E[tokens],  z0 ~ N(0, I).
 
 Notable choices:
@@ -24,18 +24,12 @@ Notable choices:
 - The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
   sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
 - Every random draw of a training step (images, dropped labels, t, noise) comes from a generator
-  seeded by (seed, iter, micro-step). Resuming, or spreading the same global batch over more GPUs,
-  replays the same run.
+  seeded by (seed, iter, micro-step). A resume replays the run, and so do more processes that cut
+  the same global batch into the same micro-steps (bit for bit on a CPU; not measured on GPUs).
 - EMA weights are what every eval, sample grid and sample.py see.
 - A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
   (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
   non-finite loss.
-
-The CIFAR-10 CPU recipe (README): an 8M-parameter model, 40 minutes on a busy 2-core machine for
-1200 iters.
-    python purrception.py --dataset=cifar10 --device=cpu --n_layer=6 --n_head=4 --n_embd=256 \
-        --batch_size=32 --lr=5e-4 --decay_lr=false --warmup_iters=100 --max_iters=1200 \
-        --ema_decay=0.998 --eval_interval=600 --sample_steps=25
 """
 
 import atexit
@@ -55,7 +49,7 @@ from PIL import Image
 import cli
 import prepare_data
 import vq
-from cli import UserError
+from cli import UserError, device_peak_flops, load_checkpoint
 
 # data/ and out-*/ live next to this file, whatever the CWD
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,8 +81,8 @@ class Config:
     time_embed: str = "scaled"    # 'scaled': 1000 to 1 rad per unit t; 'official': raw t, 1 to 1e-4
     class_dropout: float = 0.1    # chance of training on the null class, which guidance needs
     # optimizer: AdamW as in the paper's configs
-    batch_size: int = 64          # images per micro-step and process
-    grad_accum: int = 1           # micro-steps per iter over all processes (split among GPUs)
+    batch_size: int = 64          # images per micro-step; x grad_accum: the iter's global batch
+    grad_accum: int = 1           # micro-steps per iter, over all processes (torchrun shares them)
     max_iters: int = 100000       # optimizer steps
     lr: float = 1e-4              # the paper's constant learning rate for DiT-B/L/XL
     min_lr: float = 1e-5          # where the cosine ends (with decay_lr)
@@ -106,7 +100,7 @@ class Config:
     device: str = ""              # '' picks cuda, then mps, then cpu
     compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
     seed: int = 0                 # initial weights and every random draw of training
-    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0 looks up H100/H200/A100 bf16
+    peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0: cli.PEAK_FLOPS has it
 
 
 # The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
@@ -297,8 +291,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # every linear layer (the patch embedding included): Xavier-uniform weights and zero biases
-        # (ViT, DiT)
+        # every linear layer, the patch embedding included: Xavier-uniform, zero biases (ViT, DiT)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -311,16 +304,14 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # ... and the output starts at exactly 0: logits 0, a uniform posterior over the K codes,
-        # loss = log K
+        # ... and the output at exactly 0: a uniform posterior over the K codes, loss = log K
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(self, z, t, y):
-        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) labels -> logits
-        (B, h, w, K)."""
+        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) -> logits (B, h, w, K)."""
         B, H, W, D = z.shape
         p, K = self.patch_size, self.out_dim
         # patchify: (B, H/p, p, W/p, p, d) -> (B, H/p, W/p, p, p, d) -> (B, T, p*p*d)
@@ -490,10 +481,9 @@ def get_batch(split, data_dir, batch_size, grid, device, generator=None):
     # int64 first: uint16 has no torch counterpart
     idx = torch.from_numpy(tokens[ix].astype(np.int64)).view(batch_size, h, w)
     y = torch.from_numpy(labels[ix].astype(np.int64))
-    if "cuda" in str(device):
-        return (idx.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True))
-    return idx.to(device), y.to(device)
+    if "cuda" in str(device):                # pinned: the copies do not wait for the GPU
+        idx, y = idx.pin_memory(), y.pin_memory()
+    return idx.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
 # training utilities
@@ -515,10 +505,6 @@ def update_ema(ema_model, model, decay):
     ema_params, params = list(ema_model.parameters()), [p.detach() for p in model.parameters()]
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
-def all_finite(*modules):
-    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
 @torch.no_grad()
@@ -568,40 +554,6 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
     # 64+ pixel cells
     canvas = Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
     cli.atomic_save(canvas.save, path)
-
-
-def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
-    """A checkpoint file -> its dict (weights_only: no code runs), or a UserError naming it."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, EOF, foreign pickle: all mean the same to a user
-        raise UserError(f"cannot read {path} ({type(e).__name__}): it is truncated or not a "
-                        f"checkpoint; restore it from a copy or train again") from None
-    if (not isinstance(ckpt, dict)
-            or not {"model", "ema", "iter", "model_args", "config"} <= set(ckpt)):
-        raise UserError(f"{path} is not a checkpoint of this repository (it lacks model, ema, iter "
-                        "or config)")
-    if not all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
-               if v.is_floating_point()):
-        raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
-                        "checkpoint")
-    return ckpt
-
-
-# dense bf16 tensor-core peaks from the datasheets (no sparsity), for the MFU print. The first name
-# a GPU's name contains wins, so the PCIe and NVL parts come before their SXM namesakes.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800 PCIe": 756e12,
-              "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-              "L40S": 362e12}
-
-
-def device_peak_flops(device):
-    if "cuda" not in str(device):
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
 
 
 def split_batch(batch_size, grad_accum, world):
@@ -748,7 +700,8 @@ def train(cfg, objective=PURRCEPTION):
             # evaluate the EMA weights, draw a grid of samples, write the checkpoint: never before
             # the first step. Every process decides on the same numbers, so all stop together.
             if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
-                if not all_finite(raw_model, ema):
+                params = [p for m in (raw_model, ema) for p in m.parameters()]
+                if not all(bool(torch.isfinite(p).all()) for p in params):
                     raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
                 if master:
                     metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
@@ -787,11 +740,12 @@ def train(cfg, objective=PURRCEPTION):
             # (Python hashes tuples of ints the same everywhere.)
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
-                g = torch.Generator().manual_seed(hash((cfg.seed, it, rank * grad_accum + micro)))
+                seed = hash((cfg.seed, it, rank * grad_accum + micro))
+                g = torch.Generator().manual_seed(seed)
                 idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
                 drop = torch.rand(y.shape, generator=g, pin_memory=pin)
                 drop = drop.to(device, non_blocking=True) < cfg.class_dropout
-                y = torch.where(drop, raw_model.num_classes, y)             # the null class, for CFG
+                y = torch.where(drop, raw_model.num_classes, y)             # the null class (CFG)
                 if ddp:                      # all-reduce the gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == grad_accum - 1
                 with ctx:
@@ -810,14 +764,13 @@ def train(cfg, objective=PURRCEPTION):
                 t0, timed_iters = time.time(), 0
 
             # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
-            if device_type == "cpu" and timed_iters == 3 and master and it < start_iter + 4:
+            left = cfg.max_iters - it - 1
+            if device_type == "cpu" and master and it == start_iter + 3 and timed_iters == 3:
                 dt = (time.time() - t0) / timed_iters
-                if dt * (cfg.max_iters - it) > 4 * 3600:
-                    left = cfg.max_iters - it - 1
+                if dt * left > 4 * 3600:
                     print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
                           f"{cli.format_seconds(dt * left)}; this preset is sized for a GPU. The "
-                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in under an "
-                          f"hour")
+                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in an hour")
 
             if it % cfg.log_interval == 0:
                 # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
@@ -836,7 +789,7 @@ def train(cfg, objective=PURRCEPTION):
                         if peak:
                             mfu = flops_per_image * images_per_iter / world / dt / peak
                             line += f", mfu {mfu:.1%}"
-                        line += f", ETA {cli.format_seconds(dt * (cfg.max_iters - it - 1))}"
+                        line += f", ETA {cli.format_seconds(dt * left)}"
                     print(line)
                     losses.append((it, loss_value))
                 t0, timed_iters = time.time(), 0

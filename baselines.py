@@ -66,8 +66,8 @@ def draw_t(B, generator, device, t_eps=1e-3):
 # noise) and the endpoint loss |e|^2 / d.
 
 
-def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoint=False):
-    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); reduction='none' gives
+def cfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, endpoint=False):
+    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); per_image=True gives
     per-image loss (B,) and the per-image accuracy of the one-step guess of z1, read out as the
     nearest code."""
     B = idx.shape[0]
@@ -78,14 +78,14 @@ def cfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", endpoin
     zt = tb * z1 + (1 - tb) * z0
     out = model(zt, t, y).float()                                                   # (B, h, w, d)
     loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)     # (B,)
-    if reduction == "none":
+    if per_image:
         z1_hat = out if endpoint else zt + (1 - tb) * out
         return loss, (nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
     return loss.mean()
 
 
-def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, reduction="mean"):
-    return cfm_loss(model, idx, E, y, t, generator, reduction, endpoint=True)
+def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, per_image=False):
+    return cfm_loss(model, idx, E, y, t, generator, per_image, endpoint=True)
 
 
 # Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the
@@ -95,14 +95,15 @@ def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, reduction="mean"
 
 @torch.no_grad()
 def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-               generator=None, endpoint=False):
+               generator=None, endpoint=False, noise=None):
     """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity
-    (or endpoint)."""
+    (or endpoint), from noise (B, h, w, d) (drawn from `generator` when None)."""
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
     # (B, h, w, d) at t = 0
-    z = draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device)
+    z = (noise.to(E.device) if noise is not None
+         else draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device))
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
@@ -112,9 +113,9 @@ def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
 
 
 def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                        generator=None):
+                        generator=None, noise=None):
     return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator,
-                      endpoint=True)
+                      endpoint=True, noise=noise)
 
 # -----------------------------------------------------------------------------
 # DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the
@@ -145,8 +146,8 @@ class MaskedTokenDiT(DiT):
         return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens
 
 
-def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=1e-5):
-    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). reduction='none'
+def dfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, z_loss=1e-5):
+    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). per_image=True
     gives per-image loss (B,) and per-image accuracy on the masked positions (nan where none is
     masked)."""
     B, K = idx.shape[0], E.shape[0]
@@ -157,7 +158,7 @@ def dfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", z_loss=
     logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
     ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
     loss = (ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).view(B, -1)).mean(dim=1)    # (B,)
-    if reduction == "none":
+    if per_image:
         m = masked.view(B, -1).float()
         correct = (logits.argmax(dim=-1) == idx).float().view(B, -1)
         return loss, (correct * m).sum(dim=1) / m.sum(dim=1)              # nan where nothing masked

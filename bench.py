@@ -30,7 +30,7 @@ import prepare_data
 import purrception as pc
 
 # K, d and grid side of each dataset's tokens, for when data/<dataset> is not prepared here
-TOKEN_SHAPES = {"shapes": (64, 8, 8), "cifar10": (1024, 8, 16)}
+TOKEN_SHAPES = {"shapes": (64, 8, 8), "cifar10": (1024, 8, 16), "imagenet256": (16384, 8, 32)}
 
 
 @dataclass
@@ -39,6 +39,10 @@ class BenchConfig(pc.Config):
     bench_warmup: int = 3         # untimed steps first (the first compiled step holds the compile)
     compare_compile: bool = True  # also time torch.compile and print eager / compiled
     sample_batch: int = 0         # images per sampler call; 0 means the training batch size
+    loss_memory: bool = False     # only the loss's and sampler's memory per image vs whole-batch
+    costs: bool = False           # only FLOPs per image (training, sampling) and hours at --mfu
+    mfu: float = 0.4              # the model FLOPs utilisation the --costs hours assume
+    train_images: float = 0.0     # --costs: images seen in training; 0: max_iters x global batch
 
 
 def sync(device):
@@ -91,6 +95,132 @@ def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
     return (time.time() - t0) / max(n, 1)
 
 
+# -----------------------------------------------------------------------------
+# the loss's and the sampler's memory: the chunked ones (purrception.py) against the same maths on
+# the whole (B, h, w, K) fp32 tensor of logits. On Linux the peak is the process's peak resident
+# memory above what it held before (VmHWM after a reset through /proc/self/clear_refs); run with
+# MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the system at once.
+
+
+def whole_batch_loss(model, idx, E, y, t=None, generator=None, t_eps=1e-3, z_loss=1e-5):
+    """vfm_loss's maths and draws, written on all the logits at once in fp32."""
+    B, dev = idx.shape[0], generator.device if generator is not None else idx.device
+    if t is None:
+        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=dev).to(idx.device)
+    z0 = torch.randn(E[idx].shape, generator=generator, device=dev).to(idx.device)
+    tb = t.view(B, 1, 1, 1)
+    logits = model(tb * E[idx] + (1 - tb) * z0, t, y).float()                    # (B, h, w, K)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten())
+    return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@torch.no_grad()
+def whole_batch_sample(model, E, y, side, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+                       generator=None):
+    """euler_sample's maths and draws with the whole (B, h, w, K) posterior, guidance on logits."""
+    z = torch.randn(len(y), side, side, E.shape[1], generator=generator).to(E.device)
+    ts = torch.linspace(0, 1, steps + 1, device=E.device)
+    for i in range(steps):
+        logits = pc.guided(model, z, ts[i], y, cfg_scale, null_label)            # (B, h, w, K)
+        mu = torch.softmax(logits / temperature, dim=-1) @ E.float()
+        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
+    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+
+
+class LogitsOnly(torch.nn.Module):
+    """A network seen from outside: logits only, no last layer offered (vfm_loss's plain path)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, y):
+        return self.net(z, t, y)
+
+
+def status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def peak_above_rest(fn):
+    """(seconds, peak resident bytes above the resting ones) of one call of fn()."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                              # VmHWM := VmRSS
+    rest, t0 = status_bytes("VmRSS"), time.time()
+    fn()
+    return time.time() - t0, status_bytes("VmHWM") - rest
+
+
+def loss_memory(model, E, K, side, cfg, reps=3):
+    """Print the peak memory per image and the time of forward + backward with each loss, and of
+    one sampler step, the whole-batch versions beside the chunked ones: for the whole network, and
+    for the loss alone (the same network without its blocks: embeddings, final layer and loss).
+    -> {(network, name): (seconds, peak bytes)}."""
+    B, g = cfg.batch_size, torch.Generator().manual_seed(0)
+    idx, y = torch.randint(0, K, (B, side, side), generator=g), torch.arange(B) % 10
+    headless = copy.deepcopy(model)
+    headless.blocks = torch.nn.ModuleList()
+
+    def body(net):                            # the head's input; its weights get gradients too
+        x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, last_layer=True)
+        return x.square().mean() + 0 * (W.sum() + b.sum())
+    steps = {"network, no loss": body,
+             "whole-batch fp32 loss": lambda net: whole_batch_loss(net, idx, E, y, generator=g),
+             "chunked, logits only": lambda net: pc.vfm_loss(LogitsOnly(net), idx, E, y,
+                                                             generator=g),
+             "chunked, last layer": lambda net: pc.vfm_loss(net, idx, E, y, generator=g),
+             "whole-batch sampler": lambda net: whole_batch_sample(net, E, y, side, 1, 1.0,
+                                                                   cfg.cfg_scale, 10, g),
+             "euler_sample": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale,
+                                                         10, g)}
+    out = {}
+    for _ in range(reps):                         # in turns: a busy machine slows them alike
+        for net, where in ((model, "whole network"), (headless, "loss alone")):
+            for name, fn in steps.items():
+                net.zero_grad(set_to_none=True)   # as the training loop does: .grad made anew
+                train = "sampler" not in name and name != "euler_sample"
+                dt, peak = peak_above_rest((lambda: fn(net).backward()) if train
+                                           else lambda: fn(net))
+                best = out.get((where, name), (dt, peak))
+                out[where, name] = min(dt, best[0]), max(peak, best[1])
+    for (where, name), (dt, peak) in out.items():
+        what = f"1 step, cfg_scale {cfg.cfg_scale}" if "sample" in name else "forward + backward"
+        print(f"{where}, {name}: peak {peak / B / 2**20:.0f} MiB per image, {dt:.2f} s ({what},"
+              f" batch {B}, best of {reps})")
+    time0, memory0 = out["whole network", "whole-batch fp32 loss"][0], out["loss alone",
+                                                                         "whole-batch fp32 loss"][1]
+    for name in ("chunked, logits only", "chunked, last layer"):
+        memory, dt = out["loss alone", name][1], out["whole network", name][0]
+        print(f"{name} / whole-batch: the loss alone {memory / memory0:.2f}x the memory; "
+              f"the whole network's step time {dt / time0:.2f}x")
+    return out
+
+
+def sampling_flops(model, steps, cfg_scale):
+    """FLOPs of sampling one image: per step a forward (a third of training's 6 per weight and
+    token), twice the body under guidance but the head once (guidance mixes its input), and the
+    posterior mean pi @ E (2 K d per position)."""
+    head = 2 * model.final_layer.linear.weight.numel() * model.n_tokens
+    forward = model.flops_per_image() / 3
+    per_step = (forward - head) * (1 + (cfg_scale != 1)) + head
+    return steps * (per_step + 2 * model.out_dim * model.in_dim * model.grid_size ** 2)
+
+
+def costs(model, cfg, peak):
+    """Print training and sampling FLOPs per image and what they cost in hours at cfg.mfu."""
+    train, sample = model.flops_per_image(), sampling_flops(model, cfg.sample_steps, cfg.cfg_scale)
+    n_train = cfg.train_images or cfg.max_iters * cfg.batch_size * cfg.grad_accum
+    hours = lambda flops: flops / (peak * cfg.mfu) / 3600
+    print(f"training: {train / 1e9:.1f} GFLOP per image; {n_train:.3g} images = "
+          f"{train * n_train:.3g} FLOP = {hours(train * n_train):.1f} GPU-hours at "
+          f"{cfg.mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s (an estimate until measured)")
+    print(f"sampling: {sample / 1e12:.2f} TFLOP per image at {cfg.sample_steps} steps, cfg_scale "
+          f"{cfg.cfg_scale}; 50000 images = {hours(sample * 50000):.1f} GPU-hours at the same MFU "
+          f"(an estimate)")
+    return {"train_flops_per_image": train, "sample_flops_per_image": sample}
+
+
 def main(argv):
     cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
     cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
@@ -107,6 +237,11 @@ def main(argv):
         raise cli.UserError(f"no {meta_path}: prepare the dataset, or bench a preset "
                             f"({', '.join(TOKEN_SHAPES)})")
     cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, side)
+    if cfg.costs:                             # shapes only: no memory, any size
+        with torch.device("meta"):
+            model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 1000)
+        print(f"{model.num_params() / 1e6:.0f}M parameters, K={K} d={d} grid {side}x{side}")
+        return costs(model, cfg, cfg.peak_flops or cli.PEAK_FLOPS["H100"])
     device_type = device.split(":")[0]
     ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
            else nullcontext())
@@ -121,6 +256,8 @@ def main(argv):
           f"{side}x{side}, {'bf16 autocast' if device_type == 'cuda' else 'fp32'}, "
           f"{flops / 1e12:.3f} TFLOP per step")
 
+    if cfg.loss_memory:
+        return loss_memory(model, E, K, side, cfg)
     results = {}
     modes = ["eager"] + (["compiled"] * cfg.compare_compile)
     for mode in modes:

@@ -125,8 +125,8 @@ PRESETS = {
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
     # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
     "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
-                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
-                        sample_steps=100),
+                        lr=1e-4, decay_lr=False, warmup_iters=0, eval_interval=50000,
+                        log_interval=100, sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.
@@ -248,9 +248,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(n_embd, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd))
 
-    def forward(self, x, c):
+    def forward(self, x, c, last_layer=False):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        x = modulate(self.norm(x), shift, scale)
+        return (x, self.linear.weight, self.linear.bias) if last_layer else self.linear(x)
 
 
 def sincos_pos_embed(n_embd, side):
@@ -310,8 +311,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, z, t, y):
-        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) -> logits (B, h, w, K)."""
+    offers_last_layer = True      # forward(..., last_layer=True): see vfm_loss
+
+    def forward(self, z, t, y, last_layer=False):
+        """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) -> logits (B, h, w, K);
+        last_layer=True: the final linear's input (B, T, C), weight and bias."""
         B, H, W, D = z.shape
         p, K = self.patch_size, self.out_dim
         # patchify: (B, H/p, p, W/p, p, d) -> (B, H/p, W/p, p, p, d) -> (B, T, p*p*d)
@@ -321,6 +325,8 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                                 # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                         # (B, T, C)
+        if last_layer:
+            return self.final_layer(x, c, last_layer=True)
         x = self.final_layer(x, c)                                                  # (B, T, p*p*K)
         # unpatchify: (B, H/p, W/p, p, p, K) -> (B, H/p, p, W/p, p, K) -> (B, h, w, K)
         return x.reshape(B, H // p, W // p, p, p, K).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, K)
@@ -355,18 +361,79 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch`, and any
-# network called as model(z, t, y) -> logits (B, h, w, K) will do.
+# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch` (and
+# logit_chunks, CEZLoss), and any network called as model(z, t, y) -> logits (B, h, w, K) will do.
+# At K = 16384 on a 32x32 grid the logits are 16.8M numbers an image, so neither the loss nor the
+# sampler holds them in fp32 for a whole batch: both read them `chunk` numbers at a time. A network
+# may also offer its last layer (`offers_last_layer`): model(z, t, y, last_layer=True) -> x
+# (B, T, C), W (P*K, C), b (P*K,), the logits of sub-position s of patch n being x_n W_s^T + b_s. Then the
+# logits are made a chunk at a time from x and never exist all at once.
 
 
-def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1e-3, z_loss=1e-5):
+def logit_chunks(x, W, b, P, chunk):
+    """Rows x (N, C) of a head (W, b) with P sub-positions, or logits x (N, K) (W=None) -> yields
+    (s, rows, x[rows], W_s, fp32 logits (n, K) of sub-position s), about `chunk` logits each."""
+    K = x.shape[1] if W is None else W.shape[0] // P
+    for s in range(P):
+        Ws = None if W is None else W[s * K:(s + 1) * K]
+        for i in range(0, x.shape[0], max(1, chunk // K)):
+            rows = slice(i, i + max(1, chunk // K))
+            xi = x[rows]
+            logits = xi if W is None else torch.nn.functional.linear(xi, Ws, b[s * K:(s + 1) * K])
+            yield s, rows, xi, Ws, logits.float()
+
+
+class CEZLoss(torch.autograd.Function):
+    """(x, W, b) as logit_chunks, targets (N, P) -> mean loss, loss (N, P), argmax (N, P), with the
+    gradient made in the same pass (grads=True), chunk by chunk, so only x, W and the gradients are
+    held: per row, loss = lse - logit[target] + z * lse^2, whose gradient in the logits is
+    softmax * (1 + 2 z lse) - onehot(target)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, targets, z_loss=1e-5, grads=True, chunk=2**22):
+        loss, pred = torch.empty(targets.shape, device=x.device), torch.empty_like(targets)
+        ctx.n, gx = targets.numel(), torch.zeros(x.shape, device=x.device) if grads else None
+        gW, gb = [torch.zeros(v.shape, device=x.device) if grads and W is not None else None
+                  for v in (W, b)]
+        # out += a @ b: under autocast in its dtype (bf16), else in place in fp32
+        mm_ = ((lambda out, a, b: out.add_(a @ b)) if torch.is_autocast_enabled(x.device.type)
+               else (lambda out, a, b: out.addmm_(a, b)))
+        for s, rows, xi, Ws, logits in logit_chunks(x, W, b, targets.shape[1], chunk):
+            ti = targets[rows, s, None]                                                  # (n, 1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)                          # (n, 1)
+            loss[rows, s] = (lse - logits.gather(1, ti) + z_loss * lse ** 2)[:, 0]
+            pred[rows, s] = logits.argmax(dim=-1)
+            if not grads:
+                continue
+            # in place of the logits (a copy when they are x itself)                    (n, K)
+            g = (logits.sub_(lse) if W is not None else logits - lse).exp_()
+            g.mul_(1 + 2 * z_loss * lse).scatter_add_(1, ti, torch.full_like(lse, -1.0))
+            if W is None:
+                gx[rows] = g
+                continue
+            K = Ws.shape[0]
+            mm_(gx[rows], g, Ws)                                                         # (n, C)
+            mm_(gW[s * K:(s + 1) * K], g.T, xi.float())                                  # (K, C)
+            gb[s * K:(s + 1) * K] += g.sum(0)
+        ctx.grads = [g if g is None else g.to(v.dtype) for g, v in zip((gx, gW, gb), (x, W, b))]
+        ctx.mark_non_differentiable(loss, pred)
+        return loss.mean(), loss, pred
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_loss, grad_pred):
+        grads, ctx.grads = ctx.grads, None        # let autograd keep them as .grad, no copy
+        gx, gW, gb = [g if g is None else g.mul_(grad_mean / ctx.n) for g in grads]
+        return gx, gW, gb, None, None, None, None
+
+
+def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e-3, z_loss=1e-5):
     """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
     t (B,) is drawn from U(t_eps, 1) unless given; `generator` (may live on the CPU while idx is on
-    a GPU) makes t and the noise reproducible. reduction='none' returns per-image loss (B,) and
-    per-image token accuracy (B,)."""
-    B, device = idx.shape[0], generator.device if generator is not None else idx.device
+    a GPU) makes t and the noise reproducible. per_image=True returns the loss (B,) and the token
+    accuracy (B,) of each image."""
+    (B, h, w), gen_device = idx.shape, generator.device if generator is not None else idx.device
     # a CPU generator driving a GPU draws into pinned memory: the copies do not wait for the GPU
-    on = dict(device=device, pin_memory=device.type == "cpu" and idx.is_cuda)
+    on = dict(device=gen_device, pin_memory=gen_device.type == "cpu" and idx.is_cuda)
     if t is None:
         t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, **on)          # (B,)
         t = t.to(idx.device, non_blocking=True)
@@ -374,15 +441,19 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
     z0 = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
-    # (B, h, w, K) in fp32
-    logits = model(zt, t, y).float()
-    # (B*h*w,)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten(), reduction="none")
-    lse = torch.logsumexp(logits, dim=-1)                                           # (B, h, w)
-    loss = (ce.view(B, -1) + z_loss * lse.pow(2).view(B, -1)).mean(dim=1)           # (B,)
-    if reduction == "none":
-        return loss, (logits.argmax(dim=-1) == idx).float().view(B, -1).mean(dim=1)
-    return loss.mean()
+    if getattr(getattr(model, "module", model), "offers_last_layer", False):        # DDP: .module
+        x, W, b = model(zt, t, y, last_layer=True)                 # (B, T, C), (P*K, C), (P*K,)
+        p = round((W.shape[0] // E.shape[0]) ** 0.5)
+        # the targets in the head's order: (B, h/p, p, w/p, p) -> (B*T, p*p)
+        targets = idx.view(B, h // p, p, w // p, p).transpose(2, 3).reshape(-1, p * p)
+        x = x.flatten(0, 1)                                                         # (B*T, C)
+    else:
+        # (B*h*w, K), (B*h*w, 1)
+        x, W, b, targets = model(zt, t, y).flatten(0, -2), None, None, idx.reshape(-1, 1)
+    loss, rows, pred = CEZLoss.apply(x, W, b, targets, z_loss, torch.is_grad_enabled())
+    if per_image:
+        return rows.view(B, -1).mean(dim=1), (pred == targets).float().view(B, -1).mean(dim=1)
+    return loss
 
 # -----------------------------------------------------------------------------
 # the Euler sampler
@@ -397,53 +468,73 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, reduction="mean", t_eps=1
 # t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is
 # read out as its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
-# out other codes.
+# out other codes; pi is made `chunk` numbers at a time (logit_chunks), never for the whole batch.
 # Classifier-free guidance mixes logits before the temperature (the paper):
 #     logits = uncond + s * (cond - uncond)      uncond: the null label; one batched forward
 #                                                computes both.
+# When the network offers its affine last layer, logits = x W^T + b, the weights 1 - s and s sum to
+# one, so mixing x instead gives the same logits with one head product instead of two.
 
 
-def guided(model, x, t, y, cfg_scale=1.0, null_label=None):
+def guided(model, x, t, y, cfg_scale=1.0, null_label=None, last_layer=False):
     """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with
     classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
-    skips the null pass."""
-    B = y.shape[0]
-    if cfg_scale == 1.0:
-        return model(x, t.expand(B), y).float()
-    if null_label is None:
+    skips the null pass. last_layer=True: (x, W, b) of the head, guidance mixing x."""
+    B, kw = y.shape[0], {"last_layer": True} if last_layer else {}
+    if cfg_scale != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label, the label the network was "
                          "trained on when the class was dropped")
-    null = torch.full_like(y, null_label)
-    cond, uncond = model(torch.cat([x, x]), t.expand(2 * B), torch.cat([y, null])).float().chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    if cfg_scale != 1.0:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
+    out = model(x, t.expand(len(y)), y, **kw)
+    h, head = (out[0], out[1:]) if last_layer else (out, ())
+    if cfg_scale != 1.0:
+        cond, uncond = h.float().chunk(2)
+        h = uncond + cfg_scale * (cond - uncond)
+    return (h, *head) if last_layer else h.float()
 
 
 @torch.no_grad()
 def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                 generator=None, return_trajectory=False):
+                 generator=None, return_trajectory=False, noise=None, chunk=2**22):
     """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an
-    int side). With return_trajectory, also a dict of cpu tensors, one row per step: t (steps,),
-    z and mu (steps, B, h, w, d), entropy (steps, B, h, w) of the pi used at that step."""
+    int side), from noise (B, h, w, d) (drawn from `generator` when None). With return_trajectory,
+    also a dict of cpu tensors, one row per step: t (steps,), z and mu (steps, B, h, w, d), entropy
+    (steps, B, h, w) of the pi used at that step."""
     (h, w), (K, d), E = (grid, grid) if isinstance(grid, int) else grid, E.shape, E.float()
-    device = generator.device if generator is not None else E.device   # a CPU one may drive a GPU
-    # (B, h, w, d) at t = 0
-    z = torch.randn(y.shape[0], h, w, d, generator=generator, device=device).to(E.device)
+    B = len(y)
+    gen_device = generator.device if generator is not None else E.device  # a CPU one drives a GPU
+    if noise is None:
+        noise = torch.randn(B, h, w, d, generator=generator, device=gen_device)
+    z = noise.to(E.device, torch.float32)                                           # (B, h, w, d)
+    last = getattr(getattr(model, "module", model), "offers_last_layer", False)
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        logits = guided(model, z, t, y, cfg_scale, null_label)                      # (B, h, w, K)
-        with torch.autocast(E.device.type, enabled=False):                          # fp32 geometry
-            pi = torch.softmax(logits.float() / temperature, dim=-1)                # (B, h, w, K)
-            mu = pi @ E                                                             # (B, h, w, d)
-            if return_trajectory:
-                for key, val in (("t", t), ("z", z), ("mu", mu),
-                                 ("entropy", torch.special.entr(pi).sum(-1))):
-                    trajectory[key].append(val.cpu())
-            z = z + dt * (mu - z) / (1 - t)
-    with torch.autocast(E.device.type, enabled=False):
-        # (B, h, w)
-        idx = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+        out = guided(model, z, t, y, cfg_scale, null_label, last)       # (B, T, C) or (B, h, w, K)
+        x, W, b = (out[0].flatten(0, 1), *out[1:]) if last else (out.flatten(0, -2), None, None)
+        P = W.shape[0] // K if last else 1
+        mu, entropy = E.new_empty(len(x), P, d), E.new_empty(len(x), P)
+        for s, rows, _, _, logits in logit_chunks(x, W, b, P, chunk):
+            with torch.autocast(E.device.type, enabled=False):                      # fp32 geometry
+                pi = torch.softmax(logits / temperature, dim=-1)                    # (n, K)
+                mu[rows, s] = pi @ E                                                # (n, d)
+                if return_trajectory:
+                    entropy[rows, s] = torch.special.entr(pi).sum(-1)
+        if last:                          # (B, h/p, w/p, p, p, .) -> (B, h/p, p, w/p, p, .)
+            p = round(P ** 0.5)
+            mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3)
+                           for v in (mu, entropy)]
+        mu, entropy = mu.reshape(B, h, w, d), entropy.reshape(B, h, w)
+        if return_trajectory:
+            for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy)):
+                trajectory[key].append(val.cpu())
+        z = z + dt * (mu - z) / (1 - t)
+    with torch.autocast(E.device.type, enabled=False):                              # (B, h, w)
+        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
+                         .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // K))])
+    idx = idx.view(B, h, w)
     if return_trajectory:
         return idx, {key: torch.stack(val) for key, val in trajectory.items()}
     return idx
@@ -456,8 +547,9 @@ class Objective:
     loop trains them all."""
     name: str
     build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
-    loss: object      # (model, idx, E, y, t=None, generator=None, reduction='mean') like vfm_loss
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen) -> idx
+    loss: object      # (model, idx, E, y, t=None, generator=None, per_image=False) like vfm_loss
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
+                      #  noise=(B, h, w, d) where it starts from noise]) -> idx
 
 
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
@@ -520,7 +612,7 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
         idx, y = get_batch("val", data_dir, batch_size, grid, device, g)
         t = (1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=g)).to(device)
         with ctx:
-            loss, acc = loss_fn(model, idx, E, y, t=t, generator=g, reduction="none")
+            loss, acc = loss_fn(model, idx, E, y, t=t, generator=g, per_image=True)
         losses.append(loss), accs.append(acc), ts.append(t)
     loss, acc, t = torch.cat(losses).cpu(), torch.cat(accs).cpu(), torch.cat(ts).cpu()
     bins = (t * n_bins).long().clamp(max=n_bins - 1)

@@ -6,14 +6,22 @@ sample.py: see what a trained purrception model does; every picture goes into ou
     python sample.py --out_dir=out-cifar10 --temperature=0.5,1.0 # a row each, same noise
     python sample.py --out_dir=out-cifar10 --uncertainty         # or --trajectory (PNG + GIF)
     python sample.py --out_dir=out-cifar10 --fid --num_samples=10000  # or --save_npz=s.npz
+    torchrun --nproc_per_node=8 sample.py --out_dir=RUN --num_samples=50000 --save_npz=samples.npz
 
 It loads out_dir/ckpt.pt (EMA weights), its objective's sampler and its data folder's tokenizer.
-The same --seed draws the same noise on any device (the images: the same run after run on a CPU;
-across devices the network's arithmetic differs). Time runs from t = 0 (noise) to 1 (data).
+Every sample has its own seed, (--seed, its index): the same noise on any device, and the same
+images for any batch size and any number of processes (measured on CPUs; across devices the
+network's arithmetic may differ). Time runs from t = 0 (noise) to 1 (data).
+--save_npz writes the ADM evaluator's format (arr_0: uint8 images (N, H, W, 3), arr_1: labels)
+once, atomically, when every part of --batch_size samples is done; the parts wait in FILE.parts/,
+so a killed run started again with the same flags samples only what is missing.
 """
 
+import math
 import os
+import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -31,6 +39,9 @@ from cli import UserError
 from purrception import tile
 
 
+DECODE_BATCH = 50                 # images per tokenizer decode
+
+
 @dataclass
 class SampleConfig:
     out_dir: str = os.path.join(purrception.HERE, "out-shapes")   # ckpt.pt in, pictures out
@@ -45,11 +56,13 @@ class SampleConfig:
     uncertainty: bool = False     # posterior entropy heatmaps beside the posterior mean
     trajectory: bool = False      # the decoded posterior mean over time: a PNG and a GIF
     frames: int = 6               # times shown by --uncertainty and --trajectory
-    save_npz: str = ""            # num_samples images + labels to this file (in out_dir)
+    save_npz: str = ""            # num_samples images + labels to this .npz (relative: in out_dir)
     fid: bool = False             # FID of num_samples class-balanced samples vs train images
     fid_model: str = ""           # TorchScript Inception; '': torch-fidelity or fid-helper
     fid_ref: int = 0              # real images for the FID reference; 0: all of train
-    batch_size: int = 500         # images per sampler call
+    fid_ref_stats: str = ""       # FID against this npz's mu/sigma (ADM's VIRTUAL_imagenet256...)
+    fid_ref_dir: str = ""         # FID against this folder of images (the official code's choice)
+    batch_size: int = 250         # images per sampler call and per part of --save_npz
     device: str = ""              # cuda | mps | cpu; '' picks the best available
 
 
@@ -114,19 +127,31 @@ def parse_label(class_label, meta):
     return names.index(class_label)
 
 
+def sample_noise(run, start, n, seed):
+    """The starting noise (n, h, w, d) of samples start .. start + n - 1, each from its own CPU
+    generator seeded by (seed, index): the same on any device, batch size and process count."""
+    shape = (*run.grid, run.E.shape[1])
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(hash((seed, i))))
+                        for i in range(start, start + n)])
+
+
 @torch.no_grad()
-def generate(run, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, batch_size=500,
-             progress=False):
-    """Labels (N,) -> uint8 images (N, H, W, 3) from the run's sampler. The noise comes from one
-    CPU generator seeded once: same seed and labels, same noise on any device and temperature."""
-    g = torch.Generator().manual_seed(seed)
+def generate(run, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, batch_size=250,
+             progress=False, start=0):
+    """Labels (N,) of samples start .. start + N - 1 -> uint8 images (N, H, W, 3) from the run's
+    sampler. Each sample's noise has its own seed (sample_noise); DFM, which starts from masks,
+    draws its jumps from a generator seeded by (seed, the batch's first index)."""
     out, starts = [], range(0, len(labels), batch_size)
     for i in cli.progress(starts, desc="sampling", unit="batch") if progress else starts:
         y = torch.as_tensor(labels[i:i + batch_size], device=run.E.device).long()
+        g = torch.Generator().manual_seed(hash((seed, start + i)))
+        noise = ({} if run.objective.name == "dfm" else
+                 {"noise": sample_noise(run, start + i, len(y), seed)})
         with run.autocast():
             idx = run.objective.sample(run.model, run.E, y, run.grid, steps, temperature,
-                                       cfg_scale, run.meta["num_classes"], g)
-        out.append(vq.to_uint8(run.tokenizer.decode(idx)))
+                                       cfg_scale, run.meta["num_classes"], g, **noise)
+        # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
+        out += [vq.to_uint8(run.tokenizer.decode(part)) for part in idx.split(DECODE_BATCH)]
     return np.concatenate(out)
 
 
@@ -174,73 +199,173 @@ def draw_grid(run, opt, label, temps):
 
 
 @torch.no_grad()
-def draw_trajectory(run, opt, label, temperature, uncertainty):
-    """A row per sample: the decoded posterior mean mu_t = pi_t @ E (the model's current guess,
-    where the velocity (mu_t - z) / (1 - t) points) at a few times t, each followed (uncertainty)
-    by a heatmap of the posterior entropy H(pi_t) per position; then the final image.
-    Returns (PNG path, trajectory dict)."""
-    n, C = opt.num_samples or (4 if uncertainty else 8), run.meta["num_classes"]
-    y = torch.as_tensor(balanced_labels(n, C, label), device=run.E.device).long()
+def posterior_path(run, opt, label, temperature, n):
+    """n samples with the sampler's trajectory -> (trajectory dict, final images (n, H, W, 3), a
+    function: step -> the decoded posterior mean mu_t = pi_t @ E (n, H, W, 3), the model's current
+    guess, where the velocity (mu_t - z) / (1 - t) points)."""
+    y = torch.as_tensor(balanced_labels(n, run.meta["num_classes"], label), device=run.E.device)
     with run.autocast():
         idx, traj = purrception.euler_sample(
-            run.model, run.E, y, run.grid, opt.steps, temperature, opt.cfg_scale, C,
-            torch.Generator().manual_seed(opt.seed), return_trajectory=True)
+            run.model, run.E, y.long(), run.grid, opt.steps, temperature, opt.cfg_scale,
+            run.meta["num_classes"], noise=sample_noise(run, 0, n, opt.seed),
+            return_trajectory=True)
     mean = lambda s: vq.to_uint8(run.tokenizer.decode_z(traj["mu"][s].float()))
-    final = vq.to_uint8(run.tokenizer.decode(idx))                      # (n, H, W, 3), as mean(s)
-    S, log_K, columns, texts = final.shape[1], np.log(run.E.shape[0]), [], []
-    for s in np.unique(np.linspace(0, opt.steps - 1, opt.frames).round().astype(int)):
-        t = float(traj["t"][s])                                      # from 0 to 1 - dt
-        columns.append(mean(s))
-        texts.append(f"{t:.2f}" if texts else f"t={t:.2f}")
-        if uncertainty:
-            H = traj["entropy"][s].float().numpy()                   # (n, h, w) nats in [0, log K]
-            f = S // H.shape[-1]                                     # a token covers f x f pixels
-            columns.append(colormap(H.repeat(f, axis=1).repeat(f, axis=2) / log_K))
-            texts.append("")
-            h = H.mean()
-            print(f"t={t:.2f}: posterior entropy {h:.2f} nats on average, {h / log_K:.0%} of log K "
-                  f"(exp(H): about {np.exp(h):.0f} plausible codes a position)")
-    columns.append(final)
-    texts.append("final")
-    images = np.stack(columns, axis=1).reshape(-1, *final.shape[1:])  # a row per sample
-    name = "uncertainty" if uncertainty else "trajectory"
-    path = save_png(tile(images, len(columns)), os.path.join(opt.out_dir, f"{name}.png"), texts, S)
-    if not uncertainty:                    # every step as an animation, lingering on the result
-        frames = [Image.fromarray(tile(x, min(n, 8)))
-                  for x in [mean(s) for s in range(len(traj["mu"]))] + [final] * 15]
-        gif = os.path.join(opt.out_dir, "trajectory.gif")
-        cli.atomic_save(lambda tmp: frames[0].save(tmp, save_all=True, append_images=frames[1:],
-                                                   duration=50, loop=0), gif)
-        print(f"wrote {gif}")
+    return traj, vq.to_uint8(run.tokenizer.decode(idx)), mean
+
+
+def frame_steps(opt):
+    """The steps shown: opt.frames of them, evenly from the first to the last."""
+    return np.unique(np.linspace(0, opt.steps - 1, opt.frames).round().astype(int))
+
+
+def save_rows(columns, texts, path):
+    """Columns of (n, S, S, 3) images, captioned -> a PNG with a row per sample."""
+    final = columns[-1]
+    images = np.stack(columns, axis=1).reshape(-1, *final.shape[1:])
+    return save_png(tile(images, len(columns)), path, texts, final.shape[1])
+
+
+def draw_trajectory(run, opt, label, temperature):
+    """A row per sample: the decoded posterior mean at a few times t, then the final image; and a
+    GIF of every step, lingering on the result. -> (PNG path, trajectory dict)."""
+    n = opt.num_samples or 8
+    traj, final, mean = posterior_path(run, opt, label, temperature, n)
+    steps = frame_steps(opt)
+    texts = [f"{float(traj['t'][s]):.2f}" if i else f"t={float(traj['t'][s]):.2f}"
+             for i, s in enumerate(steps)] + ["final"]
+    path = save_rows([mean(s) for s in steps] + [final], texts,
+                     os.path.join(opt.out_dir, "trajectory.png"))
+    frames = [Image.fromarray(tile(x, min(n, 8)))
+              for x in [mean(s) for s in range(len(traj["mu"]))] + [final] * 15]
+    gif = os.path.join(opt.out_dir, "trajectory.gif")
+    cli.atomic_save(lambda tmp: frames[0].save(tmp, save_all=True, append_images=frames[1:],
+                                               duration=50, loop=0), gif)
+    print(f"wrote {gif}")
     return path, traj
 
 
-def many_samples(run, opt, label, temperature):
-    """num_samples class-balanced images for npz and FID -> {"images", "labels"[, "fid"]}."""
+def draw_uncertainty(run, opt, label, temperature):
+    """A row per sample: at a few times t, the decoded posterior mean and beside it a heatmap of
+    the posterior entropy H(pi_t) per position; then the final image. -> (PNG path, trajectory)."""
+    traj, final, mean = posterior_path(run, opt, label, temperature, opt.num_samples or 4)
+    S, log_K, columns, texts = final.shape[1], np.log(run.E.shape[0]), [], []
+    for s in frame_steps(opt):
+        t = float(traj["t"][s])                                      # from 0 to 1 - dt
+        H = traj["entropy"][s].float().numpy()                       # (n, h, w) nats in [0, log K]
+        f = S // H.shape[-1]                                         # a token covers f x f pixels
+        columns += [mean(s), colormap(H.repeat(f, axis=1).repeat(f, axis=2) / log_K)]
+        texts += [f"{t:.2f}" if texts else f"t={t:.2f}", ""]
+        h = H.mean()
+        print(f"t={t:.2f}: posterior entropy {h:.2f} nats on average, {h / log_K:.0%} of log K "
+              f"(exp(H): about {np.exp(h):.0f} plausible codes a position)")
+    path = save_rows(columns + [final], texts + ["final"],
+                     os.path.join(opt.out_dir, "uncertainty.png"))
+    return path, traj
+
+# -----------------------------------------------------------------------------
+# many samples: the ADM evaluator's npz, made in parts by every process (torchrun), and FID
+
+
+def write_npz(path, **arrays):
+    """np.savez's layout to path, atomically (cli.atomic_save: a full disk or a file-size limit is
+    one line, the old file intact), with fixed zip dates: the same arrays give the same bytes."""
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for name, array in arrays.items():
+                with zf.open(zipfile.ZipInfo(f"{name}.npy"), "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+    cli.atomic_save(write, path, size=sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def check_npz_path(path):
+    """--save_npz names a .npz file in an existing folder: refused before any sampling."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise UserError(f"--save_npz={path} is a folder; name a file in it, e.g. "
+                        f"--save_npz={os.path.join(path, 'samples.npz')}")
+    if not path.endswith(".npz"):
+        raise UserError(f"--save_npz={path}: name a .npz file (the ADM evaluator's format)")
+    if not os.path.isdir(folder):
+        raise UserError(f"--save_npz={path}: the folder {folder} does not exist; create it first")
+
+
+def sample_in_parts(run, opt, labels, temperature, path, rank=0, world=1):
+    """Sample `labels` in parts of opt.batch_size; part j is made by process j % world and saved in
+    path.parts/ as it finishes (a part already there is kept). Process 0 then waits for every part,
+    writes path once and removes the parts. -> (images, labels) on process 0, None elsewhere."""
+    parts_dir, n_parts = path + ".parts", math.ceil(len(labels) / opt.batch_size)
+    spec = {"ckpt": os.path.abspath(opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")),
+            "iter": run.ckpt["iter"], "seed": opt.seed, "steps": opt.steps,
+            "temperature": temperature, "cfg_scale": opt.cfg_scale, "num_samples": len(labels),
+            "class_label": opt.class_label, "batch_size": opt.batch_size}
+    spec_path = os.path.join(parts_dir, "spec.json")
+    if os.path.exists(spec_path) and cli.read_json(spec_path) != spec:
+        old = cli.read_json(spec_path)
+        diff = ", ".join(f"{k}={old.get(k)}" for k in spec if old.get(k) != spec[k])
+        raise UserError(f"{parts_dir} holds parts of another run ({diff}); rerun with its flags "
+                        f"or delete the folder")
+    if rank == 0:                                         # the others wait for the spec
+        os.makedirs(parts_dir, exist_ok=True)
+        cli.write_json(spec, spec_path)
+    while not os.path.exists(spec_path):
+        time.sleep(0.2)
+    part = lambda j: os.path.join(parts_dir, f"part_{j:06d}.npz")
+    mine = [j for j in range(rank, n_parts, world) if not os.path.exists(part(j))]
+    if len(mine) < len(range(rank, n_parts, world)):
+        print(f"[process {rank}] {len(range(rank, n_parts, world)) - len(mine)} parts already "
+              f"in {parts_dir}, {len(mine)} to go")
+    for j in cli.progress(mine, desc=f"[process {rank}] sampling", unit="part"):
+        lo, hi = j * opt.batch_size, min(len(labels), (j + 1) * opt.batch_size)
+        images = generate(run, labels[lo:hi], opt.steps, temperature, opt.cfg_scale, opt.seed,
+                          opt.batch_size, start=lo)
+        write_npz(part(j), arr_0=images, arr_1=labels[lo:hi])
+    if rank != 0:
+        return None
+    while not all(os.path.exists(part(j)) for j in range(n_parts)):   # the other processes'
+        time.sleep(1)
+    parts = [np.load(part(j)) for j in range(n_parts)]
+    images, got = [np.concatenate([p[k] for p in parts]) for k in ("arr_0", "arr_1")]
+    write_npz(path, arr_0=images, arr_1=got)
+    shutil.rmtree(parts_dir)
+    return images, got
+
+
+def many_samples(run, opt, label, temperature, rank=0, world=1):
+    """num_samples class-balanced images for npz and FID -> {"images", "labels"[, "fid"]} (None on
+    processes other than the first)."""
     n, C, t0 = opt.num_samples or 10000, run.meta["num_classes"], time.time()
     labels = balanced_labels(n, C, label).astype(np.int64)
-    images = generate(run, labels, opt.steps, temperature, opt.cfg_scale, opt.seed,
-                      opt.batch_size, progress=True)
-    dt = time.time() - t0
-    print(f"{n} samples in {dt:.1f}s ({n / dt:.1f} images/s)")
-    result = {"images": images, "labels": labels}
     if opt.save_npz:
         path = os.path.join(opt.out_dir, opt.save_npz)
-        np.savez(path, images=images, labels=labels)
-        print(f"wrote {path}: images {images.shape} uint8, labels (index {C} is the null class)")
+        done = sample_in_parts(run, opt, labels, temperature, path, rank, world)
+        if done is None:
+            return None
+        images = done[0]
+        print(f"wrote {path}: arr_0 {images.shape} uint8 images, arr_1 labels (index {C} is the "
+              f"null class)")
+    else:
+        images = generate(run, labels, opt.steps, temperature, opt.cfg_scale, opt.seed,
+                          opt.batch_size, progress=True)
+    dt = time.time() - t0
+    print(f"{n} samples in {dt:.1f}s ({n / dt:.1f} images/s, {world} process"
+          f"{'es' * (world > 1)})")
+    result = {"images": images, "labels": labels}
     if opt.fid:                  # Inception runs at 299x299: 50 images a batch keep it near 2 GB
         result["fid"], protocol = fid.compute_fid(images, run.data_dir, opt.fid_model or None,
-                                                  opt.fid_ref or None, 50, run.E.device)
-        print(f"FID {result['fid']:.2f}: {protocol}; {opt.steps} steps, temperature {temperature}, "
-              f"cfg_scale {opt.cfg_scale} (the tokenizer caps it: see its reconstruction FID in "
-              f"the README)")
+                                                  opt.fid_ref or None, 50, run.E.device,
+                                                  ref_stats=opt.fid_ref_stats,
+                                                  ref_dir=opt.fid_ref_dir)
+        print(f"FID {result['fid']:.2f} ({protocol}); {opt.steps} steps, temperature "
+              f"{temperature}, cfg_scale {opt.cfg_scale} (the tokenizer caps it: see its "
+              f"reconstruction FID in the README)")
     return result
 
 
 def main(argv):
-    """-> a PNG path, (path, trajectory) for --uncertainty/--trajectory, or a dict for npz/FID.
-    What writes into out_dir holds it (one writer, as a training does): none but the master under
-    torchrun, and not a bare --fid."""
+    """-> a PNG path, (path, trajectory) for --uncertainty/--trajectory, or a dict for npz/FID (None
+    on the processes of a torchrun other than the first). What writes into out_dir holds it (one
+    writer, as a training does): the first process under torchrun (the others only add parts to
+    FILE.parts/), and not a bare --fid."""
     opt = cli.parse_args(argv, SampleConfig(), doc=__doc__)
     ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
     writes = int(os.environ.get("RANK", 0)) == 0 and (opt.save_npz or not opt.fid)
@@ -259,9 +384,22 @@ def draw(opt):
     except ValueError:
         raise UserError(f"--temperature takes numbers separated by commas, "
                         f"got {opt.temperature!r}") from None
-    if temps and min(temps) <= 0:
-        raise UserError(f"temperatures must be positive, got {opt.temperature}")
-    device = torch.device(cli.pick_device(opt.device))
+    if temps and not all(math.isfinite(t) and t > 0 for t in temps):
+        raise UserError(f"temperatures must be positive finite numbers, got {opt.temperature}")
+    if (opt.save_npz or opt.fid) and (opt.trajectory or opt.uncertainty):
+        raise UserError("--trajectory and --uncertainty draw a few samples, --save_npz and --fid "
+                        "many: run them as two commands")
+    if opt.save_npz:
+        check_npz_path(os.path.join(opt.out_dir, opt.save_npz))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not opt.save_npz:
+        raise UserError("under torchrun pass --save_npz=FILE: the processes meet in FILE.parts/")
+    if world > 1 and opt.fid:
+        raise UserError("under torchrun, write --save_npz and score it afterwards with "
+                        "`python fid.py --samples=FILE` (FID runs in one process)")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1
+                          and torch.cuda.is_available() and opt.device in ("", "cuda")
+                          else cli.pick_device(opt.device))
     ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
     run = load_run(ckpt_path, opt.data_dir, device)
     config, objective = run.ckpt["config"], run.objective.name
@@ -277,14 +415,16 @@ def draw(opt):
     cfg_scale = opt.cfg_scale or config.get("cfg_scale", 1.0)
     opt = replace(opt, steps=opt.steps or config.get("sample_steps", 100),
                   cfg_scale=1.0 if label == run.meta["num_classes"] else cfg_scale)
-    print(f"{ckpt_path} ({objective}, iter {run.ckpt['iter']}, EMA weights) on {device}: "
-          f"{opt.steps} steps, temperature {','.join(map(str, temps))}, cfg_scale {opt.cfg_scale}, "
-          f"seed {opt.seed}")
+    if rank == 0:
+        print(f"{ckpt_path} ({objective}, iter {run.ckpt['iter']}, EMA weights) on {device}: "
+              f"{opt.steps} steps, temperature {','.join(map(str, temps))}, cfg_scale "
+              f"{opt.cfg_scale}, seed {opt.seed}")
     os.makedirs(opt.out_dir, exist_ok=True)
     if opt.save_npz or opt.fid:
-        return many_samples(run, opt, label, temps[0])
-    drawn = [draw_trajectory(run, opt, label, temps[0], u)     # both: the uncertainty is returned
-             for u, on in ((False, opt.trajectory), (True, opt.uncertainty)) if on]
+        return many_samples(run, opt, label, temps[0], rank, world)
+    drawn = [fn(run, opt, label, temps[0])          # both: the uncertainty is returned
+             for fn, on in ((draw_trajectory, opt.trajectory), (draw_uncertainty,
+                                                               opt.uncertainty)) if on]
     return drawn[-1] if drawn else draw_grid(run, opt, label, temps)
 
 

@@ -378,6 +378,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class Middle(nn.Module):
+    """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.block_1, self.attn_1 = ResnetBlock(ch, ch), AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+def run_level(level, h):
+    """A level's ResnetBlocks, each followed by its AttnBlock where the level has them."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
 @dataclass
 class VQGANConfig:
     """The shape of a released tokenizer, as read from its tensors (read_vqgan_config)."""
@@ -417,23 +438,17 @@ class VQGANEncoder(nn.Module):
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(chs[i + 1])
             self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
-        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.mid = Middle(chs[-1])
         self.norm_out = Normalize(chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)                                     # halve H and W
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class VQGANDecoder(nn.Module):
@@ -443,9 +458,7 @@ class VQGANDecoder(nn.Module):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
-        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.mid = Middle(chs[-1])
         self.up = nn.ModuleList()
         for i in range(len(chs)):
             level = nn.Module()
@@ -461,13 +474,9 @@ class VQGANDecoder(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)                                       # double H and W
         return self.conv_out(F.silu(self.norm_out(h)))

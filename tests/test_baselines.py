@@ -70,7 +70,7 @@ def test_dfm_loss_at_init_is_log_K_plus_one_plus_the_z_loss_over_all_positions()
     closed = math.log(K + 1) + 1e-5 * math.log(K + 1) ** 2                           # uniform over K+1 ids
     for t in (0.001, 0.5, 1.0):                                                       # masked or not: every position
         assert abs(dfm_loss(model, idx, E, y, t=torch.full((8,), t)).item() - closed) < 1e-5
-    loss, acc = dfm_loss(model, idx[:2], E, y[:2], t=torch.tensor([1e-3, 1.0]), reduction="none")
+    loss, acc = dfm_loss(model, idx[:2], E, y[:2], t=torch.tensor([1e-3, 1.0]), per_image=True)
     assert torch.allclose(loss, torch.full((2,), closed)) and math.isnan(acc[1].item())   # none masked at t = 1
 
 

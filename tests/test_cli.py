@@ -12,7 +12,7 @@ import torch
 import cli
 from conftest import ROOT
 
-SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench")
+SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare", "bench", "fid")
 
 
 def copied_names():
@@ -28,7 +28,7 @@ def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
     source = open(os.path.join(ROOT, "purrception.py")).read()
     tree = ast.parse(source)
     chunks = [ast.get_source_segment(source, node, padded=True) for node in tree.body
-              if isinstance(node, ast.FunctionDef) and node.name in names]
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
     assert len(chunks) == len(names)
     namespace = {"torch": torch}                                                       # nothing else
     exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)
@@ -87,7 +87,7 @@ def test_no_file_imports_a_file_that_imports_it_back():
 def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_flag_alike(script, capsys):
     main = importlib.import_module(script).main
     with pytest.raises(SystemExit) as e:
-        main(["--dataset=shapes", "--help"] if script != "sample" else ["--help"])
+        main(["--dataset=shapes", "--help"] if script not in ("sample", "fid") else ["--help"])
     assert e.value.code in (0, None)
     text = capsys.readouterr().out
     assert "options (values after the preset):" in text
@@ -97,7 +97,7 @@ def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_f
         main(["--nonsense=1"])
     assert str(e.value).startswith("unknown option '--nonsense'") and "\n" not in str(e.value)
     with pytest.raises(cli.UserError, match=r"^--device expects str|^--\w+ expects int, got '1.5'$"):
-        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps") if f"--{f}=" in text)
+        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps", "batch_size") if f"  --{f}=" in text)
         main([f"--{int_flag}=1.5"])
 
 

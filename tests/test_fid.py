@@ -56,7 +56,7 @@ def test_fid_with_stub_extractor(stub_fid):
     same, protocol = fid.compute_fid(real, data_dir, model_path=model_path, batch_size=16)
     assert abs(same) < 1e-6
     assert "64 samples vs 64 train images" in protocol and "stub.pt" in protocol
-    assert os.path.exists(os.path.join(data_dir, "fid_stats_stub_64.npz"))            # cached reference stats
+    assert os.path.exists(os.path.join(data_dir, "fid_stats_stub_cpu_64.npz"))            # cached reference stats
     other = np.clip(real.astype(int) // 2 + 100, 0, 255).astype(np.uint8)             # a different image set
     worse, _ = fid.compute_fid(other, data_dir, model_path=model_path, batch_size=16)
     assert worse > 1e-3
@@ -87,3 +87,42 @@ def test_torch_fidelity_input_is_uint8_chw():
     assert len(fid.U8Dataset(images)) == 3 and item.dtype == torch.uint8 and item.shape == (3, 8, 6)
     assert torch.equal(item.permute(1, 2, 0), torch.from_numpy(images[2]))
 
+
+# -----------------------------------------------------------------------------
+# the ImageNet protocols: a reference npz of mu/sigma (ADM) and a folder of images (the official code)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fid_against_a_reference_npz_and_an_image_folder_agrees_with_the_data_folder_path(stub_fid, tmp_path):
+    from PIL import Image
+    model_path, data_dir, real = stub_fid
+    other = np.clip(real.astype(int) // 2 + 100, 0, 255).astype(np.uint8)
+    want, _ = fid.compute_fid(other, data_dir, model_path=model_path, batch_size=16)
+    mu, sigma, _ = fid.reference_stats(data_dir, model_path)
+    ref = str(tmp_path / "VIRTUAL_fake_labeled.npz")
+    np.savez(ref, mu=mu, sigma=sigma, arr_0=real[:10])                               # ADM's layout
+    same, protocol = fid.compute_fid(real, "", model_path=model_path, batch_size=16, ref_stats=ref)
+    assert abs(same) < 1e-6 and f"64 samples vs the statistics in {ref}" in protocol
+    got, _ = fid.compute_fid(other, "", model_path=model_path, batch_size=16, ref_stats=ref)
+    assert got == pytest.approx(want, rel=1e-9) and want > 1e-3
+    folder = tmp_path / "val" / "n01440764"                                          # images at any depth
+    folder.mkdir(parents=True)
+    for i, image in enumerate(real):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    got, protocol = fid.compute_fid(other, "", model_path=model_path, batch_size=16, ref_dir=str(tmp_path / "val"))
+    assert got == pytest.approx(want, rel=1e-6) and "64 images under" in protocol
+    assert (tmp_path / "val" / "fid_stats_stub_cpu_64_16px.npz").exists()             # cached by what it depends on
+    np.savez(ref, arr_0=real[:10])
+    with pytest.raises(fid.cli.UserError, match="not an npz of FID statistics with mu and sigma"):
+        fid.compute_fid(other, "", model_path=model_path, ref_stats=ref)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys):
+    model_path, data_dir, real = stub_fid
+    np.savez(tmp_path / "samples.npz", arr_0=real, arr_1=np.zeros(len(real), np.int64))
+    score, protocol = fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--data_dir={data_dir}",
+                                f"--fid_model={model_path}", "--device=cpu"])
+    assert abs(score) < 1e-6 and f"FID {score:.2f} ({protocol})" in capsys.readouterr().out
+    with pytest.raises(fid.cli.UserError, match="name one reference"):
+        fid.main([f"--samples={tmp_path / 'samples.npz'}"])

@@ -149,7 +149,7 @@ def test_per_image_loss_and_accuracy():
     model, E = tiny_model(), codebook()
     idx, y = torch.randint(0, K, (5, GRID, GRID)), torch.zeros(5, dtype=torch.long)
     t = torch.linspace(0.1, 1, 5)
-    loss, acc = vfm_loss(model, idx, E, y, t=t, reduction="none")
+    loss, acc = vfm_loss(model, idx, E, y, t=t, per_image=True)
     assert loss.shape == acc.shape == (5,)
     assert torch.allclose(loss.mean(), vfm_loss(model, idx, E, y, t=t))
 
@@ -427,3 +427,48 @@ def test_paper_sizes_have_the_official_parameter_counts(size, millions):
     preset = PRESETS["imagenet256"]
     assert {k: preset[k] for k in DIT_SIZES["XL/2"]} == DIT_SIZES["XL/2"]
     assert (preset["lr"], preset["decay_lr"], preset["patch_size"]) == (1e-4, False, 2)
+
+# -----------------------------------------------------------------------------
+# the chunked loss and sampler against the plain ones: same loss, gradients and codes
+
+
+def trained_like_model(patch_size, K_):
+    model = tiny_model(patch_size, K_)
+    for p in model.parameters():                                                      # away from the zero init
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("patch_size, fused", [(2, True), (1, True), (2, False)])
+def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, fused, monkeypatch):
+    from bench import LogitsOnly, whole_batch_loss                                   # all logits at once, fp32
+    K_ = 40
+    model, E = trained_like_model(patch_size, K_), codebook(K_)
+    idx, y = torch.randint(0, K_, (3, GRID, GRID)), torch.tensor([0, 2, NUM_CLASSES])
+    ref = whole_batch_loss(model, idx, E, y, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(ref, list(model.parameters()))
+    net = model if fused else LogitsOnly(model)
+    # chunks of 3 rows: the chunks split images and sub-positions
+    monkeypatch.setattr(purrception.CEZLoss.forward, "__defaults__", (1e-5, True, 3 * K_))
+    loss = vfm_loss(net, idx, E, y, generator=torch.Generator().manual_seed(1))     # the same t and noise
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9, name
+    per, acc = vfm_loss(net, idx, E, y, per_image=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(per.mean(), loss)
+    assert per.shape == acc.shape == (3,) and ((0 <= acc) & (acc <= 1)).all()
+
+
+@pytest.mark.parametrize("patch_size, cfg_scale", [(2, 1.0), (2, 1.7), (1, 1.7)])
+def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale):
+    from bench import LogitsOnly, whole_batch_sample                   # all of pi at once, guidance on logits
+    K_ = 64
+    model, E = trained_like_model(patch_size, K_), codebook(K_)
+    y = torch.tensor([0, 1, 2, NUM_CLASSES] * 4)
+    want = whole_batch_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5))
+    for net, chunk in ((model, 5 * K_), (LogitsOnly(model), 5 * K_), (model, 2**22)):
+        got = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5),
+                           chunk=chunk)
+        assert torch.equal(got, want)
+    assert len(torch.unique(want)) > 8                                              # not a degenerate sample

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -152,9 +153,9 @@ def test_trajectory_strip_and_gif(run, tmp_path):
 def test_npz_has_the_count_and_balanced_labels(run, tmp_path, capsys):
     out = sample_main(run, tmp_path, "--num_samples=10", "--save_npz=s.npz", "--batch_size=4")
     npz = np.load(tmp_path / "s.npz")
-    assert npz["images"].shape == (10, S, S, 3) and npz["images"].dtype == np.uint8
-    assert np.bincount(npz["labels"]).tolist() == [3, 3, 2, 2]                       # counts differ by at most 1
-    assert np.array_equal(out["images"], npz["images"]) and "images/s" in capsys.readouterr().out
+    assert npz["arr_0"].shape == (10, S, S, 3) and npz["arr_0"].dtype == np.uint8
+    assert np.bincount(npz["arr_1"]).tolist() == [3, 3, 2, 2]                       # counts differ by at most 1
+    assert np.array_equal(out["images"], npz["arr_0"]) and "images/s" in capsys.readouterr().out
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -165,7 +166,7 @@ def test_fid_from_the_command_line_with_a_stub_extractor(run, tmp_path, capsys):
     assert np.isfinite(out["fid"]) and out["fid"] > 0
     printed = capsys.readouterr().out
     assert "offline TF-Inception" in printed and "8 samples vs 40 train images" in printed
-    assert os.path.exists(os.path.join(run["data"], "fid_stats_stub_40.npz"))
+    assert os.path.exists(os.path.join(run["data"], "fid_stats_stub_cpu_40.npz"))
 
 # -----------------------------------------------------------------------------
 # bad input: one line starting with "error:", no traceback
@@ -184,6 +185,8 @@ def another_tokenizer_folder(run):
     (["--class_label=7"], "out of range"),
     (["--temperature=hot"], "--temperature takes numbers"),
     (["--temperature=0.5,0"], "temperatures must be positive"),
+    (["--temperature=nan"], "temperatures must be positive finite"),
+    (["--temperature=inf"], "temperatures must be positive finite"),
     (["--num_samples=x"], "--num_samples expects"),
     (["--uncertainy"], "did you mean --uncertainty"),
 ])
@@ -204,3 +207,95 @@ def test_command_line_errors_are_one_line_without_traceback(run, tmp_path):
                            cwd=os.path.dirname(os.path.abspath(sample.__file__)))
         assert p.returncode != 0 and "Traceback" not in p.stderr
         assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+# -----------------------------------------------------------------------------
+# many samples in parts: any number of processes, resumable, written once
+
+
+def npz_run(run, out, *flags):
+    return sample_main(run, out, "--num_samples=12", "--batch_size=3", "--save_npz=s.npz", "--device=cpu", *flags)
+
+
+@pytest.fixture(scope="module")
+def one_process_npz(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    npz_run(run, out)
+    return out / "s.npz"
+
+
+def test_npz_is_the_adm_format_and_the_same_for_any_batch_size(run, one_process_npz, tmp_path, capsys):
+    with np.load(one_process_npz) as f:
+        assert sorted(f) == ["arr_0", "arr_1"] and f["arr_0"].shape == (12, S, S, 3) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].tolist() == [0, 1, 2, 3] * 3
+        images = f["arr_0"]
+    assert not os.path.exists(str(one_process_npz) + ".parts")                      # the parts are gone
+    other = npz_run(run, tmp_path, "--batch_size=5")                               # other parts, same samples
+    assert f"wrote {tmp_path / 's.npz'}" in capsys.readouterr().out
+    assert np.array_equal(other["images"], images)
+
+
+def test_two_torchrun_processes_write_the_same_bytes_as_one(run, one_process_npz, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "sample.py",
+                        f"--ckpt={run['ckpt']}", f"--out_dir={tmp_path}", f"--steps={STEPS}", "--num_samples=12",
+                        "--batch_size=3", "--save_npz=s.npz", "--device=cpu"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(sample.__file__)),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 processes" in r.stdout and (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
+
+
+def test_an_interrupted_run_resumes_from_its_finished_parts(run, one_process_npz, tmp_path, monkeypatch):
+    calls, generate = [], sample.generate
+
+    def dies_at_the_third_part(*args, **kwargs):
+        calls.append(kwargs["start"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(sample, "generate", dies_at_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        npz_run(run, tmp_path)
+    assert sorted(os.listdir(tmp_path / "s.npz.parts")) == ["part_000000.npz", "part_000001.npz", "spec.json"]
+    assert not (tmp_path / "s.npz").exists()
+    with pytest.raises(UserError, match=r"holds parts of another run \(seed=0\)"):
+        npz_run(run, tmp_path, "--seed=1")                                          # other settings: refused
+    calls.clear()
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k["start"]) or generate(*a, **k))
+    npz_run(run, tmp_path)
+    assert calls == [6, 9]                                                          # only the missing parts
+    assert (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
+
+
+def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file(run, tmp_path):
+    old = b"the previous samples"
+    (tmp_path / "s.npz").write_bytes(old)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))       # parts fit, the whole does not
+    p = subprocess.run([sys.executable, "sample.py", f"--ckpt={run['ckpt']}", f"--out_dir={tmp_path}",
+                        f"--steps={STEPS}", "--num_samples=12", "--batch_size=3", "--save_npz=s.npz", "--device=cpu"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(sample.__file__)),
+                       preexec_fn=limit)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().startswith("error: no space left on device writing") and "intact" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "s.npz").read_bytes() == old and not list(tmp_path.glob("*.tmp*"))
+    assert len(list((tmp_path / "s.npz.parts").glob("part_*.npz"))) == 4           # kept: a rerun only assembles
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save_npz=/nonexistent/dir/x.npz"], "the folder /nonexistent/dir does not exist"),
+    (["--save_npz=."], "is a folder; name a file in it"),
+    (["--save_npz=x.png"], "name a .npz file"),
+    (["--save_npz=x.npz", "--trajectory"], "run them as two commands"),
+])
+def test_bad_npz_flags_are_refused_before_sampling(run, tmp_path, flags, message, monkeypatch):
+    monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("sampled before refusing"))
+    with pytest.raises(UserError, match=message):
+        sample_main(run, tmp_path, *flags)
+
+
+def test_a_fid_model_that_is_not_torchscript_is_one_line(run, tmp_path):
+    bad = tmp_path / "not_a_model.pt"
+    torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(UserError, match="is not a TorchScript file") as e:
+        sample_main(run, tmp_path, "--fid", f"--fid_model={bad}", "--num_samples=4")
+    assert "\n" not in str(e.value)

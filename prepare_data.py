@@ -625,7 +625,9 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             log(f"{folder}: tokens exist, skipping")
             return folder
     elif meta and not force:
-        diff = [f"{k}={v} (asked for {asked[k]})" for k, v in made.items() if v != asked[k]]
+        diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
+                f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
+                for k, v in made.items() if v != asked[k]]
         raise UserError(f"{folder} was made with {', '.join(diff) or 'other settings'}; pass "
                         f"--force to redo it (its files are replaced only when the new ones "
                         f"are complete), or --name=OTHER")

@@ -639,8 +639,9 @@ def read_vq(path):
     except Exception as e:                       # truncated, foreign, or pickled objects
         pickled = " (it holds pickled Python objects: keep its state dict alone)" * (
             "weights_only" in str(e).lower() or "unsupported global" in str(e).lower())
-        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}); "
-                            f"a file cut short must be fetched or prepared again{kinds}") from None
+        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}): "
+                            f"not a torch file, or one cut short (fetch or prepare it again)"
+                            f"{kinds}") from None
     if not isinstance(ckpt, dict) or not (isinstance(ckpt.get("released"), str) or any(
             isinstance(ckpt.get(k), dict) for k in ("vq_config", "model", "state_dict"))):
         raise cli.UserError(f"{path} is not a tokenizer file{kinds}")

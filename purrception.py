@@ -125,8 +125,8 @@ PRESETS = {
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
     # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
     "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
-                        lr=1e-4, decay_lr=False, eval_interval=50000, log_interval=100,
-                        sample_steps=100),
+                        lr=1e-4, decay_lr=False, warmup_iters=0, eval_interval=50000,
+                        log_interval=100, sample_steps=100),
 }
 
 # What each flag may be: checked before anything is read or written.
@@ -787,7 +787,8 @@ def train(cfg, objective=PURRCEPTION):
                 if not all(bool(torch.isfinite(p).all()) for p in params):
                     raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
                 if master:
-                    metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
+                    # batches of --batch_size whatever the split: evals compare across runs
+                    metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
                                             device, ctx, loss_fn=objective.loss)
                     print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
                           + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])

@@ -196,7 +196,8 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def ema_update(self, z, c):
         """One EMA k-means step on (M, d) vectors z with assignments c, then restart dead codes."""
-        counts = torch.bincount(c, minlength=self.K).float()
+        # counts by index_add_, not bincount: on a GPU bincount reads the largest index on the host
+        counts = torch.zeros_like(self.ema_count).index_add_(0, c, torch.ones_like(z[:, 0]))
         sums = torch.zeros_like(self.ema_sum).index_add_(0, c, z)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -377,6 +378,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class Middle(nn.Module):
+    """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.block_1, self.attn_1 = ResnetBlock(ch, ch), AttnBlock(ch)
+        self.block_2 = ResnetBlock(ch, ch)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+def run_level(level, h):
+    """A level's ResnetBlocks, each followed by its AttnBlock where the level has them."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
 @dataclass
 class VQGANConfig:
     """The shape of a released tokenizer, as read from its tensors (read_vqgan_config)."""
@@ -416,23 +438,17 @@ class VQGANEncoder(nn.Module):
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(chs[i + 1])
             self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
-        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.mid = Middle(chs[-1])
         self.norm_out = Normalize(chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)                                     # halve H and W
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class VQGANDecoder(nn.Module):
@@ -442,9 +458,7 @@ class VQGANDecoder(nn.Module):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1 = ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1])
-        self.mid.block_2 = ResnetBlock(chs[-1], chs[-1])
+        self.mid = Middle(chs[-1])
         self.up = nn.ModuleList()
         for i in range(len(chs)):
             level = nn.Module()
@@ -460,13 +474,9 @@ class VQGANDecoder(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
 
     def forward(self, z):
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)                                       # double H and W
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -629,8 +639,9 @@ def read_vq(path):
     except Exception as e:                       # truncated, foreign, or pickled objects
         pickled = " (it holds pickled Python objects: keep its state dict alone)" * (
             "weights_only" in str(e).lower() or "unsupported global" in str(e).lower())
-        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}); "
-                            f"a file cut short must be fetched or prepared again{kinds}") from None
+        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}): "
+                            f"not a torch file, or one cut short (fetch or prepare it again)"
+                            f"{kinds}") from None
     if not isinstance(ckpt, dict) or not (isinstance(ckpt.get("released"), str) or any(
             isinstance(ckpt.get(k), dict) for k in ("vq_config", "model", "state_dict"))):
         raise cli.UserError(f"{path} is not a tokenizer file{kinds}")

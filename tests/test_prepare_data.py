@@ -20,8 +20,9 @@ from cli import UserError
 from conftest import ROOT
 
 # a tokenizer that trains in about a second: 16x16 images, 8x8 tokens, 16 codes
-TINY_VQ = {k: v for k, v in dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8,
-                                 eval_interval=3, device="cpu").items() if k in pd.vq_options()}
+TINY_VQ = {k: v for k, v in dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3,
+                                 batch_size=8, eval_interval=3, device="cpu").items()
+           if k in pd.vq_options()}
 
 
 @pytest.fixture
@@ -70,8 +71,10 @@ def test_shapes_have_ten_balanced_classes_that_stand_out():
     assert len(pd.SHAPES_CLASSES) == len(set(pd.SHAPES_CLASSES)) == 10
     assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 20))
     lum = luminance(x)
-    assert (lum.max(axis=(1, 2)) - lum.min(axis=(1, 2)) > 60).all(), "a shape is too faint against its background"
-    # the classes differ in how much of the image they cover: a ring covers less than a disc of the same radius
+    assert (lum.max(axis=(1, 2)) - lum.min(axis=(1, 2)) > 60).all(), \
+        "a shape is too faint against its background"
+    # the classes differ in how much of the image they cover: a ring covers less than a disc of the
+    # same radius
     cover = shape_mask(x).mean(axis=(1, 2))
     means = [cover[y == k].mean() for k in range(10)]
     assert means[pd.SHAPES_CLASSES.index("ring")] < means[pd.SHAPES_CLASSES.index("circle")]
@@ -81,11 +84,12 @@ def test_shapes_keep_an_upright_pose():
     x, y = pd.make_shapes(400, 32, seed=0)
     mask = shape_mask(x)
 
-    def box(m):                                                       # -> (height, width) of the bounding box
+    def box(m):                                         # -> (height, width) of the bounding box
         rows, cols = np.nonzero(m.any(axis=1))[0], np.nonzero(m.any(axis=0))[0]
         return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
 
-    # a square tilted at most 15 degrees fills ~80% of its bounding box; a diamond (45 degrees) fills half
+    # a square tilted at most 15 degrees fills ~80% of its bounding box; a diamond (45 degrees)
+    # fills half
     fill = [m.sum() / np.prod(box(m)) for m in mask[y == pd.SHAPES_CLASSES.index("square")]]
     assert np.mean(fill) > 0.7 and min(fill) > 0.55
     for kind in ("ellipse", "stripes"):                               # lying down: wider than tall
@@ -97,7 +101,7 @@ def test_shapes_keep_an_upright_pose():
 
 def test_imagefolder_flat_layout_resizes_crops_and_holds_out(tmp_path):
     root = tmp_path / "pets"
-    wide = np.zeros((20, 40, 3), np.uint8)                            # 40 wide, 20 high: blue sides, red centre
+    wide = np.zeros((20, 40, 3), np.uint8)              # 40 wide, 20 high: blue sides, red centre
     wide[..., 2] = 255
     wide[:, 10:30] = (255, 0, 0)
     for i in range(12):
@@ -110,8 +114,10 @@ def test_imagefolder_flat_layout_resizes_crops_and_holds_out(tmp_path):
     assert tx.shape[1:] == (16, 16, 3) and tx.dtype == np.uint8
     assert len(tx) + len(vx) == 20 and len(vx) == 2 and sorted(vy.tolist()) == [0, 1]
     cats = tx[ty == 0].astype(int)
-    assert (cats[:, :, 2:-2, 0] > 200).all() and (cats[:, :, 2:-2, 2] < 60).all(), "not a centre crop"
-    assert np.array_equal(pd.load_imagefolder(str(root), 16)[2], vx), "the held-out split is not deterministic"
+    assert (cats[:, :, 2:-2, 0] > 200).all() and (cats[:, :, 2:-2, 2] < 60).all(), \
+        "not a centre crop"
+    assert np.array_equal(pd.load_imagefolder(str(root), 16)[2], vx), \
+        "the held-out split is not deterministic"
 
 
 def test_imagefolder_train_and_test_layout(tmp_path):
@@ -142,10 +148,12 @@ def test_imagefolder_bad_input(tmp_path):
 
 def make_cifar_tarball(path, n=3):
     rng = np.random.default_rng(0)
-    batches = {f"data_batch_{i}": {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                   b"labels": [(i + j) % 10 for j in range(n)]} for i in range(1, 6)}
-    batches["test_batch"] = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [9] * n}
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    data = lambda: rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    batches = {f"data_batch_{i}": {b"data": data(), b"labels": [(i + j) % 10 for j in range(n)]}
+               for i in range(1, 6)}
+    batches["test_batch"] = {b"data": data(), b"labels": [9] * n}
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
     blobs = {k: pickle.dumps(v, protocol=2) for k, v in batches.items()}
     blobs["batches.meta"] = pickle.dumps({b"label_names": [s.encode() for s in names]}, protocol=2)
     with tarfile.open(path, "w:gz") as tar:
@@ -163,20 +171,22 @@ def test_cifar10_reads_the_tarball_the_folder_and_the_extracted_copy(tmp_path):
     tx, ty, vx, vy, classes = pd.load_cifar10(path, md5=md5)
     assert tx.shape == (15, 32, 32, 3) and vx.shape == (3, 32, 32, 3) and tx.dtype == np.uint8
     assert classes == names and ty.tolist()[:3] == [1, 2, 3] and vy.tolist() == [9, 9, 9]
-    raw = batches["data_batch_1"][b"data"][0]                         # rows of 1024 red, then green, then blue
+    raw = batches["data_batch_1"][b"data"][0]           # rows of 1024 red, then green, then blue
     for c in range(3):
         assert tx[0, 2, 5, c] == raw[c * 1024 + 2 * 32 + 5]
-    assert np.array_equal(pd.load_cifar10(str(tmp_path), md5=md5)[0], tx)       # the folder holding the tarball
+    # the folder holding the tarball
+    assert np.array_equal(pd.load_cifar10(str(tmp_path), md5=md5)[0], tx)
     with tarfile.open(path) as tar:
         tar.extractall(tmp_path / "x", filter="data")
-    assert np.array_equal(pd.load_cifar10(str(tmp_path / "x"))[2], vx)          # extracted: no checksum to check
+    assert np.array_equal(pd.load_cifar10(str(tmp_path / "x"))[2], vx)    # extracted: no checksum
     assert np.array_equal(pd.load_cifar10(str(tmp_path / "x" / "cifar-10-batches-py"))[2], vx)
     with pytest.raises(UserError, match="md5"):
         pd.load_cifar10(path)                                         # not the official file
 
 
 def test_cifar10_offline_names_the_url_and_data_dir(data_root, monkeypatch):
-    monkeypatch.setattr(pd, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")   # nothing listens there
+    # nothing listens there
+    monkeypatch.setattr(pd, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(UserError, match="--data_dir") as e:
         pd.load_cifar10(None, log=lambda *a: None)
     assert "http://127.0.0.1:9/cifar-10-python.tar.gz" in str(e.value)
@@ -190,18 +200,23 @@ def test_prepare_writes_memmaps_that_round_trip(data_root):
     folder = tiny_prepare()
     assert folder == str(data_root / "shapes")
     meta = json.load(open(os.path.join(folder, "meta.json")))
-    for key in ("dataset", "image_size", "grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "class_names",
-                "train_count", "val_count", "vq_config", "vq_train", "tokenizer"):
+    for key in ("dataset", "image_size", "grid_h", "grid_w", "codebook_size", "code_dim",
+                "num_classes", "class_names", "train_count", "val_count", "vq_config", "vq_train",
+                "tokenizer"):
         assert key in meta, key
-    assert meta["train_count"] == 64 and meta["val_count"] == 16 and meta["class_names"] == list(pd.SHAPES_CLASSES)
+    assert meta["train_count"] == 64 and meta["val_count"] == 16
+    assert meta["class_names"] == list(pd.SHAPES_CLASSES)
     assert meta["vq_config"]["codebook_size"] == 16 and meta["vq_train"]["max_iters"] == 3
     images, labels = pd.make_shapes(80, 16, seed=0)
-    train_u8 = np.memmap(os.path.join(folder, "train_images.u8"), dtype=np.uint8, mode="r").reshape(-1, 16, 16, 3)
+    train_u8 = np.memmap(os.path.join(folder, "train_images.u8"), dtype=np.uint8,
+                         mode="r").reshape(-1, 16, 16, 3)
     assert np.array_equal(train_u8, images[:64])
-    assert np.array_equal(np.fromfile(os.path.join(folder, "val_labels.bin"), np.uint16), labels[64:])
+    assert np.array_equal(np.fromfile(os.path.join(folder, "val_labels.bin"), np.uint16),
+                          labels[64:])
     model = vq.load_vq(os.path.join(folder, meta["tokenizer"]))
     L = meta["grid_h"] * meta["grid_w"]
-    assert meta["codebook_size"] == 16 and meta["code_dim"] == model.codebook.shape[1] and L == 8 * 8
+    assert meta["codebook_size"] == 16 and meta["code_dim"] == model.codebook.shape[1]
+    assert L == 8 * 8
     for split, n, x in (("train", 64, images[:64]), ("val", 16, images[64:])):
         path = os.path.join(folder, f"{split}.bin")
         assert os.path.getsize(path) == n * L * 2
@@ -212,21 +227,24 @@ def test_prepare_writes_memmaps_that_round_trip(data_root):
 
 def test_rerun_skips_force_redoes_and_a_new_tokenizer_retokenizes(data_root):
     folder = tiny_prepare()
-    stamp = lambda: {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in sorted(os.listdir(folder))}
+    stamp = lambda: {f: os.stat(os.path.join(folder, f)).st_mtime_ns
+                     for f in sorted(os.listdir(folder))}
     before, logs = stamp(), []
     tiny_prepare(logs)
     assert stamp() == before and sum("skipping" in line for line in logs) == 3
-    tiny_prepare(vq_overrides=None)                                   # no explicit settings: whatever is there is fine
+    tiny_prepare(vq_overrides=None)      # no explicit settings: whatever is there is fine
     assert stamp() == before
     # a tokenizer retrained outside prepare_data.py (`python vq.py`) makes the tokens stale
     u8 = np.fromfile(os.path.join(folder, "train_images.u8"), np.uint8).reshape(-1, 16, 16, 3)
-    cfg = vq.VQConfig(image_size=16, **{k: v for k, v in TINY_VQ.items() if hasattr(vq.VQConfig, k)})
-    vq.train_vq(u8, u8[:8], cfg, os.path.join(folder, "vq.pt"), max_iters=2, batch_size=8, eval_interval=2, seed=5,
-                log=lambda *a: None)
+    cfg = vq.VQConfig(image_size=16, **{k: v for k, v in TINY_VQ.items()
+                                        if hasattr(vq.VQConfig, k)})
+    vq.train_vq(u8, u8[:8], cfg, os.path.join(folder, "vq.pt"), max_iters=2, batch_size=8,
+                eval_interval=2, seed=5, log=lambda *a: None)
     after_vq = stamp()
     tiny_prepare()
     now = stamp()
-    assert now["train.bin"] != after_vq["train.bin"] and now["train_images.u8"] == before["train_images.u8"]
+    assert now["train.bin"] != after_vq["train.bin"]
+    assert now["train_images.u8"] == before["train_images.u8"]
     tiny_prepare(force=True)
     assert all(stamp()[f] != now[f] for f in ("train_images.u8", "vq.pt", "train.bin", "meta.json"))
 
@@ -237,7 +255,7 @@ def test_prepare_refuses_a_folder_made_with_other_settings(data_root):
         tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32})
     with pytest.raises(UserError, match="image_size=16 .asked for 24."):
         tiny_prepare(image_size=24)
-    tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32}, name="other")    # another --name is fine
+    tiny_prepare(vq_overrides={**TINY_VQ, "codebook_size": 32}, name="other")   # another name: fine
 
 
 def test_prepare_rejects_bad_settings_before_writing(data_root):
@@ -267,12 +285,15 @@ def parse(argv):
 
 
 def test_parse_args_types_and_unknown_keys():
-    opts, extra = parse(["--dataset=shapes", "--force", "--image_size=16", "--seed=3", "--vq.lr=0.01",
-                         "--vq.max_iters=7", "--vq.device=cpu"])
-    assert opts.dataset == "shapes" and opts.force is True and opts.image_size == 16 and opts.seed == 3
-    assert extra["vq."] == {"lr": 0.01, "max_iters": 7, "device": "cpu"} and isinstance(extra["vq."]["lr"], float)
+    opts, extra = parse(["--dataset=shapes", "--force", "--image_size=16", "--seed=3",
+                         "--vq.lr=0.01", "--vq.max_iters=7", "--vq.device=cpu"])
+    assert opts.dataset == "shapes" and opts.force is True
+    assert opts.image_size == 16 and opts.seed == 3
+    assert extra["vq."] == {"lr": 0.01, "max_iters": 7, "device": "cpu"}
+    assert isinstance(extra["vq."]["lr"], float)
     assert parse(["--dataset=x", "--force=false"])[0].force is False
-    assert parse(["--dataset=x", "--vq.max_iters=1e4"])[1]["vq."]["max_iters"] == 10000   # as in every script
+    # as in every script
+    assert parse(["--dataset=x", "--vq.max_iters=1e4"])[1]["vq."]["max_iters"] == 10000
     with pytest.raises(UserError, match="--image_size expects int"):
         parse(["--dataset=shapes", "--image_size=big"])
     with pytest.raises(UserError, match="did you mean --image_size"):
@@ -287,10 +308,11 @@ def test_cli_error_is_one_line(tmp_path):
     name = "_test_cli_error"
     args = ["--dataset=imagefolder", "--data_dir=/no/such/folder", f"--name={name}"]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)   # any working directory will do
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)   # any cwd
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert r.stderr.strip().startswith("error: ") and "does not exist" in r.stderr
+    assert r.stderr.strip().count("\n") == 0
     assert not os.path.exists(pd.data_path(name))
 
 # -----------------------------------------------------------------------------
@@ -313,7 +335,8 @@ def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
 
 @pytest.fixture(scope="module")
 def streamed(tmp_path_factory):
-    """An image folder, a LlamaGen-layout tokenizer file and the folder's tokens from one process."""
+    """An image folder, a LlamaGen-layout tokenizer file and the folder's tokens from one
+    process."""
     from test_vq import released_file
     base = tmp_path_factory.mktemp("stream")
     root = make_folder(base / "images")

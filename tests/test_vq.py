@@ -20,7 +20,7 @@ def test_quantizer_picks_the_nearest_code():
     z = F.normalize(torch.randn(2, 4, 3, 3), dim=1)
     z_q, idx, _ = q(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
-    brute = torch.cdist(flat, q.embed).argmin(dim=1)                 # Euclidean nearest, brute force
+    brute = torch.cdist(flat, q.embed).argmin(dim=1)            # Euclidean nearest, brute force
     assert torch.equal(idx.flatten(), brute)
     assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 4), q.embed[brute])
 
@@ -41,7 +41,7 @@ def test_dead_code_is_restarted_onto_the_data():
     e1 = torch.tensor([1.0, 0, 0, 0])
     z = F.normalize(torch.randn(2, 4, 4, 4) + 3 * e1[None, :, None, None], dim=1)   # data near +e1
     q(z)                                                                           # k-means init
-    q.ema_sum[0], q.ema_count[0], q.embed[0] = -e1, 1.0, -e1                        # a code no data is near
+    q.ema_sum[0], q.ema_count[0], q.embed[0] = -e1, 1.0, -e1              # a code no data is near
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
     assert (q.nearest(flat) != 0).all()
     for _ in range(3):
@@ -75,12 +75,13 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert torch.equal(again.codebook, model.codebook)
     with pytest.raises(UserError, match="prepare_data.py"):
         vq.load_vq(str(tmp_path / "missing.pt"))
-    open(path, "r+b").truncate(os.path.getsize(path) - 100)                          # a file cut short
+    open(path, "r+b").truncate(os.path.getsize(path) - 100)                     # a file cut short
     with pytest.raises(UserError, match="cannot read the tokenizer"):
         vq.load_vq(path)
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(image_size=17), "not divisible"), (dict(codebook_size=70000), "65536"),
+@pytest.mark.parametrize("kw, msg", [(dict(image_size=17), "not divisible"),
+                                     (dict(codebook_size=70000), "65536"),
                                      (dict(downsample=3), "power of two")])
 def test_bad_configs_fail_with_one_clear_line(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -149,7 +150,7 @@ def released_keys(family, ch=32, ch_mult=(1, 2), n_res=1, z=16, K=64, d=4):
     keys.update({"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,)})
     conv("encoder.conv_out", z, c, 3)
     conv("decoder.conv_in", c, z, 3)
-    for k, i in enumerate(reversed(range(levels))):                # decoder, lowest resolution first
+    for k, i in enumerate(reversed(range(levels))):           # decoder, lowest resolution first
         name = f"decoder.{up}.{k if llama else i}"                 # LlamaGen counts from the lowest
         for j in range(n_res + 1):
             keys.update(resnet_keys(f"{name}.{res}.{j}", c, ch * ch_mult[i]))
@@ -176,7 +177,8 @@ def released_file(path, family, seed=0, **shape):
           for k, s in released_keys(family, **shape).items()}
     sd["quantize.embedding.weight"] *= torch.rand(sd["quantize.embedding.weight"].shape[0], 1,
                                                   generator=g) * 4     # rows of unequal norms
-    torch.save({"model": sd} if family == "llamagen" else {"state_dict": sd, "global_step": 7}, path)
+    torch.save({"model": sd} if family == "llamagen" else {"state_dict": sd, "global_step": 7},
+               path)
     return sd
 
 
@@ -204,7 +206,8 @@ def test_released_layouts_load_strictly_and_keep_the_interface(tmp_path, family,
     assert torch.allclose(model.decode_z(E[idx]), out, atol=1e-5)
     assert model.cfg.grid == 256 // f                              # the paper's 256px images
     # strict: a missing or an unknown key is one line naming it
-    for broken, key in (({k: v for k, v in sd.items() if k != "quant_conv.bias"}, "quant_conv.bias"),
+    missing = {k: v for k, v in sd.items() if k != "quant_conv.bias"}
+    for broken, key in ((missing, "quant_conv.bias"),
                         ({**sd, "decoder.extra.weight": torch.zeros(1)}, "decoder.extra.weight")):
         torch.save({"model": broken} if family == "llamagen" else {"state_dict": broken}, path)
         with pytest.raises(UserError, match=f"{key} is (missing|unexpected)"):
@@ -228,7 +231,8 @@ def test_llamagen_codes_are_nearest_among_normalised_rows(tmp_path):
 
 def test_foreign_and_truncated_files_are_one_line(tmp_path):
     path = str(tmp_path / "x.pt")
-    for obj in ({"weights": {"a": torch.zeros(2)}}, [torch.zeros(2)], {"model": {"a": torch.zeros(2)}}):
+    for obj in ({"weights": {"a": torch.zeros(2)}}, [torch.zeros(2)],
+                {"model": {"a": torch.zeros(2)}}):
         torch.save(obj, path)
         with pytest.raises(UserError, match="not a tokenizer file.*LlamaGen.*LDM") as e:
             vq.load_vq(path)

@@ -796,7 +796,8 @@ def train(cfg, objective=PURRCEPTION):
                 if not all(bool(torch.isfinite(p).all()) for p in params):
                     raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
                 if master:
-                    metrics = estimate_loss(ema, E, data_dir, grid, batch_size, cfg.eval_iters,
+                    # batches of --batch_size whatever the split: evals compare across runs
+                    metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
                                             device, ctx, loss_fn=objective.loss)
                     print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
                           + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])

@@ -9,8 +9,9 @@ sample.py: see what a trained purrception model does; every picture goes into ou
     torchrun --nproc_per_node=8 sample.py --out_dir=RUN --num_samples=50000 --save_npz=samples.npz
 
 It loads out_dir/ckpt.pt (EMA weights), its objective's sampler and its data folder's tokenizer.
-Every sample has its own seed, (--seed, its index): the same images on any device, for any batch
-size and any number of processes. Time runs from t = 0 (noise) to 1 (data).
+Every sample has its own seed, (--seed, its index): the same noise on any device, and the same
+images for any batch size and any number of processes (measured on CPUs; across devices the
+network's arithmetic may differ). Time runs from t = 0 (noise) to 1 (data).
 --save_npz writes the ADM evaluator's format (arr_0: uint8 images (N, H, W, 3), arr_1: labels)
 once, atomically, when every part of --batch_size samples is done; the parts wait in FILE.parts/,
 so a killed run started again with the same flags samples only what is missing.

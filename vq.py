@@ -196,7 +196,8 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def ema_update(self, z, c):
         """One EMA k-means step on (M, d) vectors z with assignments c, then restart dead codes."""
-        counts = torch.bincount(c, minlength=self.K).float()
+        # counts by index_add_, not bincount: on a GPU bincount reads the largest index on the host
+        counts = torch.zeros_like(self.ema_count).index_add_(0, c, torch.ones_like(z[:, 0]))
         sums = torch.zeros_like(self.ema_sum).index_add_(0, c, z)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)

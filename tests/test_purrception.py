@@ -360,6 +360,20 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
     assert not torch.equal(mixed, exact)             # what bf16 would have done: the test can tell the difference
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tokenizer_training_step_never_waits_for_the_gpu():
+    model = vq.VQVAE(vq.VQConfig(image_size=16, ch=8, n_res=1, codebook_size=16, code_dim=4)).cuda().train()
+    x = torch.rand(8, 3, 16, 16, device="cuda") * 2 - 1
+    model(x)                                              # the first step reads the init flag and runs k-means
+    torch.cuda.set_sync_debug_mode("error")               # any host wait from here on raises
+    try:
+        for _ in range(3):
+            recon, _, commit = model(x)
+            (F.mse_loss(recon, x) + commit).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_fused_ema_equals_the_per_tensor_update():
     a = tiny_model()
     for p in a.parameters():

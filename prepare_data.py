@@ -14,7 +14,7 @@ Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.c
 
 With a tokenizer file (a released one: LlamaGen's VQ-8/VQ-16, LDM's vq-f8) an image folder of any
 size streams straight to tokens, resumably, on one GPU or many (stream_folder):
-    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \
+    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \\
         --image_size=256 --tokenizer=vq_ds8_c2i.pt --workers=8
     torchrun --standalone --nproc_per_node=8 prepare_data.py ... (the same flags)
 """

@@ -582,6 +582,14 @@ def read_chunks(workdir, split, n):
             yield z["tokens"], z["labels"], z["skipped"]
 
 
+def remove_chunks(folder, keep, log):
+    """Remove the chunk folders in folder but keep (a path, or None)."""
+    for old in os.listdir(folder):
+        if old.startswith(".tokens-") and os.path.join(folder, old) != keep:
+            log(f"removing {old}: the chunks of other settings or of a finished run")
+            shutil.rmtree(os.path.join(folder, old))
+
+
 def all_agree(ok, world, device):
     """True when every process says ok (one all-reduce; the processes wait for each other)."""
     if world == 1:
@@ -619,12 +627,13 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
             "released_sha1": meta.get("released_sha1")}
     asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
-    if made == asked and "tokenizer" in meta and all(map(os.path.exists, (p[f] for f in
-                                                                           TOKEN_FILES))):
-        if not force:
-            log(f"{folder}: tokens exist, skipping")
-            return folder
-    elif meta and not force:
+    if made == asked and "tokenizer" in meta and not force and all(
+            os.path.exists(p[f]) for f in TOKEN_FILES):
+        if rank == 0:
+            remove_chunks(folder, None, log)   # left by a run stopped after its last write
+        log(f"{folder}: tokens exist, skipping")
+        return folder
+    if meta and made != asked and not force:     # (made == asked: a run stopped while finishing)
         diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
                 f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
                 for k, v in made.items() if v != asked[k]]
@@ -640,10 +649,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     workdir = os.path.join(folder, f".tokens-{key}")
     os.makedirs(workdir, exist_ok=True)
     if rank == 0:                             # chunks of other settings can never be used
-        for old in os.listdir(folder):
-            if old.startswith(".tokens-") and old != os.path.basename(workdir):
-                log(f"removing {old}: the chunks of other settings")
-                shutil.rmtree(os.path.join(folder, old))
+        remove_chunks(folder, workdir, log)
     done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
     total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
     check_space(folder, 2 * total - done, 2 * L * len(train))

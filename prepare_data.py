@@ -518,6 +518,17 @@ def as_list(batch):
     return batch
 
 
+def end_with_parent(worker_id):
+    """Linux: a decoding worker ends when the process that started it does, even after a kill -9
+    (which leaves the loader no chance to stop it)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):       # another OS: the loader's own checks remain
+        pass
+
+
 def check_space(folder, nbytes, largest):
     """Refuse before writing when the disk cannot hold nbytes more, or this process may not
     write a file of `largest` bytes (ulimit -f)."""
@@ -544,7 +555,8 @@ def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size,
         log(f"tokenize {split}: resuming, {len(todo)} of {n_chunks} chunks left to this process")
     # the loader keeps at most 2 batches a worker in flight: memory does not grow with the images
     loader = torch.utils.data.DataLoader(ImageFiles(files, image_size), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=as_list)
+                                         num_workers=workers, collate_fn=as_list,
+                                         worker_init_fn=end_with_parent)
     tokens, labels, skipped, t0, n = [], [], [], time.time(), 0
     for batch in cli.progress(loader, total=len(batches), desc=f"tokenize {split}", unit="batch"):
         for i, _, err in (b for b in batch if b[1] is None):

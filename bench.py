@@ -14,6 +14,14 @@ cli.PEAK_FLOPS knows the H100/H200/H800/A100/A800/L40S parts, else --peak_flops)
 memory of each mode on its own (the CUDA allocator's peak; on a CPU the process's peak resident
 memory), the compile time and the eager/compiled ratio, and sampler images/s. Like training, no
 TF32: what runs outside bf16 autocast is fp32.
+
+    MALLOC_MMAP_THRESHOLD_=65536 python bench.py --dataset=imagenet256 --device=cpu \
+        --n_layer=12 --n_head=12 --n_embd=768 --batch_size=2 --loss_memory=true --cfg_scale=1.3
+    python bench.py --dataset=imagenet256 --costs --sample_steps=250 --cfg_scale=1.3
+
+--loss_memory: the peak memory per image of the loss and of a sampler step, the chunked ones of
+purrception.py beside the same maths on the whole (B, h, w, K) fp32 logits (Linux). --costs: the
+FLOPs of training and of sampling one image, and GPU-hours at --mfu (estimates; shapes only).
 """
 
 import copy
@@ -257,6 +265,8 @@ def main(argv):
           f"{flops / 1e12:.3f} TFLOP per step")
 
     if cfg.loss_memory:
+        if not os.path.exists("/proc/self/clear_refs"):
+            raise cli.UserError("--loss_memory reads the peak memory from /proc/self (Linux)")
         return loss_memory(model, E, K, side, cfg)
     results = {}
     modes = ["eager"] + (["compiled"] * cfg.compare_compile)

@@ -14,7 +14,7 @@ Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.c
 
 With a tokenizer file (a released one: LlamaGen's VQ-8/VQ-16, LDM's vq-f8) an image folder of any
 size streams straight to tokens, resumably, on one GPU or many (stream_folder):
-    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \
+    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \\
         --image_size=256 --tokenizer=vq_ds8_c2i.pt --workers=8
     torchrun --standalone --nproc_per_node=8 prepare_data.py ... (the same flags)
 """
@@ -518,6 +518,17 @@ def as_list(batch):
     return batch
 
 
+def end_with_parent(worker_id):
+    """Linux: a decoding worker ends when the process that started it does, even after a kill -9
+    (which leaves the loader no chance to stop it)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):       # another OS: the loader's own checks remain
+        pass
+
+
 def check_space(folder, nbytes, largest):
     """Refuse before writing when the disk cannot hold nbytes more, or this process may not
     write a file of `largest` bytes (ulimit -f)."""
@@ -544,7 +555,8 @@ def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size,
         log(f"tokenize {split}: resuming, {len(todo)} of {n_chunks} chunks left to this process")
     # the loader keeps at most 2 batches a worker in flight: memory does not grow with the images
     loader = torch.utils.data.DataLoader(ImageFiles(files, image_size), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=as_list)
+                                         num_workers=workers, collate_fn=as_list,
+                                         worker_init_fn=end_with_parent)
     tokens, labels, skipped, t0, n = [], [], [], time.time(), 0
     for batch in cli.progress(loader, total=len(batches), desc=f"tokenize {split}", unit="batch"):
         for i, _, err in (b for b in batch if b[1] is None):
@@ -580,6 +592,14 @@ def read_chunks(workdir, split, n):
             raise UserError(f"{path} is missing; run the same command again to encode it")
         with np.load(path, allow_pickle=False) as z:
             yield z["tokens"], z["labels"], z["skipped"]
+
+
+def remove_chunks(folder, keep, log):
+    """Remove the chunk folders in folder but keep (a path, or None)."""
+    for old in os.listdir(folder):
+        if old.startswith(".tokens-") and os.path.join(folder, old) != keep:
+            log(f"removing {old}: the chunks of other settings or of a finished run")
+            shutil.rmtree(os.path.join(folder, old))
 
 
 def all_agree(ok, world, device):
@@ -619,12 +639,13 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
             "released_sha1": meta.get("released_sha1")}
     asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
-    if made == asked and "tokenizer" in meta and all(map(os.path.exists, (p[f] for f in
-                                                                           TOKEN_FILES))):
-        if not force:
-            log(f"{folder}: tokens exist, skipping")
-            return folder
-    elif meta and not force:
+    if made == asked and "tokenizer" in meta and not force and all(
+            os.path.exists(p[f]) for f in TOKEN_FILES):
+        if rank == 0:
+            remove_chunks(folder, None, log)   # left by a run stopped after its last write
+        log(f"{folder}: tokens exist, skipping")
+        return folder
+    if meta and made != asked and not force:     # (made == asked: a run stopped while finishing)
         diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
                 f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
                 for k, v in made.items() if v != asked[k]]
@@ -640,10 +661,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     workdir = os.path.join(folder, f".tokens-{key}")
     os.makedirs(workdir, exist_ok=True)
     if rank == 0:                             # chunks of other settings can never be used
-        for old in os.listdir(folder):
-            if old.startswith(".tokens-") and old != os.path.basename(workdir):
-                log(f"removing {old}: the chunks of other settings")
-                shutil.rmtree(os.path.join(folder, old))
+        remove_chunks(folder, workdir, log)
     done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
     total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
     check_space(folder, 2 * total - done, 2 * L * len(train))

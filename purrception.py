@@ -361,40 +361,38 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# vfm_loss, guided and euler_sample are written to be copied: they need only `import torch` (and
-# logit_chunks, CEZLoss), and any network called as model(z, t, y) -> logits (B, h, w, K) will do.
-# At K = 16384 on a 32x32 grid the logits are 16.8M numbers an image, so neither the loss nor the
-# sampler holds them in fp32 for a whole batch: both read them `chunk` numbers at a time. A network
-# may also offer its last layer (`offers_last_layer`): model(z, t, y, last_layer=True) -> x
-# (B, T, C), W (P*K, C), b (P*K,), the logits of sub-position s of patch n being x_n W_s^T + b_s. Then the
-# logits are made a chunk at a time from x and never exist all at once.
+# vfm_loss, guided and euler_sample (with logit_chunks and CEZLoss) are written to be copied: they
+# need only `import torch`, and any network called as model(z, t, y) -> logits (B, h, w, K) will do.
+# At K = 16384 on 32x32 an image has 16.8M logits, so neither the loss nor the sampler holds them in
+# fp32 for a whole batch: both read them `chunk` at a time. A network may offer its last layer
+# (`offers_last_layer`): model(z, t, y, last_layer=True) -> x (B, T, C), W (P*K, C), b (P*K,), the
+# logits of sub-position s of patch n being x_n W_s^T + b_s; then they never exist all at once.
 
 
 def logit_chunks(x, W, b, P, chunk):
-    """Rows x (N, C) of a head (W, b) with P sub-positions, or logits x (N, K) (W=None) -> yields
-    (s, rows, x[rows], W_s, fp32 logits (n, K) of sub-position s), about `chunk` logits each."""
+    """Rows x (N, C) of a head W, b with P sub-positions (W=None: x are the logits (N, K)) ->
+    yields (s, rows, x[rows], W_s, fp32 logits (n, K) at sub-position s), `chunk` logits each."""
     K = x.shape[1] if W is None else W.shape[0] // P
+    n = max(1, chunk // K)
     for s in range(P):
-        Ws = None if W is None else W[s * K:(s + 1) * K]
-        for i in range(0, x.shape[0], max(1, chunk // K)):
-            rows = slice(i, i + max(1, chunk // K))
-            xi = x[rows]
-            logits = xi if W is None else torch.nn.functional.linear(xi, Ws, b[s * K:(s + 1) * K])
-            yield s, rows, xi, Ws, logits.float()
+        Ws, bs = (None, None) if W is None else (W[s * K:(s + 1) * K], b[s * K:(s + 1) * K])
+        for i in range(0, x.shape[0], n):
+            xi = x[i:i + n]
+            logits = xi if W is None else torch.nn.functional.linear(xi, Ws, bs)
+            yield s, slice(i, i + n), xi, Ws, logits.float()
 
 
 class CEZLoss(torch.autograd.Function):
-    """(x, W, b) as logit_chunks, targets (N, P) -> mean loss, loss (N, P), argmax (N, P), with the
-    gradient made in the same pass (grads=True), chunk by chunk, so only x, W and the gradients are
-    held: per row, loss = lse - logit[target] + z * lse^2, whose gradient in the logits is
-    softmax * (1 + 2 z lse) - onehot(target)."""
+    """(x, W, b) as logit_chunks, targets (N, P) -> the mean loss, loss (N, P) and argmax (N, P);
+    with grads, the gradients are made in the same pass, so nothing else is held for backward:
+        loss = lse - logit[target] + z lse^2,    d loss / d logits = softmax (1 + 2 z lse) - onehot
+    """
 
     @staticmethod
     def forward(ctx, x, W, b, targets, z_loss=1e-5, grads=True, chunk=2**22):
         loss, pred = torch.empty(targets.shape, device=x.device), torch.empty_like(targets)
-        ctx.n, gx = targets.numel(), torch.zeros(x.shape, device=x.device) if grads else None
-        gW, gb = [torch.zeros(v.shape, device=x.device) if grads and W is not None else None
-                  for v in (W, b)]
+        ctx.n, zeros = targets.numel(), lambda v: torch.zeros(v.shape, device=x.device)
+        gx, gW, gb = [zeros(v) if grads and v is not None else None for v in (x, W, b)]
         # out += a @ b: under autocast in its dtype (bf16), else in place in fp32
         mm_ = ((lambda out, a, b: out.add_(a @ b)) if torch.is_autocast_enabled(x.device.type)
                else (lambda out, a, b: out.addmm_(a, b)))
@@ -403,27 +401,24 @@ class CEZLoss(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)                          # (n, 1)
             loss[rows, s] = (lse - logits.gather(1, ti) + z_loss * lse ** 2)[:, 0]
             pred[rows, s] = logits.argmax(dim=-1)
-            if not grads:
-                continue
-            # in place of the logits (a copy when they are x itself)                    (n, K)
-            g = (logits.sub_(lse) if W is not None else logits - lse).exp_()
-            g.mul_(1 + 2 * z_loss * lse).scatter_add_(1, ti, torch.full_like(lse, -1.0))
-            if W is None:
-                gx[rows] = g
-                continue
-            K = Ws.shape[0]
-            mm_(gx[rows], g, Ws)                                                         # (n, C)
-            mm_(gW[s * K:(s + 1) * K], g.T, xi.float())                                  # (K, C)
-            gb[s * K:(s + 1) * K] += g.sum(0)
+            if grads:             # in place of the logits, unless they are x itself        (n, K)
+                g = (logits.sub_(lse) if W is not None else logits - lse).exp_()
+                g.mul_(1 + 2 * z_loss * lse).scatter_add_(1, ti, torch.full_like(lse, -1.0))
+                if W is None:
+                    gx[rows] = g
+                    continue
+                K = Ws.shape[0]
+                mm_(gx[rows], g, Ws)                                                     # (n, C)
+                mm_(gW[s * K:(s + 1) * K], g.T, xi.float())                              # (K, C)
+                gb[s * K:(s + 1) * K] += g.sum(0)
         ctx.grads = [g if g is None else g.to(v.dtype) for g, v in zip((gx, gW, gb), (x, W, b))]
         ctx.mark_non_differentiable(loss, pred)
         return loss.mean(), loss, pred
 
     @staticmethod
     def backward(ctx, grad_mean, grad_loss, grad_pred):
-        grads, ctx.grads = ctx.grads, None        # let autograd keep them as .grad, no copy
-        gx, gW, gb = [g if g is None else g.mul_(grad_mean / ctx.n) for g in grads]
-        return gx, gW, gb, None, None, None, None
+        grads, ctx.grads = ctx.grads, None        # autograd keeps them as .grad: no copy
+        return (*[g if g is None else g.mul_(grad_mean / ctx.n) for g in grads], *[None] * 4)
 
 
 def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e-3, z_loss=1e-5):
@@ -446,11 +441,10 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e
         p = round((W.shape[0] // E.shape[0]) ** 0.5)
         # the targets in the head's order: (B, h/p, p, w/p, p) -> (B*T, p*p)
         targets = idx.view(B, h // p, p, w // p, p).transpose(2, 3).reshape(-1, p * p)
-        x = x.flatten(0, 1)                                                         # (B*T, C)
-    else:
-        # (B*h*w, K), (B*h*w, 1)
-        x, W, b, targets = model(zt, t, y).flatten(0, -2), None, None, idx.reshape(-1, 1)
-    loss, rows, pred = CEZLoss.apply(x, W, b, targets, z_loss, torch.is_grad_enabled())
+    else:                                                     # (B*h*w, K) logits, (B*h*w, 1)
+        x, W, b, targets = model(zt, t, y), None, None, idx.reshape(-1, 1)
+    loss, rows, pred = CEZLoss.apply(x.flatten(0, -2), W, b, targets, z_loss,
+                                     torch.is_grad_enabled())
     if per_image:
         return rows.view(B, -1).mean(dim=1), (pred == targets).float().view(B, -1).mean(dim=1)
     return loss
@@ -468,25 +462,24 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e
 # t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is
 # read out as its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
-# out other codes; pi is made `chunk` numbers at a time (logit_chunks), never for the whole batch.
+# out other codes; pi and the readout are made `chunk` numbers at a time, never for the whole batch.
 # Classifier-free guidance mixes logits before the temperature (the paper):
 #     logits = uncond + s * (cond - uncond)      uncond: the null label; one batched forward
 #                                                computes both.
-# When the network offers its affine last layer, logits = x W^T + b, the weights 1 - s and s sum to
-# one, so mixing x instead gives the same logits with one head product instead of two.
+# With an affine last layer, logits = x W^T + b, and weights 1 - s and s that sum to one, mixing x
+# gives the same logits with one head product instead of two.
 
 
 def guided(model, x, t, y, cfg_scale=1.0, null_label=None, last_layer=False):
     """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with
     classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
-    skips the null pass. last_layer=True: (x, W, b) of the head, guidance mixing x."""
-    B, kw = y.shape[0], {"last_layer": True} if last_layer else {}
+    skips the null pass. last_layer=True: the head's (x, W, b), guidance mixing x."""
     if cfg_scale != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label, the label the network was "
                          "trained on when the class was dropped")
     if cfg_scale != 1.0:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
-    out = model(x, t.expand(len(y)), y, **kw)
+    out = model(x, t.expand(len(y)), y, **({"last_layer": True} if last_layer else {}))
     h, head = (out[0], out[1:]) if last_layer else (out, ())
     if cfg_scale != 1.0:
         cond, uncond = h.float().chunk(2)
@@ -513,31 +506,29 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         out = guided(model, z, t, y, cfg_scale, null_label, last)       # (B, T, C) or (B, h, w, K)
-        x, W, b = (out[0].flatten(0, 1), *out[1:]) if last else (out.flatten(0, -2), None, None)
+        x, W, b = out if last else (out, None, None)
         P = W.shape[0] // K if last else 1
-        mu, entropy = E.new_empty(len(x), P, d), E.new_empty(len(x), P)
-        for s, rows, _, _, logits in logit_chunks(x, W, b, P, chunk):
+        mu, entropy = E.new_empty(B * h * w // P, P, d), E.new_empty(B * h * w // P, P, 1)
+        for s, rows, _, _, logits in logit_chunks(x.flatten(0, -2), W, b, P, chunk):
             with torch.autocast(E.device.type, enabled=False):                      # fp32 geometry
                 pi = torch.softmax(logits / temperature, dim=-1)                    # (n, K)
                 mu[rows, s] = pi @ E                                                # (n, d)
                 if return_trajectory:
-                    entropy[rows, s] = torch.special.entr(pi).sum(-1)
-        if last:                          # (B, h/p, w/p, p, p, .) -> (B, h/p, p, w/p, p, .)
-            p = round(P ** 0.5)
-            mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3)
-                           for v in (mu, entropy)]
-        mu, entropy = mu.reshape(B, h, w, d), entropy.reshape(B, h, w)
+                    entropy[rows, s, 0] = torch.special.entr(pi).sum(-1)
+        # a patch's P sub-positions back in place: (B, h/p, w/p, p, p, .) -> (B, h, w, .)
+        p = round(P ** 0.5)
+        mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3).reshape(B, h, w, -1)
+                       for v in (mu, entropy)]
         if return_trajectory:
-            for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy)):
+            for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy[..., 0])):
                 trajectory[key].append(val.cpu())
         z = z + dt * (mu - z) / (1 - t)
     with torch.autocast(E.device.type, enabled=False):                              # (B, h, w)
         idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
                          .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // K))])
-    idx = idx.view(B, h, w)
     if return_trajectory:
-        return idx, {key: torch.stack(val) for key, val in trajectory.items()}
-    return idx
+        return idx.view(B, h, w), {key: torch.stack(val) for key, val in trajectory.items()}
+    return idx.view(B, h, w)
 
 
 @dataclass(frozen=True)

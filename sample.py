@@ -323,11 +323,15 @@ def sample_in_parts(run, opt, labels, temperature, path, rank=0, world=1):
         return None
     while not all(os.path.exists(part(j)) for j in range(n_parts)):   # the other processes'
         time.sleep(1)
-    parts = [np.load(part(j)) for j in range(n_parts)]
-    images, got = [np.concatenate([p[k] for p in parts]) for k in ("arr_0", "arr_1")]
-    write_npz(path, arr_0=images, arr_1=got)
+    images = None
+    for j in range(n_parts):                  # filled in place: one copy of the images in memory
+        with np.load(part(j)) as f:
+            images = (np.empty((len(labels), *f["arr_0"].shape[1:]), np.uint8) if images is None
+                      else images)
+            images[j * opt.batch_size:(j + 1) * opt.batch_size] = f["arr_0"]
+    write_npz(path, arr_0=images, arr_1=labels)
     shutil.rmtree(parts_dir)
-    return images, got
+    return images, labels
 
 
 def many_samples(run, opt, label, temperature, rank=0, world=1):

@@ -507,6 +507,29 @@ def test_a_file_size_limit_is_one_line_and_the_old_tokens_stay(streamed, tmp_pat
         f.endswith(".new")], "a temporary was left"
 
 
+def test_a_run_stopped_before_its_meta_json_is_finished_by_the_same_command(streamed, tmp_path,
+                                                                            monkeypatch):
+    base, root, ref = streamed
+    monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path))
+    run = lambda **kw: pd.stream_folder(str(root), "h", str(base / "tok.pt"), 16, workers=0,
+                                        batch_size=3, chunk=4, device="cpu",
+                                        log=lambda *a: None, **kw)
+    save = pd._save
+
+    def stop_at_the_last_write(path, obj):             # stands for a kill at that moment
+        if path.endswith("meta.json") and "tokenizer" in obj:
+            raise KeyboardInterrupt
+        save(path, obj)
+    monkeypatch.setattr(pd, "_save", stop_at_the_last_write)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(pd, "_save", save)
+    folder = run()                                      # no --force: the same command
+    assert "tokenizer" in json.load(open(os.path.join(folder, "meta.json")))
+    assert (tmp_path / "h" / "train.bin").read_bytes() == (ref / "train.bin").read_bytes()
+    assert not list((tmp_path / "h").glob(".tokens-*"))
+
+
 def test_unreadable_files_and_empty_class_folders(streamed, tmp_path, monkeypatch):
     base, _, _ = streamed
     monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path / "data"))

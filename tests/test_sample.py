@@ -266,7 +266,8 @@ def test_an_interrupted_run_resumes_from_its_finished_parts(run, one_process_npz
     assert (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
 
 
-def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file(run, tmp_path):
+def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file(run, one_process_npz, tmp_path,
+                                                                                  monkeypatch):
     old = b"the previous samples"
     (tmp_path / "s.npz").write_bytes(old)
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))       # parts fit, the whole does not
@@ -279,6 +280,9 @@ def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file
     assert len(p.stderr.strip().splitlines()) == 1
     assert (tmp_path / "s.npz").read_bytes() == old and not list(tmp_path.glob("*.tmp*"))
     assert len(list((tmp_path / "s.npz.parts").glob("part_*.npz"))) == 4           # kept: a rerun only assembles
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    npz_run(run, tmp_path)
+    assert (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
 
 
 @pytest.mark.parametrize("flags, message", [

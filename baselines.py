@@ -66,14 +66,15 @@ def draw_t(B, generator, device, t_eps=1e-3):
 # noise) and the endpoint loss |e|^2 / d.
 
 
-def cfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, endpoint=False):
-    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint); per_image=True gives
-    per-image loss (B,) and the per-image accuracy of the one-step guess of z1, read out as the
-    nearest code."""
+def cfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False,
+             endpoint=False):
+    """CFM loss for tokens idx (B, h, w) (endpoint=True: CFM-endpoint), t and Gaussian noise z0
+    drawn from `generator` unless given; per_image=True gives per-image loss (B,) and the
+    per-image accuracy of the one-step guess of z1, read out as the nearest code."""
     B = idx.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t                        # (B,)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = draw(torch.randn, z1.shape, generator, idx.device)                 # (B, h, w, d)
+    z0 = draw(torch.randn, z1.shape, generator, idx.device) if noise is None else noise
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0
     out = model(zt, t, y).float()                                                   # (B, h, w, d)
@@ -84,8 +85,8 @@ def cfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, endpoint
     return loss.mean()
 
 
-def cfm_endpoint_loss(model, idx, E, y, t=None, generator=None, per_image=False):
-    return cfm_loss(model, idx, E, y, t, generator, per_image, endpoint=True)
+def cfm_endpoint_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False):
+    return cfm_loss(model, idx, E, y, t, noise, generator, per_image, endpoint=True)
 
 
 # Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the
@@ -146,14 +147,15 @@ class MaskedTokenDiT(DiT):
         return super().flops_per_image() - 6 * self.tok_embed.weight.numel() * self.n_tokens
 
 
-def dfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, z_loss=1e-5):
-    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). per_image=True
+def dfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False, z_loss=1e-5):
+    """DFM loss for tokens idx (B, h, w); E gives K (the tokens are the data). t and the uniform
+    draws u (B, h, w) that decide the masks come from `generator` unless given. per_image=True
     gives per-image loss (B,) and per-image accuracy on the masked positions (nan where none is
     masked)."""
     B, K = idx.shape[0], E.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t              # (B,)
-    # (B, h, w): which positions are masks at time t
-    masked = draw(torch.rand, idx.shape, generator, idx.device) >= t.view(B, 1, 1)
+    u = draw(torch.rand, idx.shape, generator, idx.device) if noise is None else noise
+    masked = u >= t.view(B, 1, 1)                       # (B, h, w): the masks at time t
     xt = torch.where(masked, K, idx)                                      # (B, h, w) in [0, K]
     logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
     ce = F.cross_entropy(logits.reshape(-1, K + 1), idx.reshape(-1), reduction="none").view(B, -1)
@@ -219,7 +221,8 @@ OBJECTIVES = {
                      cfm_sample),
     "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch),
                               cfm_endpoint_loss, cfm_endpoint_sample),
-    "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample),
+    "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample,
+                     noise="uniform"),
 }
 
 

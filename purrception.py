@@ -23,9 +23,9 @@ Notable choices:
   posterior is uniform (loss = log K at init).
 - The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
   sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
-- Every random draw of a training step (images, dropped labels, t, noise) comes from a generator
-  seeded by (seed, iter, micro-step). A resume replays the run, and so do more processes that cut
-  the same global batch into the same micro-steps (bit for bit on a CPU; not measured on GPUs).
+- Every random draw of a training step (images, dropped labels, t, noise) is a function of (seed,
+  iter, image slot in the global batch): a resume replays the run, and so does any split of the
+  same global batch over processes and micro-steps (README: how close, measured on a CPU).
 - EMA weights are what every eval, sample grid and sample.py see.
 - A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
   (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
@@ -421,11 +421,12 @@ class CEZLoss(torch.autograd.Function):
         return (*[g if g is None else g.mul_(grad_mean / ctx.n) for g in grads], *[None] * 4)
 
 
-def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e-3, z_loss=1e-5):
+def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False, t_eps=1e-3,
+             z_loss=1e-5):
     """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
-    t (B,) is drawn from U(t_eps, 1) unless given; `generator` (may live on the CPU while idx is on
-    a GPU) makes t and the noise reproducible. per_image=True returns the loss (B,) and the token
-    accuracy (B,) of each image."""
+    t (B,) ~ U(t_eps, 1) and noise z0 (B, h, w, d) ~ N(0, I) are drawn from `generator` (may live
+    on the CPU while idx is on a GPU) unless given. per_image=True returns the loss (B,) and the
+    token accuracy (B,) of each image."""
     (B, h, w), gen_device = idx.shape, generator.device if generator is not None else idx.device
     # a CPU generator driving a GPU draws into pinned memory: the copies do not wait for the GPU
     on = dict(device=gen_device, pin_memory=gen_device.type == "cpu" and idx.is_cuda)
@@ -433,7 +434,9 @@ def vfm_loss(model, idx, E, y, t=None, generator=None, per_image=False, t_eps=1e
         t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, **on)          # (B,)
         t = t.to(idx.device, non_blocking=True)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
+    if noise is None:
+        noise = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
+    z0 = noise                                                                      # (B, h, w, d)
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
     if getattr(getattr(model, "module", model), "offers_last_layer", False):        # DDP: .module
@@ -538,9 +541,11 @@ class Objective:
     loop trains them all."""
     name: str
     build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
-    loss: object      # (model, idx, E, y, t=None, generator=None, per_image=False) like vfm_loss
+    loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
                       #  noise=(B, h, w, d) where it starts from noise]) -> idx
+    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), 'uniform' U(0, 1)
+                            # (B, h, w)
 
 
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
@@ -550,9 +555,13 @@ PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_di
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
 
 
-def get_batch(split, data_dir, batch_size, grid, device, generator=None):
-    """batch_size random whole images of split ('train' or 'val') -> tokens (B, h, w) and labels
-    (B,), int64."""
+def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", pin=False,
+              t_eps=1e-3):
+    """batch_size random whole images of split ('train' or 'val') and the random numbers of their
+    training step, all from `generator`, in this order: tokens (B, h, w) and labels (B,), int64;
+    label-drop draws u (B,) ~ U(0, 1); t (B,) ~ U(t_eps, 1); the loss's noise, 'normal' N(0, I)
+    (B, h, w, d) or 'uniform' U(0, 1) (B, h, w). On the CPU; pin=True pins them, so that copies
+    to a GPU do not wait for it. Image j's numbers depend on j, not on how the batch is cut."""
     h, w = grid
     # We recreate np.memmap every batch to avoid a memory leak, as per
     # https://stackoverflow.com/questions/45132940 (numpy memmap memory usage)
@@ -564,9 +573,13 @@ def get_batch(split, data_dir, batch_size, grid, device, generator=None):
     # int64 first: uint16 has no torch counterpart
     idx = torch.from_numpy(tokens[ix].astype(np.int64)).view(batch_size, h, w)
     y = torch.from_numpy(labels[ix].astype(np.int64))
-    if "cuda" in str(device):                # pinned: the copies do not wait for the GPU
+    on = dict(generator=generator, pin_memory=pin)
+    u, t = torch.rand(batch_size, **on), torch.rand(batch_size, **on).mul_(1 - t_eps).add_(t_eps)
+    shape = (batch_size, h, w, d) if noise == "normal" else (batch_size, h, w)
+    z = (torch.randn if noise == "normal" else torch.rand)(shape, **on)
+    if pin:
         idx, y = idx.pin_memory(), y.pin_memory()
-    return idx.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return idx, y, u, t, z
 
 # -----------------------------------------------------------------------------
 # training utilities
@@ -591,20 +604,22 @@ def update_ema(ema_model, model, decay):
 
 
 @torch.no_grad()
-def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx, loss_fn=vfm_loss,
-                  n_bins=5):
-    """Val loss of `model` over eval_iters batches; the loss in n_bins equal bins of t (how hard
-    each stretch of the path is); and token accuracy for t >= 0.9, where the posterior should be
-    nearly certain (loss_fn: the objective's loss, which also says what its accuracy counts).
-    The batches, t and noise are the same at every eval (a fixed seed): evals compare alike."""
-    g = torch.Generator().manual_seed(1234)
+def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
+                  objective=PURRCEPTION, micro_batch=None, n_bins=5):
+    """Val loss of `model` over eval_iters batches of batch_size images, micro_batch at a time;
+    the loss in n_bins equal bins of t (how hard each stretch of the path is); and token accuracy
+    for t >= 0.9, where the posterior should be nearly certain (the objective's loss says what its
+    accuracy counts). The images, t and noise are the same at every eval and for any micro_batch
+    (a fixed seed): evals compare alike."""
+    g, micro_batch = torch.Generator().manual_seed(1234), micro_batch or batch_size
     losses, accs, ts = [], [], []
     for _ in range(eval_iters):
-        idx, y = get_batch("val", data_dir, batch_size, grid, device, g)
-        t = (1e-3 + (1 - 1e-3) * torch.rand(batch_size, generator=g)).to(device)
-        with ctx:
-            loss, acc = loss_fn(model, idx, E, y, t=t, generator=g, per_image=True)
-        losses.append(loss), accs.append(acc), ts.append(t)
+        batch = get_batch("val", data_dir, batch_size, grid, E.shape[1], g, objective.noise)
+        for i in range(0, batch_size, micro_batch):
+            idx, y, _, t, noise = (v[i:i + micro_batch].to(device) for v in batch)
+            with ctx:
+                loss, acc = objective.loss(model, idx, E, y, t=t, noise=noise, per_image=True)
+            losses.append(loss), accs.append(acc), ts.append(t)
     loss, acc, t = torch.cat(losses).cpu(), torch.cat(accs).cpu(), torch.cat(ts).cpu()
     bins = (t * n_bins).long().clamp(max=n_bins - 1)
     return {"val_loss": loss.mean().item(),
@@ -787,9 +802,9 @@ def train(cfg, objective=PURRCEPTION):
                 if not all(bool(torch.isfinite(p).all()) for p in params):
                     raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
                 if master:
-                    # batches of --batch_size whatever the split: evals compare across runs
-                    metrics = estimate_loss(ema, E, data_dir, grid, cfg.batch_size, cfg.eval_iters,
-                                            device, ctx, loss_fn=objective.loss)
+                    # global batches, whatever the split: evals compare across runs
+                    metrics = estimate_loss(ema, E, data_dir, grid, images_per_iter,
+                                            cfg.eval_iters, device, ctx, objective, batch_size)
                     print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
                           + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
                           + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
@@ -817,23 +832,24 @@ def train(cfg, objective=PURRCEPTION):
             if it == cfg.max_iters:
                 break
 
-            # one optimizer step over grad_accum micro-steps per process. Each micro-step draws its
-            # images, dropped labels, t and noise from a generator seeded by (seed, iter, its index
-            # among all the processes' micro-steps): a resume replays the same numbers, and so does
-            # any number of processes that cuts the global batch into the same micro-steps.
+            # one optimizer step over grad_accum micro-steps per process. Every process draws the
+            # whole global batch (images, label drops, t, noise) from one generator seeded by
+            # (seed, iter) and each micro-step takes its own slots of it: a resume replays the same
+            # numbers, and so does any split of the global batch over processes and micro-steps.
             # (Python hashes tuples of ints the same everywhere.)
+            g = torch.Generator().manual_seed(hash((cfg.seed, it)))
+            batch = get_batch("train", data_dir, images_per_iter, grid, E.shape[1], g,
+                              objective.noise, pin)
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
-                seed = hash((cfg.seed, it, rank * grad_accum + micro))
-                g = torch.Generator().manual_seed(seed)
-                idx, y = get_batch("train", data_dir, batch_size, grid, device, g)
-                drop = torch.rand(y.shape, generator=g, pin_memory=pin)
-                drop = drop.to(device, non_blocking=True) < cfg.class_dropout
-                y = torch.where(drop, raw_model.num_classes, y)             # the null class (CFG)
+                first = (rank * grad_accum + micro) * batch_size
+                idx, y, u, t, noise = (v[first:first + batch_size].to(device, non_blocking=True)
+                                       for v in batch)
+                y = torch.where(u < cfg.class_dropout, raw_model.num_classes, y)  # null class (CFG)
                 if ddp:                      # all-reduce the gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == grad_accum - 1
                 with ctx:
-                    loss = objective.loss(model, idx, E, y, generator=g) / grad_accum
+                    loss = objective.loss(model, idx, E, y, t=t, noise=noise) / grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             if cfg.grad_clip > 0:

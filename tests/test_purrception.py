@@ -173,10 +173,15 @@ def test_get_batch_returns_whole_images_with_their_labels(data_dir):
     tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).reshape(-1, GRID * GRID)
     labels = np.fromfile(data_dir / "train_labels.bin", dtype=np.uint16)
     g = torch.Generator().manual_seed(0)
-    idx, y = get_batch("train", str(data_dir), 16, (GRID, GRID), "cpu", g)
+    idx, y, u, t, z = get_batch("train", str(data_dir), 16, (GRID, GRID), D, g)
     assert idx.shape == (16, GRID, GRID) and idx.dtype == y.dtype == torch.int64
     ix = torch.randint(len(labels), (16,), generator=torch.Generator().manual_seed(0)).numpy()
     assert np.array_equal(idx.reshape(16, -1).numpy(), tokens[ix]) and np.array_equal(y.numpy(), labels[ix])
+    assert u.shape == t.shape == (16,) and z.shape == (16, GRID, GRID, D) and t.min() >= 1e-3
+    # the uniform noise of DFM's masks has one number per position, and the draws before it are the same
+    *rest, u_dfm = get_batch("train", str(data_dir), 16, (GRID, GRID), D, torch.Generator().manual_seed(0), "uniform")
+    assert u_dfm.shape == (16, GRID, GRID) and 0 <= u_dfm.min() and u_dfm.max() < 1
+    assert all(torch.equal(a, b) for a, b in zip(rest, (idx, y, u, t)))
 
 # -----------------------------------------------------------------------------
 # config parsing
@@ -244,9 +249,10 @@ def test_resume_continues_exactly(data_dir, tmp_path):
 
 
 # One torchrun of two gloo processes runs two trainings (one process group, torch imported once):
-# 1. 8 images an iter cut into 2 micro-steps of 4, which one process runs both of and two processes one each. The
-#    same generators draw the same numbers, and DDP's mean of the two gradients, g0/2 + g1/2, is what one process
-#    accumulates (halving is exact in floating point): the runs agree bit for bit on this CPU.
+# 1. 8 images an iter: one process runs them in one micro-step (the default split), two processes 4 each. Every
+#    process draws the same 8 images, labels, t and noise and takes its slots, so the logged losses agree. The
+#    gradients do not agree bit for bit: one process sums 8 images' gradients in one pass, DDP sums two sums of 4
+#    and halves, so the last bits differ and the weights drift apart by float rounding (the tolerance below).
 # 2. rank 1's loss turns NaN from its 3rd step on, rank 0's never: both stop with the same line, and no hang.
 TWO_RUNS = """import os, sys
 sys.path.insert(0, {root!r})
@@ -263,7 +269,7 @@ cli.run(lambda argv: pc.train(poisoned, dataclasses.replace(pc.PURRCEPTION, loss
 
 
 def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_dir, tmp_path):
-    kw = dict(batch_size=4, grad_accum=2, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1, log_interval=1)
+    kw = dict(batch_size=8, grad_accum=1, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1, log_interval=1)
     single = train(tiny_config(data_dir, tmp_path / "single", **kw))
     flags = lambda cfg: " ".join(f"--{k}={v}" for k, v in vars(cfg).items())
     poisoned = tiny_config(data_dir, tmp_path / "nan", max_iters=20, eval_interval=2, log_interval=3,
@@ -273,13 +279,13 @@ def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_di
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), flags(tiny_config(data_dir, tmp_path / "ddp", **kw)), flags(poisoned)],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
-    # 1. the same losses (the mean over both processes) and the same weights
+    # 1. the same losses (the mean over both processes) and the weights up to rounding
     assert "2 processes" in r.stdout and "8 images per iter = 4 x 1 micro-steps x 2" in r.stdout, r.stderr[-2000:]
     logged = [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert logged[:4] == [f"iter {i}: loss {loss:.4f}" for i, loss in single["losses"]]
     a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    for key in ("model", "ema"):        # each tensor within 1e-4 of its largest entry (measured: 2.4e-5 here)
+        assert all((a[key][n] - b[key][n]).abs().max() <= 1e-4 * a[key][n].abs().max() for n in a[key]), key
     # 2. one line, the same on both, and the last good checkpoint untouched
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], r.stderr[-2000:]

@@ -231,7 +231,7 @@ def costs(model, cfg, peak):
 
 def main(argv):
     cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
-    cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
+    cli.check_ranges(cfg, {**cli.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
                            "bench_warmup": (lambda v: v >= 1, "at least 1"),
                            "sample_batch": (lambda v: v >= 0, "at least 0")})
     device = cli.pick_device(cfg.device)
@@ -257,7 +257,7 @@ def main(argv):
     model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10,
                    cfg.time_embed).to(device)
     E = torch.nn.functional.normalize(torch.randn(K, d), dim=1).to(device)
-    peak = cfg.peak_flops or pc.device_peak_flops(device)
+    peak = cfg.peak_flops or cli.device_peak_flops(device)
     flops = model.flops_per_image() * cfg.batch_size
     print(f"bench on {device} ({torch.get_num_threads()} threads): {cfg.dataset} preset, "
           f"{model.num_params() / 1e6:.2f}M parameters, batch {cfg.batch_size}, K={K} d={d} grid "

@@ -131,6 +131,23 @@ def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
     return (cfg, more) if extra else cfg
 
 
+# What each flag of purrception.Config may be: checked before anything is read or written.
+RANGES = {
+    "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
+    "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
+    "lr": (lambda v: v > 0, "positive"),
+    "temperature": (lambda v: v > 0, "positive"),
+    **{k: (lambda v: v >= 1, "at least 1")
+       for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
+                 "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in ("max_iters", "warmup_iters", "min_lr",
+                                                     "weight_decay", "grad_clip", "cfg_scale",
+                                                     "peak_flops")},
+    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
+                                                        "beta2")},
+}
+
+
 def check_ranges(cfg, rules):
     """rules: {field: (test, what it must be)}; the first field whose value fails its test is a
     UserError."""
@@ -138,6 +155,21 @@ def check_ranges(cfg, rules):
         value = getattr(cfg, name)
         if not test(value):
             raise UserError(f"--{name}={value} is impossible: it must be {must}")
+
+
+def split_batch(batch_size, grad_accum, world):
+    """The global batch, batch_size x grad_accum images an iter, over `world` processes ->
+    (images per micro-step, micro-steps per process). It is cut into n equal micro-steps, n the
+    fewest (at least grad_accum) that the processes share evenly."""
+    G = batch_size * grad_accum
+    if G % world:
+        fits = [n for n in range(1, world) if G % n == 0][-1]
+        raise UserError(f"the global batch of {G} images (--batch_size={batch_size} x --grad_accum="
+                        f"{grad_accum}) does not split over {world} processes; keep it on "
+                        f"--nproc_per_node={fits}, or pick a global batch {world} divides, e.g. "
+                        f"--batch_size={G - G % world} --grad_accum=1")
+    n = next(n for n in range(world * -(-grad_accum // world), G + 1, world) if G % n == 0)
+    return G // n, n // world
 
 
 def check_transformer(n_embd, n_head, patch_size=1, side=0):
@@ -225,6 +257,40 @@ def load_checkpoint(path, hint="train one with `python purrception.py --dataset=
                if v.is_floating_point()):
         raise UserError(f"{path} holds non-finite weights (its run diverged); use an earlier "
                         "checkpoint")
+    return ckpt
+
+
+def note_cpu_cost(dt, left):
+    """Print what `left` more iterations of dt seconds would cost on this CPU, when over 4 hours."""
+    if dt * left > 4 * 3600:
+        print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
+              f"{format_seconds(dt * left)}; this preset is sized for a GPU. The README's "
+              f"'CIFAR-10 on a CPU' recipe trains a smaller model in an hour")
+
+
+def diverged(what, it, ckpt_path, lr):
+    """The one line every process stops with when training diverges."""
+    last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
+            else "nothing saved")
+    return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr (now "
+                     f"{lr:g}), more --warmup_iters or a smaller --grad_clip")
+
+
+def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
+    """The checkpoint a --init_from=resume run continues, checked against the run: iterations left
+    to do, the same objective, and data of the same K and d (meta: the token folder's)."""
+    ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+    args, it = ckpt["model_args"], ckpt["iter"]
+    if it >= max_iters:
+        raise UserError(f"{ckpt_path} is already at iter {it}: --max_iters={max_iters} leaves "
+                        f"nothing to do; pass a larger --max_iters")
+    if ckpt.get("objective", "purrception") != objective:
+        raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} objective; "
+                        f"resume it with that one, or pick another --out_dir")
+    if (args["K"], args["d"]) != (meta["codebook_size"], meta["code_dim"]):
+        raise UserError(f"{ckpt_path} was trained on K={args['K']} codes of d={args['d']}, but "
+                        f"{data_dir} has K={meta['codebook_size']}, d={meta['code_dim']}; resume "
+                        f"it on its own data (--data_dir)")
     return ckpt
 
 

@@ -85,7 +85,7 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
     arm = objective + (f"-{opt.tag}" if opt.tag else "")
     out = os.path.join(opt.out_dir, f"{arm}-s{seed}")
     ckpt_path = os.path.join(out, "ckpt.pt")
-    done = purrception.load_checkpoint(ckpt_path)["iter"] if os.path.exists(ckpt_path) else 0
+    done = cli.load_checkpoint(ckpt_path)["iter"] if os.path.exists(ckpt_path) else 0
     t0 = time.time()
     if done < stage:
         flags = opt.train_flags.split() + opt.extra_flags.split() + [

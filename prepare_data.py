@@ -886,6 +886,24 @@ class PrepareConfig:
     device: str = ""              # encoder device; '' picks cuda, then mps, then cpu
 
 
+def open_for_training(dataset, data_dir="", launched=False, device="cpu"):
+    """The token folder a training run reads: data_dir, else data/<dataset>, prepared on the spot
+    when missing (shapes and cifar10, unless launched by torchrun) -> (folder, meta, tokenizer on
+    device), checked by open_folder. The grid must be square (the DiT's)."""
+    folder = data_dir or data_path(dataset)
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        if data_dir or launched or dataset not in ("shapes", "cifar10"):
+            raise UserError(f"no prepared tokens in {folder}; run "
+                            f"{remake(folder, {'dataset': dataset})}"
+                            + (" once before torchrun" if launched else ""))
+        print(f"no prepared data in {folder}: preparing it now (prepare_data.prepare('{dataset}'))")
+        prepare(dataset)
+    meta, tokenizer = open_folder(folder, device)
+    if meta["grid_h"] != meta["grid_w"]:
+        raise UserError(f"the token grid {(meta['grid_h'], meta['grid_w'])} is not square; "
+                        "prepare square images (prepare_data crops them)")
+    return folder, meta, tokenizer
+
 def distributed(device):
     """Under torchrun: join the process group (NCCL on CUDA, else gloo). -> (rank, world,
     device)."""

@@ -1,13 +1,13 @@
 """
 purrception.py: class-conditional image generation by variational flow matching over VQ tokens, in
-one file.
+one file (Matişan et al., "Purrception: Variational Flow Matching for Vector-Quantized Image
+Generation", ICLR 2026, https://arxiv.org/abs/2510.01478).
 
-Purrception (Matişan et al., "Purrception: Variational Flow Matching for Vector-Quantized Image
-Generation", ICLR 2026, https://arxiv.org/abs/2510.01478) generates the codebook indices of a VQ
-tokenizer (vq.py) with a continuous flow in the codebook's embedding space. A transformer reads a
-noisy point z_t and predicts, at every latent position, a categorical posterior over the K codes;
-the velocity that carries z_t to the data is the posterior-mean code minus z_t, divided by the time
-left. Training is plain cross-entropy.
+A transformer reads a noisy point z_t in the codebook's embedding space (vq.py's tokenizer) and
+predicts, at every latent position, a categorical posterior over the K codes; the velocity that
+carries z_t to the data is the posterior-mean code minus z_t, divided by the time left. Training
+is plain cross-entropy. Time runs as in the paper's code (the reverse of minRF): t = 0 is noise,
+t = 1 data, z_t = t * z1 + (1 - t) * z0 with z1 = E[tokens] and z0 ~ N(0, I).
 
     python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
@@ -15,21 +15,10 @@ left. Training is plain cross-entropy.
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
     python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
-Time convention (the paper's code, flow_matching; the reverse of minRF): t = 0 is noise, 1 data,
-    z_t = t * z1 + (1 - t) * z0,   z1 = E[tokens],  z0 ~ N(0, I).
-
-Notable choices:
-- A DiT with adaLN-Zero whose output is K logits per latent position; zero-initialised so the first
-  posterior is uniform (loss = log K at init).
-- The network may run in bf16 (CUDA); softmax, cross-entropy and logsumexp over K, and in the
-  sampler the posterior mean, the velocity update and the nearest-code readout, run in fp32.
-- Every random draw of a training step (images, dropped labels, t, noise) is a function of (seed,
-  iter, image slot in the global batch): a resume replays the run, and so does any split of the
-  same global batch over processes and micro-steps (README: how close, measured on a CPU).
-- EMA weights are what every eval, sample grid and sample.py see.
-- A run never replaces a checkpoint by accident: it refuses to start over an existing ckpt.pt
-  (resume it, or pass --overwrite=true), saves nothing before its first step, and stops at the first
-  non-finite loss.
+Every random draw of a training step (images, dropped labels, t, noise) is a function of (seed,
+iter, image slot in the global batch), so a resume replays the run, and so does any split of the
+global batch over processes and micro-steps (README: how close, measured on a CPU). A run never
+replaces a checkpoint by accident and stops at the first non-finite loss.
 """
 
 import atexit
@@ -49,7 +38,7 @@ from PIL import Image
 import cli
 import prepare_data
 import vq
-from cli import UserError, device_peak_flops, load_checkpoint
+from cli import UserError
 
 # data/ and out-*/ live next to this file, whatever the CWD
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,7 +58,7 @@ class Config:
     init_from: str = "scratch"    # 'scratch' or 'resume' (out_dir/ckpt.pt, exactly as it stopped)
     overwrite: bool = False       # a run from scratch may replace ckpt.pt (at its first save)
     eval_interval: int = 2000     # iters between evals, checkpoints and sample grids
-    eval_iters: int = 20          # val batches per eval
+    eval_iters: int = 20          # val batches (global batches) per eval
     log_interval: int = 50        # iters between log lines (and non-finite loss checks)
     sample_steps: int = 50        # Euler steps for eval grids (paper: 100 curves, 250 best FID)
     grid_cols: int = 8            # samples per class row in the eval grids
@@ -127,22 +116,6 @@ PRESETS = {
     "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,
                         lr=1e-4, decay_lr=False, warmup_iters=0, eval_interval=50000,
                         log_interval=100, sample_steps=100),
-}
-
-# What each flag may be: checked before anything is read or written.
-RANGES = {
-    "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
-    "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
-    "lr": (lambda v: v > 0, "positive"),
-    "temperature": (lambda v: v > 0, "positive"),
-    **{k: (lambda v: v >= 1, "at least 1")
-       for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
-                 "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
-    **{k: (lambda v: v >= 0, "at least 0") for k in ("max_iters", "warmup_iters", "min_lr",
-                                                     "weight_decay", "grad_clip", "cfg_scale",
-                                                     "peak_flops")},
-    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
-                                                        "beta2")},
 }
 
 # -----------------------------------------------------------------------------
@@ -563,8 +536,7 @@ def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", p
     (B, h, w, d) or 'uniform' U(0, 1) (B, h, w). On the CPU; pin=True pins them, so that copies
     to a GPU do not wait for it. Image j's numbers depend on j, not on how the batch is cut."""
     h, w = grid
-    # We recreate np.memmap every batch to avoid a memory leak, as per
-    # https://stackoverflow.com/questions/45132940 (numpy memmap memory usage)
+    # a fresh memmap per batch: one kept open grows the resident memory as it is read
     tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16,
                        mode="r").reshape(-1, h * w)
     labels = np.memmap(os.path.join(data_dir, f"{split}_labels.bin"), dtype=np.uint16, mode="r")
@@ -627,20 +599,6 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
             "val_acc_t09": acc[t >= 0.9].nanmean().item()}
 
 
-def tile(images, ncol, pad=2, scale=1):
-    """uint8 images (N, H, W, 3) -> one uint8 image with ncol of them a row, on white; scale > 1
-    enlarges each pixel into a scale x scale block (32x32 images are small on a screen)."""
-    images = np.asarray(images).repeat(scale, axis=1).repeat(scale, axis=2)
-    N, H, W, C = images.shape
-    canvas = np.full((pad + math.ceil(N / ncol) * (H + pad), pad + ncol * (W + pad), C), 255,
-                     dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (H + pad):(r + 1) * (H + pad),
-               pad + c * (W + pad):(c + 1) * (W + pad)] = image
-    return canvas
-
-
 def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path, ctx):
     """Write a PNG of samples from `model`, one class per row. The noise is fixed by cfg.seed, so
     the grids of successive evals show the same samples improving."""
@@ -650,31 +608,8 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
-    canvas = Image.fromarray(tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
+    canvas = Image.fromarray(vq.tile(images, n_cols, scale=max(2, 64 // images.shape[1])))
     cli.atomic_save(canvas.save, path)
-
-
-def split_batch(batch_size, grad_accum, world):
-    """The global batch, batch_size x grad_accum images an iter, over `world` processes ->
-    (images per micro-step, micro-steps per process). It is cut into n equal micro-steps, n the
-    fewest (at least grad_accum) that the processes share evenly."""
-    G = batch_size * grad_accum
-    if G % world:
-        fits = [n for n in range(1, world) if G % n == 0][-1]
-        raise UserError(f"the global batch of {G} images (--batch_size={batch_size} x --grad_accum="
-                        f"{grad_accum}) does not split over {world} processes; keep it on "
-                        f"--nproc_per_node={fits}, or pick a global batch {world} divides, e.g. "
-                        f"--batch_size={G - G % world} --grad_accum=1")
-    n = next(n for n in range(world * -(-grad_accum // world), G + 1, world) if G % n == 0)
-    return G // n, n // world
-
-
-def diverged(what, it, ckpt_path, lr):
-    """The one line every process stops with when training diverges."""
-    last = (f"the last good checkpoint {ckpt_path} is untouched" if os.path.exists(ckpt_path)
-            else "nothing saved")
-    return UserError(f"{what} at iter {it}: training diverged, {last}; try a lower --lr (now "
-                     f"{lr:g}), more --warmup_iters or a smaller --grad_clip")
 
 # -----------------------------------------------------------------------------
 # training: one flat loop in nanoGPT's order
@@ -684,7 +619,7 @@ def train(cfg, objective=PURRCEPTION):
     """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
     log line. Bad input raises UserError before anything is written; a non-finite loss stops every
     process with the same UserError before anything is saved."""
-    cli.check_ranges(cfg, RANGES)
+    cli.check_ranges(cfg, cli.RANGES)
     cli.check_transformer(cfg.n_embd, cfg.n_head)
     if int(os.environ.get("RANK", 0)) == 0:
         print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
@@ -692,7 +627,7 @@ def train(cfg, objective=PURRCEPTION):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
                                if ddp else (0, 0, 1))
-    batch_size, grad_accum = split_batch(cfg.batch_size, cfg.grad_accum, world)
+    batch_size, grad_accum = cli.split_batch(cfg.batch_size, cfg.grad_accum, world)
     device = cli.pick_device(cfg.device)
     if ddp:
         import torch.distributed as dist
@@ -714,20 +649,9 @@ def train(cfg, objective=PURRCEPTION):
     # one writer per out_dir, the master process, from here to the end
     with cli.one_writer(out_dir) if master else nullcontext():
         # the token folder: prepared on the spot when missing (by a lone process), then checked
-        data_dir = cfg.data_dir or prepare_data.data_path(cfg.dataset)
-        if not os.path.exists(os.path.join(data_dir, "meta.json")):
-            if cfg.data_dir or ddp or cfg.dataset not in ("shapes", "cifar10"):
-                raise UserError(f"no prepared tokens in {data_dir}; run "
-                                f"{prepare_data.remake(data_dir, {'dataset': cfg.dataset})}"
-                                + (" once before torchrun" if ddp else ""))
-            print(f"no prepared data in {data_dir}: preparing it now "
-                  f"(prepare_data.prepare('{cfg.dataset}'))")
-            prepare_data.prepare(cfg.dataset)
-        meta, tokenizer = prepare_data.open_folder(data_dir, device)
+        data_dir, meta, tokenizer = prepare_data.open_for_training(cfg.dataset, cfg.data_dir, ddp,
+                                                                   device)
         grid = (meta["grid_h"], meta["grid_w"])
-        if grid[0] != grid[1]:
-            raise UserError(f"the token grid {grid} is not square; prepare square images "
-                            "(prepare_data crops them)")
         cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])
         E = tokenizer.codebook.to(device)                       # (K, d), frozen
         cfg = replace(cfg, data_dir=data_dir, out_dir=out_dir)  # recorded in the checkpoint
@@ -740,19 +664,8 @@ def train(cfg, objective=PURRCEPTION):
                           time_embed=cfg.time_embed)
         ckpt, start_iter = None, 0
         if cfg.init_from == "resume":
-            ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+            ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
-            if start_iter >= cfg.max_iters:
-                raise UserError(f"{ckpt_path} is already at iter {start_iter}: --max_iters="
-                                f"{cfg.max_iters} leaves nothing to do; pass a larger --max_iters")
-            if ckpt.get("objective", "purrception") != objective.name:
-                raise UserError(f"{ckpt_path} was trained with the {ckpt.get('objective')} "
-                                f"objective; resume it with that one, or pick another --out_dir")
-            if (model_args["K"], model_args["d"]) != (meta["codebook_size"], meta["code_dim"]):
-                raise UserError(f"{ckpt_path} was trained on K={model_args['K']} codes of "
-                                f"d={model_args['d']}, but {data_dir} has "
-                                f"K={meta['codebook_size']}, d={meta['code_dim']}; resume it on "
-                                f"its own data (--data_dir)")
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
                             f"over with --overwrite=true (it is replaced at the first save), or "
@@ -777,7 +690,7 @@ def train(cfg, objective=PURRCEPTION):
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
         flops_per_image = raw_model.flops_per_image()
-        peak = cfg.peak_flops or device_peak_flops(device)
+        peak = cfg.peak_flops or cli.device_peak_flops(device)
         images_per_iter = batch_size * grad_accum * world
         if master:
             print(f"model ({objective.name}): {raw_model.num_params() / 1e6:.2f}M parameters, "
@@ -800,7 +713,7 @@ def train(cfg, objective=PURRCEPTION):
             if it > start_iter and (it % cfg.eval_interval == 0 or it == cfg.max_iters):
                 params = [p for m in (raw_model, ema) for p in m.parameters()]
                 if not all(bool(torch.isfinite(p).all()) for p in params):
-                    raise diverged("the weights are not finite", it, ckpt_path, cfg.lr)
+                    raise cli.diverged("the weights are not finite", it, ckpt_path, cfg.lr)
                 if master:
                     # global batches, whatever the split: evals compare across runs
                     metrics = estimate_loss(ema, E, data_dir, grid, images_per_iter,
@@ -812,7 +725,7 @@ def train(cfg, objective=PURRCEPTION):
                 if ddp:
                     dist.broadcast(val_loss, 0)
                 if not math.isfinite(val_loss.item()):
-                    raise diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
+                    raise cli.diverged(f"the val loss is {val_loss.item()}", it, ckpt_path, cfg.lr)
                 if master:
                     png = os.path.join(out_dir, f"samples_{it:06d}.png")
                     os.makedirs(out_dir, exist_ok=True)
@@ -866,11 +779,7 @@ def train(cfg, objective=PURRCEPTION):
             # a GPU-sized run started on a CPU says what it would cost, once, after 3 timed iters
             left = cfg.max_iters - it - 1
             if device_type == "cpu" and master and it == start_iter + 3 and timed_iters == 3:
-                dt = (time.time() - t0) / timed_iters
-                if dt * left > 4 * 3600:
-                    print(f"note: on this CPU one iter takes {dt:.1f} s, so {left} more would take "
-                          f"{cli.format_seconds(dt * left)}; this preset is sized for a GPU. The "
-                          f"README's 'CIFAR-10 on a CPU' recipe trains a smaller model in an hour")
+                cli.note_cpu_cost((time.time() - t0) / timed_iters, left)
 
             if it % cfg.log_interval == 0:
                 # the mean over all processes (gloo has no AVG), so a non-finite loss on any one is
@@ -880,7 +789,7 @@ def train(cfg, objective=PURRCEPTION):
                     loss_sum /= world
                 loss_value = loss_sum.item()         # waits for the device: only on log iterations
                 if not math.isfinite(loss_value):
-                    raise diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
+                    raise cli.diverged(f"the loss is {loss_value}", it, ckpt_path, cfg.lr)
                 if master:
                     line = f"iter {it}: loss {loss_value:.4f}, lr {lr:.2e}"
                     if timed_iters:

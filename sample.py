@@ -36,7 +36,7 @@ import prepare_data
 import purrception
 import vq
 from cli import UserError
-from purrception import tile
+from vq import tile
 
 
 DECODE_BATCH = 50                 # images per tokenizer decode
@@ -91,7 +91,7 @@ def load_run(ckpt_path, data_dir="", device="cpu"):
     dataset = os.path.basename(out)[4:] if os.path.basename(out).startswith("out-") else "NAME"
     flags = [f"--dataset={dataset}"] + [f"--out_dir={out}"] * (
         out != os.path.join(purrception.HERE, f"out-{dataset}"))
-    ckpt = purrception.load_checkpoint(ckpt_path, f"train one with "
+    ckpt = cli.load_checkpoint(ckpt_path, f"train one with "
                                                   f"`{cli.command('purrception.py', *flags)}`")
     objective = baselines.get_objective(ckpt.get("objective", "purrception"))
     model = objective.build_model(**ckpt["model_args"])

@@ -700,17 +700,29 @@ def load_vq(path, device="cpu"):
 # training
 
 
+def tile(images, ncol, pad=2, scale=1):
+    """uint8 images (N, H, W, 3) -> one uint8 image with ncol of them a row, on white; scale > 1
+    enlarges each pixel into a scale x scale block (32x32 images are small on a screen)."""
+    images = np.asarray(images).repeat(scale, axis=1).repeat(scale, axis=2)
+    N, H, W, C = images.shape
+    canvas = np.full((pad + math.ceil(N / ncol) * (H + pad), pad + ncol * (W + pad), C), 255,
+                     dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[pad + r * (H + pad):(r + 1) * (H + pad),
+               pad + c * (W + pad):(c + 1) * (W + pad)] = image
+    return canvas
+
+
 def save_pairs(originals, recons, path, n=32, cols=8):
     """A PNG with rows of originals, each followed by a row of their reconstructions."""
     from PIL import Image
     n = min(n, len(originals)) // cols * cols or min(n, len(originals))   # whole rows when possible
     cols = min(cols, n)
-    o, r = originals[:n], recons[:n]
-    rows = []
-    for i in range(0, n - cols + 1, cols):
-        rows += [np.concatenate(list(o[i:i + cols]), axis=1),
-                 np.concatenate(list(r[i:i + cols]), axis=1)]
-    cli.atomic_save(Image.fromarray(np.concatenate(rows, axis=0)).save, path)
+    # (rows, 2, cols, H, W, 3): a row of originals, then the same row reconstructed
+    pairs = np.stack([originals[:n], recons[:n]]).reshape(2, -1, cols, *originals.shape[1:])
+    pairs = pairs.transpose(1, 0, 2, 3, 4, 5).reshape(-1, *originals.shape[1:])
+    cli.atomic_save(Image.fromarray(tile(pairs, cols, pad=0)).save, path)
 
 
 @torch.no_grad()

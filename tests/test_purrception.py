@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import purrception
 import vq
 import sample
@@ -294,7 +295,7 @@ def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_di
 
 
 def test_the_global_batch_is_split_over_the_processes():
-    split = purrception.split_batch
+    split = cli.split_batch
     assert split(32, 1, 1) == (32, 1) and split(256, 1, 8) == (32, 1)          # the preset's batch, shared
     assert split(4, 2, 2) == (4, 1) and split(16, 4, 2) == (16, 2)              # whole micro-steps each
     assert split(2, 3, 2) == (1, 3) and split(8, 3, 2) == (6, 2)                # finer ones where they must
@@ -340,8 +341,8 @@ def test_peak_flops_know_the_pcie_and_nvl_parts(monkeypatch):
                        ("NVIDIA H800", 989e12), ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
                        ("NVIDIA GeForce RTX 4090", 0.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
-        assert purrception.device_peak_flops("cuda:0") == peak, name
-    assert purrception.device_peak_flops("cpu") == 0.0
+        assert cli.device_peak_flops("cuda:0") == peak, name
+    assert cli.device_peak_flops("cpu") == 0.0
 
 # -----------------------------------------------------------------------------
 # GPU readiness, checked on the CPU: fp32 geometry under bf16 autocast, fused EMA, torch.compile

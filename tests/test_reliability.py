@@ -56,7 +56,7 @@ def test_a_diverging_run_stops_within_a_log_interval_and_keeps_the_last_good_che
         train(tiny_config(data, out, lr=1e6, max_iters=60, eval_interval=3, log_interval=5, init_from="resume",
                           grad_clip=0.0, warmup_iters=0))
     assert snapshot(out) == before                                                   # nothing replaced
-    assert purrception.load_checkpoint(str(out / "ckpt.pt"))["iter"] == 3            # and it still loads
+    assert cli.load_checkpoint(str(out / "ckpt.pt"))["iter"] == 3            # and it still loads
 
 
 def test_a_start_from_scratch_never_replaces_a_checkpoint_by_accident(run_dir):
@@ -196,7 +196,7 @@ def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_
         pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed: nothing was tested")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    done = purrception.load_checkpoint(str(ckpt))["iter"]                            # it loads: never half-written
+    done = cli.load_checkpoint(str(ckpt))["iter"]                            # it loads: never half-written
     assert 4 <= done < 40
     train(tiny_config(data_dir, tmp_path / "killed", max_iters=40, eval_interval=4, log_interval=4,
                       init_from="resume"))

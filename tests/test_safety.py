@@ -103,9 +103,9 @@ def test_a_second_run_in_a_folder_refuses_naming_the_holder_and_a_killed_holder_
         proc.wait()
     assert before <= (out / "ckpt.pt").stat().st_mtime_ns
     assert (out / cli.LOCK_FILE).exists()                                           # left behind by kill -9
-    done = purrception.load_checkpoint(str(out / "ckpt.pt"))["iter"]
+    done = cli.load_checkpoint(str(out / "ckpt.pt"))["iter"]
     train(tiny_config(data_dir, out, max_iters=done + 2, eval_interval=2, init_from="resume"))
-    assert purrception.load_checkpoint(str(out / "ckpt.pt"))["iter"] == done + 2
+    assert cli.load_checkpoint(str(out / "ckpt.pt"))["iter"] == done + 2
     assert not (out / cli.LOCK_FILE).exists() and not temporaries(out)             # released on exit
 
 

@@ -2,21 +2,23 @@
 baselines.py: the objectives Purrception is measured against, as the paper's official code defines
 them, on the same backbone, tokens, time grid and training loop (purrception.train).
 
-    python baselines.py --dataset=cifar10 --objective=cfm            # continuous flow matching: regress z1 - z0
-    python baselines.py --dataset=cifar10 --objective=cfm_endpoint   # regress z1, sample with (z1_hat - z)/(1 - t)
-    python baselines.py --dataset=cifar10 --objective=dfm            # discrete flow matching from all masks
+    python baselines.py --dataset=cifar10 --objective=cfm           # flow matching: regress z1 - z0
+    python baselines.py --dataset=cifar10 --objective=cfm_endpoint  # regress z1
+    python baselines.py --dataset=cifar10 --objective=dfm           # discrete FM from all masks
 
 Every flag of purrception.py works here too. The checkpoint records its objective and sample.py
 follows it.
 
-    objective      network input                 output per position   loss                     sampler
-    purrception    z_t (d channels)              K logits              CE + z-loss              Euler on (pi @ E - z)/(1 - t)
-    cfm            z_t (d channels)              a velocity (d)        MSE to z1 - z0           Euler on v
-    cfm_endpoint   z_t (d channels)              an endpoint (d)       MSE to z1                Euler on (z1_hat - z)/(1 - t)
-    dfm            token ids, mask id K, read    K+1 logits            CE + z-loss, over all    resample every position from
-                   through a (K+1, C) table                            positions and K+1 ids    delta_x + h (p1 - delta_x)/(1 - t)
+    objective     network input      output      loss                sampler: Euler on
+    purrception   z_t (d channels)   K logits    CE + z-loss         (pi @ E - z)/(1 - t)
+    cfm           z_t (d channels)   v (d)       MSE to z1 - z0      v
+    cfm_endpoint  z_t (d channels)   z1_hat (d)  MSE to z1           (z1_hat - z)/(1 - t)
+    dfm           token ids, mask    K+1 logits  CE + z-loss, over   jumps: every position drawn
+                  id K, read through             all positions and   from delta_x + h (p1 -
+                  a (K+1, C) table               K+1 ids             delta_x)/(1 - t)
 
-Time runs as in purrception.py: t = 0 is the source (noise, or all masks), t = 1 is data.
+Outputs are per latent position. Time runs as in purrception.py: t = 0 is the source (noise, or all
+masks), t = 1 is data.
 """
 
 from dataclasses import dataclass
@@ -234,7 +236,7 @@ def get_objective(name):
 
 @dataclass
 class BaselineConfig(pc.Config):
-    objective: str = "cfm"        # cfm | cfm_endpoint | dfm (or purrception: the same as purrception.py)
+    objective: str = "cfm"        # cfm | cfm_endpoint | dfm (or purrception, as purrception.py)
 
 
 def main(argv):

@@ -426,7 +426,7 @@ def make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, nam
 def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
     """Step 3: {train,val}.bin, redone whenever vq.pt is not the file they were made with (after
     `python vq.py`); meta.json completed."""
-    sha1 = file_sha1(p["vq.pt"])
+    sha1 = vq.file_sha1(p["vq.pt"])
     if meta.get("tokenizer_sha1") == sha1 and all(os.path.exists(p[f]) for f in TOKEN_FILES):
         log(f"{folder}: tokens exist, skipping")
         return
@@ -633,7 +633,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     K, L = model.cfg.codebook_size, model.cfg.grid ** 2
     if K > 65536:
         raise UserError(f"the tokenizer {tokenizer} has K={K} codes: more than uint16 tokens hold")
-    folder, sha1 = data_path(name), file_sha1(tokenizer)
+    folder, sha1 = data_path(name), vq.file_sha1(tokenizer)
     p = {f: os.path.join(folder, f) for f in FILES}
     meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
     made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
@@ -711,7 +711,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             "num_classes": len(classes), "class_names": classes, "train_count": counts["train"],
             "val_count": counts["val"], "grid_h": model.cfg.grid, "grid_w": model.cfg.grid,
             "codebook_size": K, "code_dim": int(model.codebook.shape[1]), "tokenizer": "vq.pt",
-            "tokenizer_sha1": file_sha1(p["vq.pt"]), "released_tokenizer":
+            "tokenizer_sha1": vq.file_sha1(p["vq.pt"]), "released_tokenizer":
             os.path.abspath(tokenizer), "released_sha1": sha1,
             "tokenizer_config": asdict(model.cfg), "preprocessing": "ADM centre crop",
             "unreadable_skipped": len(unreadable)}
@@ -818,19 +818,6 @@ def check_tokens(data_dir, meta):
                                 f"again with {remake(data_dir, meta, force=True)}")
 
 
-_SHA1 = {}                       # (path, size, mtime) -> sha1: each tokenizer hashed once a process
-
-
-def file_sha1(path):
-    """sha1 of a file, cached by its path, size and mtime (281 MB: about 0.15 s on a 2-core CPU)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA1:
-        with open(path, "rb") as f:
-            _SHA1[key] = hashlib.file_digest(f, "sha1").hexdigest()
-    return _SHA1[key]
-
-
 def open_folder(data_dir, device="cpu", check=True):
     """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
     files (and, with check, every token against K) and the tokenizer checked, not trusted, to be
@@ -862,7 +849,7 @@ def open_folder(data_dir, device="cpu", check=True):
         raise UserError(f"the tokenizer {path} has K={have[0]}, d={have[1]}, a {have[2]}-grid but "
                         f"the tokens were made with K={meta['codebook_size']}, d={meta['code_dim']}"
                         f", a {meta['grid_h']}-grid; {redo}")
-    if meta.get("tokenizer_sha1") and file_sha1(path) != meta["tokenizer_sha1"]:
+    if meta.get("tokenizer_sha1") and vq.file_sha1(path) != meta["tokenizer_sha1"]:
         raise UserError(f"the tokenizer {path} is not the file that made the tokens in {data_dir} "
                         f"(its sha1 is not meta.json's tokenizer_sha1); put that one back, or "
                         f"retokenize with this one: {remake(data_dir, meta)}")

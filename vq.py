@@ -654,9 +654,17 @@ def read_vq(path):
     return ckpt
 
 
+_SHA1 = {}                       # (path, size, mtime) -> sha1: each file hashed once a process
+
+
 def file_sha1(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+    """sha1 of a file, cached by its path, size and mtime (281 MB: about 0.15 s on a 2-core CPU)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA1:
+        with open(path, "rb") as f:
+            _SHA1[key] = hashlib.file_digest(f, "sha1").hexdigest()
+    return _SHA1[key]
 
 
 def save_pointer(path, released, image_size):

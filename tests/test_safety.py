@@ -189,7 +189,7 @@ def test_a_foreign_tokenizer_with_the_same_K_is_refused_by_training_resume_and_s
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(data_dir, data)
     meta = json.loads((data / "meta.json").read_text())
-    meta["tokenizer_sha1"] = pd.file_sha1(str(data / "vq.pt"))
+    meta["tokenizer_sha1"] = vq.file_sha1(str(data / "vq.pt"))
     (data / "meta.json").write_text(json.dumps(meta))
     train(tiny_config(data, out, max_iters=3))
     torch.manual_seed(1)                                                              # same shape, other weights
@@ -211,10 +211,10 @@ def test_a_foreign_tokenizer_with_the_same_K_is_refused_by_training_resume_and_s
 def test_the_tokenizer_hash_is_computed_once_per_file_version(tmp_path):
     path = tmp_path / "t.bin"
     path.write_bytes(b"a" * 1000)
-    first = pd.file_sha1(str(path))
-    assert pd.file_sha1(str(path)) == first
+    first = vq.file_sha1(str(path))
+    assert vq.file_sha1(str(path)) == first
     path.write_bytes(b"b" * 1001)
-    assert pd.file_sha1(str(path)) != first
+    assert vq.file_sha1(str(path)) != first
 
 # -----------------------------------------------------------------------------
 # every hint is a command that works when typed as printed

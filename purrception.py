@@ -245,12 +245,7 @@ class DiT(nn.Module):
     def __init__(self, in_dim, out_dim, grid_size, patch_size=2, n_layer=12, n_head=6, n_embd=384,
                  num_classes=10, time_embed="scaled"):
         super().__init__()
-        if grid_size % patch_size:
-            raise ValueError(f"patch_size={patch_size} does not divide the {grid_size}x{grid_size} "
-                             "token grid")
-        if n_embd % n_head or n_embd % 4:
-            raise ValueError(f"n_embd={n_embd} must be a multiple of n_head={n_head} and of 4 "
-                             "(the 2-D positions)")
+        cli.check_transformer(n_embd, n_head, patch_size, grid_size)      # else a UserError
         self.in_dim, self.out_dim, self.grid_size, self.patch_size = (
             in_dim, out_dim, grid_size, patch_size)
         self.num_classes, self.n_embd = num_classes, n_embd
@@ -517,8 +512,7 @@ class Objective:
     loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
                       #  noise=(B, h, w, d) where it starts from noise]) -> idx
-    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), 'uniform' U(0, 1)
-                            # (B, h, w)
+    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d); 'uniform' (B, h, w)
 
 
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
@@ -540,8 +534,7 @@ def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", p
     tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16,
                        mode="r").reshape(-1, h * w)
     labels = np.memmap(os.path.join(data_dir, f"{split}_labels.bin"), dtype=np.uint16, mode="r")
-    # whole images, not offsets
-    ix = torch.randint(len(labels), (batch_size,), generator=generator).numpy()
+    ix = torch.randint(len(labels), (batch_size,), generator=generator).numpy()   # whole images
     # int64 first: uint16 has no torch counterpart
     idx = torch.from_numpy(tokens[ix].astype(np.int64)).view(batch_size, h, w)
     y = torch.from_numpy(labels[ix].astype(np.int64))
@@ -579,10 +572,9 @@ def update_ema(ema_model, model, decay):
 def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
                   objective=PURRCEPTION, micro_batch=None, n_bins=5):
     """Val loss of `model` over eval_iters batches of batch_size images, micro_batch at a time;
-    the loss in n_bins equal bins of t (how hard each stretch of the path is); and token accuracy
-    for t >= 0.9, where the posterior should be nearly certain (the objective's loss says what its
-    accuracy counts). The images, t and noise are the same at every eval and for any micro_batch
-    (a fixed seed): evals compare alike."""
+    the loss in n_bins equal bins of t (how hard each stretch of the path is); token accuracy for
+    t >= 0.9, where the posterior should be nearly certain (as the objective's loss counts it).
+    A fixed seed: the images, t and noise are the same at every eval and for any micro_batch."""
     g, micro_batch = torch.Generator().manual_seed(1234), micro_batch or batch_size
     losses, accs, ts = [], [], []
     for _ in range(eval_iters):

@@ -74,6 +74,24 @@ def test_dfm_loss_at_init_is_log_K_plus_one_plus_the_z_loss_over_all_positions()
     assert torch.allclose(loss, torch.full((2,), closed)) and math.isnan(acc[1].item())   # none masked at t = 1
 
 
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_loss_takes_t_and_the_noise_its_objective_names(objective):
+    """The training loop draws t and each objective's noise itself (Objective.noise): given them, a loss is the one
+    its generator would draw; other noise gives another loss."""
+    obj, E = OBJECTIVES[objective], codebook()
+    model = tiny_model(objective).requires_grad_(False)
+    for p in model.parameters():                                      # past init, where the output ignores the input
+        p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    idx, y = torch.randint(0, K, (6, GRID, GRID)), torch.randint(0, NUM_CLASSES + 1, (6,))
+    g = torch.Generator().manual_seed(3)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(6, generator=g)
+    shape, draw = ((6, GRID, GRID, D), torch.randn) if obj.noise == "normal" else ((6, GRID, GRID), torch.rand)
+    noise = draw(shape, generator=g)
+    given = obj.loss(model, idx, E, y, t=t, noise=noise)
+    assert given.item() == obj.loss(model, idx, E, y, generator=torch.Generator().manual_seed(3)).item()
+    assert given.item() != obj.loss(model, idx, E, y, t=t, noise=draw(shape)).item()
+
+
 @pytest.mark.parametrize("objective", ["cfm", "cfm_endpoint", "dfm"])
 def test_baseline_loss_drops_when_overfitting_one_batch(objective):
     model, E = tiny_model(objective), codebook()

@@ -4,7 +4,7 @@ starting a run.
 
     python bench.py --dataset=shapes    # this CPU: under two minutes, compile included
     python bench.py --dataset=cifar10   # DiT-B/2 at batch 256, bf16 on a GPU
-    python bench.py --dataset=cifar10 --compile=false --sample_steps=250 --cfg_scale=1.3
+    python bench.py --dataset=cifar10 --compare_compile=false --sample_steps=250 --cfg_scale=1.3
 
 It builds the preset's model (every purrception.py flag works here) on random tokens shaped like the
 dataset's (K, d and grid from data/<dataset>/meta.json when it is prepared), then times the real
@@ -15,7 +15,7 @@ memory of each mode on its own (the CUDA allocator's peak; on a CPU the process'
 memory), the compile time and the eager/compiled ratio, and sampler images/s. Like training, no
 TF32: what runs outside bf16 autocast is fp32.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python bench.py --dataset=imagenet256 --device=cpu \
+    MALLOC_MMAP_THRESHOLD_=65536 python bench.py --dataset=imagenet256 --device=cpu \\
         --n_layer=12 --n_head=12 --n_embd=768 --batch_size=2 --loss_memory=true --cfg_scale=1.3
     python bench.py --dataset=imagenet256 --costs --sample_steps=250 --cfg_scale=1.3
 

@@ -7,6 +7,9 @@ keeps its flags in configurator.py for the same reason).
 - UserError: the one kind of error for bad input; `run` prints it as one line on stderr and exits
   with status 2 (a crash, a traceback, exits with 1);
 - check_transformer: the model's shape flags against each other, with values that work;
+- split_batch: the global batch of an iteration over processes and micro-steps;
+- load_checkpoint, load_resume and diverged: checkpoints checked before use, and the one line a
+  diverging run stops with; PEAK_FLOPS: the GPUs' dense bf16 peaks for MFU;
 - pick_device, atomic_save, one_writer and progress: one of each, for every script.
 """
 

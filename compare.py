@@ -4,17 +4,19 @@ compare.py: the paper's central experiment, at small scale. Purrception and its 
 schedule and EMA, each with several training seeds; FID and validation metrics are measured against
 training iterations.
 
-    python compare.py --dataset=cifar10                                       # every arm, one after the other
-    python compare.py --dataset=cifar10 --objectives=cfm --seeds=1            # one arm: run arms in parallel so
-    python compare.py --dataset=cifar10 --objectives=purrception --tag=official --extra_flags=--time_embed=official
-    python compare.py --dataset=cifar10 --report                              # table, ratios and figure so far
+    python compare.py --dataset=cifar10                       # every arm, one after the other
+    python compare.py --dataset=cifar10 --objectives=cfm --seeds=1    # one arm (one per core)
+    python compare.py --dataset=cifar10 --objectives=purrception --tag=official \\
+        --extra_flags=--time_embed=official                   # an arm with other training flags
+    python compare.py --dataset=cifar10 --report              # table, ratios and figure so far
 
 An arm is (objective, tag, seed). It trains in stages, to each entry of --iters in turn, resuming
 from its checkpoint: with a constant learning rate after warmup and every random draw keyed by the
-iteration, the stages are bit-exact with one long run. After each stage it draws --fid_samples
-class-balanced samples from the EMA weights and computes FID against --fid_ref real training images
-(fid.py, offline TF-Inception), with a bootstrap standard error over the samples. Finished stages
-are skipped, so an interrupted comparison continues where it stopped. Results land in --out_dir:
+iteration, the stages are bit-exact with one long run (on a CPU). After each stage it draws
+--fid_samples class-balanced samples from the EMA weights and computes FID against --fid_ref real
+training images (fid.py, offline TF-Inception), with a bootstrap standard error over the samples.
+Finished stages are skipped, so an interrupted comparison continues where it stopped. Results land
+in --out_dir:
     results.csv             a row per arm and stage: FID and its bootstrap s.e., val loss
                             (and by t bin), token accuracy near t = 1, training and sampling seconds
     results.png             FID (mean over seeds, error bar: seeds and sample noise) against
@@ -54,15 +56,15 @@ FIELDS = ["arm", "objective", "seed", "iter", "fid", "fid_se", "val_loss", "val_
 @dataclass
 class CompareConfig:
     dataset: str = "cifar10"     # the token folder data/<dataset>
-    out_dir: str = os.path.join(purrception.HERE, "out-compare")   # results.csv, results.png, an arm per folder
-    objectives: str = "purrception,cfm,cfm_endpoint,dfm"   # comma-separated objectives (baselines.OBJECTIVES)
+    out_dir: str = os.path.join(purrception.HERE, "out-compare")   # results, an arm a folder
+    objectives: str = "purrception,cfm,cfm_endpoint,dfm"   # comma-separated (baselines.OBJECTIVES)
     seeds: str = "0,1"           # training seeds per objective: their spread is the error bar
     iters: str = "125,250,500,1000"   # the stages: FID and val metrics after each
     train_flags: str = CPU_RECIPE  # purrception.py flags shared by every arm
     extra_flags: str = ""        # more flags for these arms only (with --tag naming them)
     tag: str = ""                # names arms trained with --extra_flags, e.g. 'official'
     fid_samples: int = 1000      # samples per FID point (class-balanced)
-    fid_ref: int = 2000          # real training images for the reference statistics (cached in data/NAME/)
+    fid_ref: int = 2000          # real training images for the reference statistics (cached)
     steps: int = 10              # sampling steps for FID, the same for every objective
     cfg_scale: float = 1.0       # guidance for FID samples (1: none)
     bootstrap: int = 20          # resamples of the sample features for FID's standard error
@@ -147,9 +149,9 @@ def read_rows(path):
 
 
 def curves(rows):
-    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. The error of the mean
-    over n seeds adds the seeds' spread and the FIDs' own bootstrap errors: sqrt((var_seeds + mean
-    s.e.^2) / n), so two seeds that agree by chance still carry their sample noise."""
+    """{arm: {iter: (mean FID over seeds, its standard error, [FID per seed])}}. The error of the
+    mean over n seeds adds the seeds' spread and the FIDs' own bootstrap errors: sqrt((var_seeds +
+    mean s.e.^2) / n), so two seeds that agree by chance still carry their sample noise."""
     out = {}
     for r in rows:
         point = out.setdefault(r["arm"], {}).setdefault(int(r["iter"]), [])

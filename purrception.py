@@ -11,14 +11,14 @@ t = 1 data, z_t = t * z1 + (1 - t) * z0 with z1 = E[tokens] and z0 ~ N(0, I).
 
     python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
-    torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, same batch
+    torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, one batch
     python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
     python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
 Every random draw of a training step (images, dropped labels, t, noise) is a function of (seed,
 iter, image slot in the global batch), so a resume replays the run, and so does any split of the
-global batch over processes and micro-steps (README: how close, measured on a CPU). A run never
-replaces a checkpoint by accident and stops at the first non-finite loss.
+global batch over processes and micro-steps (README: how close, measured on a CPU). No run
+replaces a checkpoint by accident; a non-finite loss or weights stop it at the next log or save.
 """
 
 import atexit

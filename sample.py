@@ -292,7 +292,8 @@ def check_npz_path(path):
 def sample_in_parts(run, opt, labels, temperature, path, rank=0, world=1):
     """Sample `labels` in parts of opt.batch_size; part j is made by process j % world and saved in
     path.parts/ as it finishes (a part already there is kept). Process 0 then waits for every part,
-    writes path once and removes the parts. -> (images, labels) on process 0, None elsewhere."""
+    writes path once and removes the parts. -> (images, labels, how many of them were in parts
+    already there when it started) on process 0, None elsewhere."""
     parts_dir, n_parts = path + ".parts", math.ceil(len(labels) / opt.batch_size)
     spec = {"ckpt": os.path.abspath(opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")),
             "iter": run.ckpt["iter"], "seed": opt.seed, "steps": opt.steps,
@@ -310,6 +311,8 @@ def sample_in_parts(run, opt, labels, temperature, path, rank=0, world=1):
     while not os.path.exists(spec_path):
         time.sleep(0.2)
     part = lambda j: os.path.join(parts_dir, f"part_{j:06d}.npz")
+    kept = sum(min(len(labels), (j + 1) * opt.batch_size) - j * opt.batch_size
+               for j in range(n_parts) if os.path.exists(part(j)))
     mine = [j for j in range(rank, n_parts, world) if not os.path.exists(part(j))]
     if len(mine) < len(range(rank, n_parts, world)):
         print(f"[process {rank}] {len(range(rank, n_parts, world)) - len(mine)} parts already "
@@ -331,28 +334,28 @@ def sample_in_parts(run, opt, labels, temperature, path, rank=0, world=1):
             images[j * opt.batch_size:(j + 1) * opt.batch_size] = f["arr_0"]
     write_npz(path, arr_0=images, arr_1=labels)
     shutil.rmtree(parts_dir)
-    return images, labels
+    return images, labels, kept
 
 
 def many_samples(run, opt, label, temperature, rank=0, world=1):
     """num_samples class-balanced images for npz and FID -> {"images", "labels"[, "fid"]} (None on
     processes other than the first)."""
-    n, C, t0 = opt.num_samples or 10000, run.meta["num_classes"], time.time()
+    n, C, t0, kept = opt.num_samples or 10000, run.meta["num_classes"], time.time(), 0
     labels = balanced_labels(n, C, label).astype(np.int64)
     if opt.save_npz:
         path = os.path.join(opt.out_dir, opt.save_npz)
         done = sample_in_parts(run, opt, labels, temperature, path, rank, world)
         if done is None:
             return None
-        images = done[0]
+        images, kept = done[0], done[2]
         print(f"wrote {path}: arr_0 {images.shape} uint8 images, arr_1 labels (index {C} is the "
               f"null class)")
     else:
         images = generate(run, labels, opt.steps, temperature, opt.cfg_scale, opt.seed,
                           opt.batch_size, progress=True)
     dt = time.time() - t0
-    print(f"{n} samples in {dt:.1f}s ({n / dt:.1f} images/s, {world} process"
-          f"{'es' * (world > 1)})")
+    print(f"{n - kept} samples in {dt:.1f}s ({(n - kept) / dt:.1f} images/s, {world} process"
+          f"{'es' * (world > 1)})" + f", {kept} more from the parts of an earlier run" * (kept > 0))
     result = {"images": images, "labels": labels}
     if opt.fid:                  # Inception runs at 299x299: 50 images a batch keep it near 2 GB
         result["fid"], protocol = fid.compute_fid(images, run.data_dir, opt.fid_model or None,
@@ -424,6 +427,9 @@ def draw(opt):
               f"{opt.steps} steps, temperature {','.join(map(str, temps))}, cfg_scale "
               f"{opt.cfg_scale}, seed {opt.seed}")
     os.makedirs(opt.out_dir, exist_ok=True)
+    if opt.fid:                                  # its extractor and reference, before sampling
+        fid.check_reference(run.data_dir, opt.fid_model or None, opt.fid_ref_stats,
+                            opt.fid_ref_dir)
     if opt.save_npz or opt.fid:
         return many_samples(run, opt, label, temps[0], rank, world)
     drawn = [fn(run, opt, label, temps[0])          # both: the uncertainty is returned

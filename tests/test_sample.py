@@ -244,7 +244,7 @@ def test_two_torchrun_processes_write_the_same_bytes_as_one(run, one_process_npz
     assert "2 processes" in r.stdout and (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
 
 
-def test_an_interrupted_run_resumes_from_its_finished_parts(run, one_process_npz, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_from_its_finished_parts(run, one_process_npz, tmp_path, monkeypatch, capsys):
     calls, generate = [], sample.generate
 
     def dies_at_the_third_part(*args, **kwargs):
@@ -261,9 +261,11 @@ def test_an_interrupted_run_resumes_from_its_finished_parts(run, one_process_npz
         npz_run(run, tmp_path, "--seed=1")                                          # other settings: refused
     calls.clear()
     monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k["start"]) or generate(*a, **k))
+    capsys.readouterr()
     npz_run(run, tmp_path)
     assert calls == [6, 9]                                                          # only the missing parts
     assert (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
+    assert "6 samples in" in capsys.readouterr().out.splitlines()[-1]              # the rate counts only those
 
 
 def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file(run, one_process_npz, tmp_path,
@@ -295,6 +297,21 @@ def test_bad_npz_flags_are_refused_before_sampling(run, tmp_path, flags, message
     monkeypatch.setattr(sample, "load_run", lambda *a: pytest.fail("sampled before refusing"))
     with pytest.raises(UserError, match=message):
         sample_main(run, tmp_path, *flags)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("flags, message", [
+    (["--fid_model=/nonexistent/inception.pt"], "no feature extractor at /nonexistent/inception.pt"),
+    (["--fid_model=PLACEHOLDER", "--fid_ref_dir=/nonexistent/val"], "no reference folder at"),
+    (["--fid_model=PLACEHOLDER", "--fid_ref_stats=/nonexistent/ref.npz"], "no reference statistics"),
+])
+def test_a_missing_fid_extractor_or_reference_is_refused_before_sampling(run, tmp_path, flags, message,
+                                                                          monkeypatch):
+    torch.jit.script(StubExtractor().eval()).save(str(tmp_path / "stub.pt"))
+    flags = [f.replace("PLACEHOLDER", str(tmp_path / "stub.pt")) for f in flags]
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    with pytest.raises(UserError, match=message):
+        sample_main(run, tmp_path, "--fid", "--num_samples=4", *flags)
 
 
 def test_a_fid_model_that_is_not_torchscript_is_one_line(run, tmp_path):

@@ -119,8 +119,8 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# the model: a DiT over the latent grid. A 32x32 image -> 16x16 codebook indices -> (patch 2)
-# 8x8 = 64 tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits
+# the model: a DiT over the latent grid. A 32x32 CIFAR-10 image -> 16x16 codebook indices -> (patch
+# 2) 8x8 = 64 tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits
 # (B, h, w, K) over the codebook.
 
 
@@ -501,23 +501,6 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
         return idx.view(B, h, w), {key: torch.stack(val) for key, val in trajectory.items()}
     return idx.view(B, h, w)
 
-
-@dataclass(frozen=True)
-class Objective:
-    """What the training loop needs of an objective: its network, its loss and its sampler.
-    baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
-    loop trains them all."""
-    name: str
-    build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
-    loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
-                      #  noise=(B, h, w, d) where it starts from noise]) -> idx
-    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d); 'uniform' (B, h, w)
-
-
-PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
-                        vfm_loss, euler_sample)
-
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
 
@@ -547,7 +530,24 @@ def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", p
     return idx, y, u, t, z
 
 # -----------------------------------------------------------------------------
-# training utilities
+# training utilities: what the loop trains (an Objective), lr, EMA, eval and sample grids
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the training loop needs of an objective: its network, its loss and its sampler.
+    baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
+    loop trains them all."""
+    name: str
+    build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
+    loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
+                      #  noise=(B, h, w, d) where it starts from noise]) -> idx
+    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d); 'uniform' (B, h, w)
+
+
+PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
+                        vfm_loss, euler_sample)
 
 
 def get_lr(it, lr, min_lr, warmup_iters, decay_iters):
@@ -666,7 +666,7 @@ def train(cfg, objective=PURRCEPTION):
         torch.manual_seed(cfg.seed)              # the same initial weights on every process
         model = objective.build_model(**model_args).to(device)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
-        # one parameter group: at lr 1e-4, decaying norms and biases too changes nothing measurable
+        # one parameter group, biases included (the LayerNorms have no weights to exempt)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay, fused=device_type == "cuda")
         if ckpt is not None:

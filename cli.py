@@ -297,6 +297,31 @@ def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
     return ckpt
 
 
+# The flags a resume takes from the checkpoint (its model) and those that need not match its run.
+ARCHITECTURE = ("patch_size", "n_layer", "n_head", "n_embd", "time_embed")
+PER_INVOCATION = ("init_from", "overwrite", "max_iters", "device", "compile", "peak_flops",
+                  "data_dir", "out_dir")
+
+
+def resumed_config(cfg, ckpt, verbose=True):
+    """cfg with the architecture of the checkpoint it resumes (the model that continues), so that
+    what is printed and saved is the truth; verbose: one line naming the flags that differ from the
+    checkpoint's run, which apply from here on (the same ones replay the run)."""
+    arch = {k: ckpt["model_args"][k] for k in ARCHITECTURE if k in ckpt["model_args"]}
+    run, new = ckpt.get("config", {}), replace(cfg, **arch)
+    kept = [f"--{k}={arch[k]}" for k in arch if getattr(cfg, k) != arch[k]]
+    changed = [f"--{k}={getattr(new, k)} (was {run[k]})" for k in run
+               if k not in ARCHITECTURE + PER_INVOCATION and hasattr(new, k)
+               and getattr(new, k) != run[k]]
+    if verbose and (kept or changed):
+        print(f"resuming at iter {ckpt['iter']}: "
+              + (f"the model is the checkpoint's ({' '.join(kept)})" if kept else "")
+              + ("; " if kept and changed else "")
+              + (f"flags unlike its run's, used from here on: {', '.join(changed)}"
+                 if changed else ""))
+    return new
+
+
 def atomic_save(write, path, size=None):
     """write(tmp), then rename tmp over path; nothing else ever touches path. tmp is a name no other
     writer uses, in path's folder, ending like path (PIL and numpy read the extension); the file and

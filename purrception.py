@@ -658,6 +658,7 @@ def train(cfg, objective=PURRCEPTION):
         if cfg.init_from == "resume":
             ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
+            cfg = cli.resumed_config(cfg, ckpt, verbose=master)   # and what differs from its run
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
                             f"over with --overwrite=true (it is replaced at the first save), or "
@@ -710,9 +711,10 @@ def train(cfg, objective=PURRCEPTION):
                     # global batches, whatever the split: evals compare across runs
                     metrics = estimate_loss(ema, E, data_dir, grid, images_per_iter,
                                             cfg.eval_iters, device, ctx, objective, batch_size)
-                    print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "
-                          + " ".join(f"{x:.3f}" for x in metrics["val_loss_by_t"])
-                          + f", token acc (t >= 0.9) {metrics['val_acc_t09']:.1%}")
+                    shown = lambda x, form: format(x, form) if math.isfinite(x) else "n/a"
+                    print(f"eval iter {it}: val loss {metrics['val_loss']:.4f}, by t "  # n/a: no t
+                          + " ".join(shown(x, ".3f") for x in metrics["val_loss_by_t"])
+                          + f", token acc (t >= 0.9) {shown(metrics['val_acc_t09'], '.1%')}")
                 val_loss = torch.tensor(metrics.get("val_loss", 0.0), device=device)
                 if ddp:
                     dist.broadcast(val_loss, 0)

@@ -57,7 +57,7 @@ class SampleConfig:
     trajectory: bool = False      # the decoded posterior mean over time: a PNG and a GIF
     frames: int = 6               # times shown by --uncertainty and --trajectory
     save_npz: str = ""            # num_samples images + labels to this .npz (relative: in out_dir)
-    fid: bool = False             # FID of num_samples class-balanced samples vs train images
+    fid: bool = False             # FID of num_samples samples vs train images (or --fid_ref_*)
     fid_model: str = ""           # TorchScript Inception; '': torch-fidelity or fid-helper
     fid_ref: int = 0              # real images for the FID reference; 0: all of train
     fid_ref_stats: str = ""       # FID against this npz's mu/sigma (ADM's VIRTUAL_imagenet256...)

@@ -108,3 +108,20 @@ def test_numbers_parse_the_same_everywhere():
     for bad in ("--lr=nan", "--max_iters=inf", "--compile=maybe", "--lr"):
         with pytest.raises(cli.UserError):
             cli.parse_args([bad], Config())
+
+
+def test_a_resume_takes_the_checkpoints_model_and_names_the_flags_unlike_its_run(capsys):
+    import dataclasses
+    import purrception as pc
+    run = dataclasses.replace(pc.Config(), n_layer=2, n_embd=32, batch_size=8, max_iters=10)
+    ckpt = {"iter": 10, "config": dataclasses.asdict(run),
+            "model_args": dict(K=64, d=8, grid_size=8, patch_size=2, n_layer=2, n_head=6,
+                               n_embd=32, num_classes=3, time_embed="scaled")}
+    again = dataclasses.replace(pc.Config(), max_iters=20, init_from="resume")    # the preset's flags
+    cfg = cli.resumed_config(again, ckpt)
+    assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.max_iters) == (2, 32, 64, 20)
+    line = capsys.readouterr().out
+    assert "the model is the checkpoint's (--n_layer=2 --n_embd=32)" in line
+    assert "--batch_size=64 (was 8)" in line and "max_iters" not in line
+    cli.resumed_config(dataclasses.replace(run, max_iters=20), ckpt)               # the run's flags
+    assert capsys.readouterr().out == ""

@@ -17,6 +17,9 @@ size streams straight to tokens, resumably, on one GPU or many (stream_folder):
     python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \\
         --image_size=256 --tokenizer=vq_ds8_c2i.pt --workers=8
     torchrun --standalone --nproc_per_node=8 prepare_data.py ... (the same flags)
+
+The checks of a data folder live here too, beside the code that writes it (open_folder,
+open_for_training): sizes, token and label ranges, meta.json and the tokenizer's hash.
 """
 
 import hashlib

@@ -423,10 +423,8 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # -----------------------------------------------------------------------------
 # the Euler sampler
 #
-# Integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to t = 1 with `steps` Euler steps on a uniform
-# grid:
-#     pi = softmax(logits / tau)        the posterior over the K codes at each position (tau < 1
-#                                       sharpens it)
+# `steps` Euler steps on a uniform grid integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to 1:
+#     pi = softmax(logits / tau)        posterior over the K codes per position (tau < 1 sharpens)
 #     mu = pi @ E                       the posterior-mean embedding, (B, h, w, d)
 #     v  = (mu - z) / (1 - t)           the marginal velocity, exact when pi is the true posterior
 #     z  = z + dt * v
@@ -435,8 +433,7 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
 # out other codes; pi and the readout are made `chunk` numbers at a time, never for the whole batch.
 # Classifier-free guidance mixes logits before the temperature (the paper):
-#     logits = uncond + s * (cond - uncond)      uncond: the null label; one batched forward
-#                                                computes both.
+#     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
 # With an affine last layer, logits = x W^T + b, and weights 1 - s and s that sum to one, mixing x
 # gives the same logits with one head product instead of two.
 

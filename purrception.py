@@ -73,7 +73,7 @@ class Config:
     batch_size: int = 64          # images per micro-step; x grad_accum: the iter's global batch
     grad_accum: int = 1           # micro-steps per iter, over all processes (torchrun shares them)
     max_iters: int = 100000       # optimizer steps
-    lr: float = 1e-4              # the paper's constant learning rate for DiT-B/L/XL
+    lr: float = 1e-4              # peak learning rate (the paper: 1e-4, constant, for DiT-B/L/XL)
     min_lr: float = 1e-5          # where the cosine ends (with decay_lr)
     warmup_iters: int = 1000      # linear warmup from ~0 to lr
     decay_lr: bool = False        # cosine decay to min_lr at max_iters; false: constant (the paper)

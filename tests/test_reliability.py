@@ -182,7 +182,7 @@ def test_long_work_prints_progress_lines_with_rate_and_eta_when_not_a_terminal(c
 
 
 def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_path):  # noqa: F811
-    cfg = tiny_config(data_dir, tmp_path / "killed", max_iters=40, eval_interval=4, log_interval=4)
+    cfg = tiny_config(data_dir, tmp_path / "killed", max_iters=80, eval_interval=4, log_interval=4)
     flags = [f"--{k}={v}" for k, v in vars(cfg).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "purrception.py"), *flags], env=env,
@@ -197,9 +197,9 @@ def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     done = cli.load_checkpoint(str(ckpt))["iter"]                            # it loads: never half-written
-    assert 4 <= done < 40
-    train(tiny_config(data_dir, tmp_path / "killed", max_iters=40, eval_interval=4, log_interval=4,
+    assert 4 <= done < 80
+    train(tiny_config(data_dir, tmp_path / "killed", max_iters=80, eval_interval=4, log_interval=4,
                       init_from="resume"))
-    train(tiny_config(data_dir, tmp_path / "straight", max_iters=40, eval_interval=4, log_interval=4))
+    train(tiny_config(data_dir, tmp_path / "straight", max_iters=80, eval_interval=4, log_interval=4))
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "killed", tmp_path / "straight"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

@@ -33,12 +33,14 @@ from cli import UserError
 from purrception import DiT, Objective, guided
 
 
-def nearest_code(z, E):
+def nearest_code(z, E, chunk=2**22):
     """The readout: z (..., d) -> the index of its nearest row of E (fp32),
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2."""
+    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, about `chunk` distances at a time (K = 16384)."""
     with torch.autocast(z.device.type, enabled=False):
-        z, E = z.float(), E.float()
-        return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
+        zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
+        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
+                         .argmin(dim=-1) for zc in zs.split(max(1, chunk // len(E)))])
+        return idx.view(z.shape[:-1])
 
 
 def draw(fn, shape, generator, device):

@@ -217,3 +217,10 @@ def test_the_command_line_names_the_objectives_and_refuses_a_temperature_without
     with pytest.raises(UserError, match="no posterior"):
         baselines.main(["--objective=cfm", "--temperature=0.9"])
     assert cli.parse_args(["--objective=dfm"], baselines.BaselineConfig()).objective == "dfm"
+
+
+def test_the_cfm_readout_in_chunks_picks_the_nearest_code_of_the_whole_codebook():
+    z, E = torch.randn(3, 5, 7, 4), torch.randn(50, 4)
+    want = torch.cdist(z.reshape(-1, 4), E).argmin(dim=-1).view(3, 5, 7)
+    for chunk in (1, 50, 120, 10**6):           # one row at a time, splits mid-batch, all at once
+        assert torch.equal(baselines.nearest_code(z, E, chunk=chunk), want)

@@ -28,7 +28,6 @@ import copy
 import os
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -252,8 +251,7 @@ def main(argv):
         print(f"{model.num_params() / 1e6:.0f}M parameters, K={K} d={d} grid {side}x{side}")
         return costs(model, cfg, cfg.peak_flops or cli.PEAK_FLOPS["H100"])
     device_type = device.split(":")[0]
-    ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
-           else nullcontext())
+    ctx = cli.autocast(device)
     torch.manual_seed(cfg.seed)
     model = pc.DiT(d, K, side, cfg.patch_size, cfg.n_layer, cfg.n_head, cfg.n_embd, 10,
                    cfg.time_embed).to(device)

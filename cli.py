@@ -13,6 +13,7 @@ keeps its flags in configurator.py for the same reason).
 - pick_device, atomic_save, one_writer and progress: one of each, for every script.
 """
 
+import atexit
 import contextlib
 import difflib
 import errno
@@ -134,23 +135,6 @@ def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
     return (cfg, more) if extra else cfg
 
 
-# What each flag of purrception.Config may be: checked before anything is read or written.
-RANGES = {
-    "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
-    "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
-    "lr": (lambda v: v > 0, "positive"),
-    "temperature": (lambda v: v > 0, "positive"),
-    **{k: (lambda v: v >= 1, "at least 1")
-       for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
-                 "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
-    **{k: (lambda v: v >= 0, "at least 0") for k in ("max_iters", "warmup_iters", "min_lr",
-                                                     "weight_decay", "grad_clip", "cfg_scale",
-                                                     "peak_flops")},
-    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
-                                                        "beta2")},
-}
-
-
 def check_ranges(cfg, rules):
     """rules: {field: (test, what it must be)}; the first field whose value fails its test is a
     UserError."""
@@ -227,6 +211,35 @@ def pick_device(name="", flag="--device"):
     return name
 
 
+def setup_distributed(device=""):
+    """-> (rank, local_rank, world, device). Under torchrun (it sets RANK): join the process group,
+    NCCL on CUDA and gloo elsewhere, one GPU a process (cuda:LOCAL_RANK, whatever --device
+    numbered). Otherwise (0, 0, 1, the picked device): one GPU or a CPU needs no launcher."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:
+        return 0, 0, 1, device
+    import torch
+    import torch.distributed as dist
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return rank, local, world, device
+
+
+def autocast(device):
+    """The network's precision: bf16 autocast on a CUDA GPU that has it (no fp16, so no GradScaler),
+    fp32 elsewhere. There is no TF32 switch: what runs outside autocast (the sampler's geometry,
+    the readout) stays true fp32."""
+    import torch
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # dense bf16 tensor-core peaks from the datasheets (no sparsity), for the MFU print. The first name
 # a GPU's name contains wins, so the PCIe and NVL parts come before their SXM namesakes.
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H800 PCIe": 756e12,
@@ -297,21 +310,16 @@ def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
     return ckpt
 
 
-# The flags a resume takes from the checkpoint (its model) and those that need not match its run.
-ARCHITECTURE = ("patch_size", "n_layer", "n_head", "n_embd", "time_embed")
-PER_INVOCATION = ("init_from", "overwrite", "max_iters", "device", "compile", "peak_flops",
-                  "data_dir", "out_dir")
-
-
-def resumed_config(cfg, ckpt, verbose=True):
+def resumed_config(cfg, ckpt, architecture, per_invocation, verbose=True):
     """cfg with the architecture of the checkpoint it resumes (the model that continues), so that
     what is printed and saved is the truth; verbose: one line naming the flags that differ from the
-    checkpoint's run, which apply from here on (the same ones replay the run)."""
-    arch = {k: ckpt["model_args"][k] for k in ARCHITECTURE if k in ckpt["model_args"]}
+    checkpoint's run (other than those per_invocation), which apply from here on (the same ones
+    replay the run)."""
+    arch = {k: ckpt["model_args"][k] for k in architecture if k in ckpt["model_args"]}
     run, new = ckpt.get("config", {}), replace(cfg, **arch)
     kept = [f"--{k}={arch[k]}" for k in arch if getattr(cfg, k) != arch[k]]
     changed = [f"--{k}={getattr(new, k)} (was {run[k]})" for k in run
-               if k not in ARCHITECTURE + PER_INVOCATION and hasattr(new, k)
+               if k not in (*architecture, *per_invocation) and hasattr(new, k)
                and getattr(new, k) != run[k]]
     if verbose and (kept or changed):
         print(f"resuming at iter {ckpt['iter']}: "

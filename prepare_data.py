@@ -894,21 +894,6 @@ def open_for_training(dataset, data_dir="", launched=False, device="cpu"):
                         "prepare square images (prepare_data crops them)")
     return folder, meta, tokenizer
 
-def distributed(device):
-    """Under torchrun: join the process group (NCCL on CUDA, else gloo). -> (rank, world,
-    device)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
-        return 0, 1, cli.pick_device(device)
-    from torch.distributed import init_process_group
-    cuda = cli.pick_device(device).startswith("cuda")
-    init_process_group(backend="nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), f"cuda:{local}" if cuda else (
-        cli.pick_device(device))
-
-
 def main(argv):
     t0 = time.time()
     dataset = next((a.partition("=")[2] for a in argv if a.startswith("--dataset=")), None)
@@ -925,7 +910,7 @@ def main(argv):
                          opt.image_size, opt.seed, extra.get("vq.", {}))
         record_source(folder, opt, extra.get("vq.", {}))
         return print(f"done in {time.time() - t0:.0f}s: {folder}")
-    rank, world, device = distributed(opt.device)
+    rank, _, world, device = cli.setup_distributed(opt.device)
     try:
         folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
                          opt.image_size, opt.seed, extra.get("vq.", {}),
@@ -934,9 +919,8 @@ def main(argv):
                          skip_unreadable=opt.skip_unreadable, device=device, rank=rank,
                          world=world)
     finally:
-        if world > 1:
-            from torch.distributed import destroy_process_group
-            destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if rank == 0:
         record_source(folder, opt, extra.get("vq.", {}))
         print(f"done in {time.time() - t0:.0f}s: {folder}")

@@ -21,7 +21,6 @@ global batch over processes and micro-steps (README: how close, measured on a CP
 replaces a checkpoint by accident; a non-finite loss or weights stop it at the next log or save.
 """
 
-import atexit
 import copy
 import math
 import os
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -90,6 +90,27 @@ class Config:
     compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
     seed: int = 0                 # initial weights and every random draw of training
     peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0: cli.PEAK_FLOPS has it
+
+
+# What each flag may be: checked before anything is read or written.
+RANGES = {
+    "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
+    "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
+    "lr": (lambda v: v > 0, "positive"),
+    "temperature": (lambda v: v > 0, "positive"),
+    **{k: (lambda v: v >= 1, "at least 1")
+       for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
+                 "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in ("max_iters", "warmup_iters", "min_lr",
+                                                     "weight_decay", "grad_clip", "cfg_scale",
+                                                     "peak_flops")},
+    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
+                                                        "beta2")},
+}
+# The flags a resume takes from the checkpoint (its model) and those that need not match its run.
+ARCHITECTURE = ("patch_size", "n_layer", "n_head", "n_embd", "time_embed")
+PER_INVOCATION = ("init_from", "overwrite", "max_iters", "device", "compile", "peak_flops",
+                  "data_dir", "out_dir")
 
 
 # The paper's model sizes: with patch 2 on 32x32 grids of K=16384 codes they have the official
@@ -608,30 +629,16 @@ def train(cfg, objective=PURRCEPTION):
     """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
     log line. Bad input raises UserError before anything is written; a non-finite loss stops every
     process with the same UserError before anything is saved."""
-    cli.check_ranges(cfg, cli.RANGES)
+    cli.check_ranges(cfg, RANGES)
     cli.check_transformer(cfg.n_embd, cfg.n_head)
     if int(os.environ.get("RANK", 0)) == 0:
         print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
-    # DDP only under torchrun (it sets RANK): one GPU or a CPU needs no launcher
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = ((int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-                               if ddp else (0, 0, 1))
+    rank, local_rank, world, device = cli.setup_distributed(cfg.device)   # torchrun sets RANK
+    ddp = world > 1 or "RANK" in os.environ
     batch_size, grad_accum = cli.split_batch(cfg.batch_size, cfg.grad_accum, world)
-    device = cli.pick_device(cfg.device)
-    if ddp:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"    # one GPU per process, whatever --device numbered
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            atexit.register(dist.destroy_process_group)
     master = rank == 0                       # the master process evaluates, logs and checkpoints
     device_type = device.split(":")[0]
-    # bf16 autocast on CUDA (no fp16: no GradScaler needed); fp32 on cpu and mps. No TF32 switch:
-    # what runs outside autocast (the sampler's geometry, the readout) stays true fp32.
-    ctx = (torch.autocast(device_type, dtype=torch.bfloat16) if device_type == "cuda"
-           else nullcontext())
+    ctx = cli.autocast(device)               # bf16 for the network on CUDA, fp32 elsewhere
     pin = device_type == "cuda"              # CPU draws in pinned memory: their copies do not wait
 
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
@@ -655,7 +662,7 @@ def train(cfg, objective=PURRCEPTION):
         if cfg.init_from == "resume":
             ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
-            cfg = cli.resumed_config(cfg, ckpt, verbose=master)   # and what differs from its run
+            cfg = cli.resumed_config(cfg, ckpt, ARCHITECTURE, PER_INVOCATION, master)   # and what differs from its run
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
                             f"over with --overwrite=true (it is replaced at the first save), or "

@@ -80,10 +80,6 @@ class Run:
     def grid(self):
         return (self.meta["grid_h"], self.meta["grid_w"])
 
-    def autocast(self):           # bf16 for the network on cuda; the samplers keep fp32 geometry
-        bf16 = self.E.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-
 
 def load_run(ckpt_path, data_dir="", device="cpu"):
     """A checkpoint and the data folder it trained on -> Run; a UserError where they do not fit."""
@@ -147,7 +143,7 @@ def generate(run, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, batch_s
         g = torch.Generator().manual_seed(hash((seed, start + i)))
         noise = ({} if run.objective.name == "dfm" else
                  {"noise": sample_noise(run, start + i, len(y), seed)})
-        with run.autocast():
+        with cli.autocast(run.E.device):
             idx = run.objective.sample(run.model, run.E, y, run.grid, steps, temperature,
                                        cfg_scale, run.meta["num_classes"], g, **noise)
         # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
@@ -204,7 +200,7 @@ def posterior_path(run, opt, label, temperature, n):
     function: step -> the decoded posterior mean mu_t = pi_t @ E (n, H, W, 3), the model's current
     guess, where the velocity (mu_t - z) / (1 - t) points)."""
     y = torch.as_tensor(balanced_labels(n, run.meta["num_classes"], label), device=run.E.device)
-    with run.autocast():
+    with cli.autocast(run.E.device):
         idx, traj = purrception.euler_sample(
             run.model, run.E, y.long(), run.grid, opt.steps, temperature, opt.cfg_scale,
             run.meta["num_classes"], noise=sample_noise(run, 0, n, opt.seed),
@@ -398,15 +394,12 @@ def draw(opt):
                         "many: run them as two commands")
     if opt.save_npz:
         check_npz_path(os.path.join(opt.out_dir, opt.save_npz))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, _, world, device = cli.setup_distributed(opt.device)
     if world > 1 and not opt.save_npz:
         raise UserError("under torchrun pass --save_npz=FILE: the processes meet in FILE.parts/")
     if world > 1 and opt.fid:
         raise UserError("under torchrun, write --save_npz and score it afterwards with "
                         "`python fid.py --samples=FILE` (FID runs in one process)")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1
-                          and torch.cuda.is_available() and opt.device in ("", "cuda")
-                          else cli.pick_device(opt.device))
     ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
     run = load_run(ckpt_path, opt.data_dir, device)
     config, objective = run.ckpt["config"], run.objective.name

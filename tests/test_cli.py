@@ -118,10 +118,11 @@ def test_a_resume_takes_the_checkpoints_model_and_names_the_flags_unlike_its_run
             "model_args": dict(K=64, d=8, grid_size=8, patch_size=2, n_layer=2, n_head=6,
                                n_embd=32, num_classes=3, time_embed="scaled")}
     again = dataclasses.replace(pc.Config(), max_iters=20, init_from="resume")    # the preset's flags
-    cfg = cli.resumed_config(again, ckpt)
+    cfg = cli.resumed_config(again, ckpt, pc.ARCHITECTURE, pc.PER_INVOCATION)
     assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.max_iters) == (2, 32, 64, 20)
     line = capsys.readouterr().out
     assert "the model is the checkpoint's (--n_layer=2 --n_embd=32)" in line
     assert "--batch_size=64 (was 8)" in line and "max_iters" not in line
-    cli.resumed_config(dataclasses.replace(run, max_iters=20), ckpt)               # the run's flags
+    cli.resumed_config(dataclasses.replace(run, max_iters=20), ckpt, pc.ARCHITECTURE,
+                       pc.PER_INVOCATION)              # the run's flags
     assert capsys.readouterr().out == ""

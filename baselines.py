@@ -14,7 +14,7 @@ follows it.
     cfm           z_t (d channels)   v (d)       MSE to z1 - z0      v
     cfm_endpoint  z_t (d channels)   z1_hat (d)  MSE to z1           (z1_hat - z)/(1 - t)
     dfm           token ids, mask    K+1 logits  CE + z-loss, over   jumps: every position drawn
-                  id K, read through             all positions and   from delta_x + h (p1 -
+                  id K, read through             all positions and   from delta_x + dt (p1 -
                   a (K+1, C) table               K+1 ids             delta_x)/(1 - t)
 
 Outputs are per latent position. Time runs as in purrception.py: t = 0 is the source (noise, or all
@@ -30,31 +30,12 @@ import torch.nn.functional as F
 import cli
 import purrception as pc
 from cli import UserError
-from purrception import DiT, Objective, guided
-
-
-def nearest_code(z, E, chunk=2**22):
-    """The readout: z (..., d) -> the index of its nearest row of E (fp32),
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, about `chunk` distances at a time (K = 16384)."""
-    with torch.autocast(z.device.type, enabled=False):
-        zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
-        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
-                         .argmin(dim=-1) for zc in zs.split(max(1, chunk // len(E)))])
-        return idx.view(z.shape[:-1])
-
-
-def draw(fn, shape, generator, device):
-    """torch.rand or torch.randn from `generator` on its own device, then moved to `device`: a CPU
-    generator can drive a GPU (in pinned memory, so the copy does not wait for the GPU), and the
-    same seed gives the same numbers on a CPU and a GPU."""
-    dev = torch.device(generator.device if generator is not None else device)
-    pin = dev.type == "cpu" and torch.device(device).type == "cuda"
-    return fn(shape, generator=generator, device=dev, pin_memory=pin).to(device, non_blocking=True)
+from purrception import DiT, Objective, guided, nearest_code, rand_from
 
 
 def draw_t(B, generator, device, t_eps=1e-3):
     """t ~ U(t_eps, 1) per image."""
-    return t_eps + (1 - t_eps) * draw(torch.rand, (B,), generator, device)
+    return t_eps + (1 - t_eps) * rand_from(torch.rand, (B,), generator, device)
 
 # -----------------------------------------------------------------------------
 # CFM: continuous flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) in the
@@ -78,14 +59,14 @@ def cfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
     B = idx.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t                        # (B,)
     z1 = E[idx]                                                                     # (B, h, w, d)
-    z0 = draw(torch.randn, z1.shape, generator, idx.device) if noise is None else noise
+    z0 = rand_from(torch.randn, z1.shape, generator, idx.device) if noise is None else noise
     tb = t.view(B, 1, 1, 1)
     zt = tb * z1 + (1 - tb) * z0
     out = model(zt, t, y).float()                                                   # (B, h, w, d)
     loss = (out - (z1 if endpoint else z1 - z0)).pow(2).view(B, -1).mean(dim=1)     # (B,)
     if per_image:
         z1_hat = out if endpoint else zt + (1 - tb) * out
-        return loss, (nearest_code(z1_hat, E) == idx).float().view(B, -1).mean(dim=1)
+        return loss, (nearest_code(z1_hat, E, pc.CHUNK) == idx).float().view(B, -1).mean(dim=1)
     return loss.mean()
 
 
@@ -108,13 +89,13 @@ def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
     # (B, h, w, d) at t = 0
     z = (noise.to(E.device) if noise is not None
-         else draw(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device))
+         else rand_from(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device))
     ts = torch.linspace(0, 1, steps + 1, device=E.device)
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
         out = guided(model, z, t, y, cfg_scale, null_label)                 # (B, h, w, d)
         z = z + dt * ((out - z) / (1 - t) if endpoint else out)
-    return nearest_code(z, E)
+    return nearest_code(z, E, pc.CHUNK)
 
 
 def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
@@ -158,7 +139,7 @@ def dfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
     masked)."""
     B, K = idx.shape[0], E.shape[0]
     t = draw_t(B, generator, idx.device) if t is None else t              # (B,)
-    u = draw(torch.rand, idx.shape, generator, idx.device) if noise is None else noise
+    u = rand_from(torch.rand, idx.shape, generator, idx.device) if noise is None else noise
     masked = u >= t.view(B, 1, 1)                       # (B, h, w): the masks at time t
     xt = torch.where(masked, K, idx)                                      # (B, h, w) in [0, K]
     logits = model(xt, t, y).float()                                      # (B, h, w, K+1)
@@ -172,18 +153,18 @@ def dfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 
 
 # Sampling (the official sampler): from all masks at t = 1e-4, `steps` steps of size
-# h = 1 / (steps + 1). At each step EVERY position is redrawn from
-#     p_t = delta_x + h * (p1 - delta_x) / (1 - t),      p1 = softmax(logits / tau) over the K+1 ids
+# dt = 1 / (steps + 1). At each step EVERY position is redrawn from
+#     p_t = delta_x + dt * (p1 - delta_x) / (1 - t),   p1 = softmax(logits / tau) over the K+1 ids
 # so an unmasked token may change or be masked again. At the last step the mask column of p_t is
 # zeroed (and p_t renormalised), so every position ends on a code. The official "N steps" is N - 1
 # network calls: steps = N - 1.
 
 
-def dfm_transition(x, p1, t, h, last=False):
+def dfm_transition(x, p1, t, dt, last=False):
     """p_t (B, h, w, K+1) of one DFM step from tokens x (B, h, w) with the model's p1 (B, h, w, K+1)
     at time t."""
     delta = F.one_hot(x, p1.shape[-1]).float()
-    p = delta + h * (p1 - delta) / (1 - t)
+    p = delta + dt * (p1 - delta) / (1 - t)
     if last:                                     # the final draw may not be a mask
         p[..., -1] = 0
         p = p / p.sum(-1, keepdim=True)
@@ -191,15 +172,15 @@ def dfm_transition(x, p1, t, h, last=False):
 
 
 @torch.no_grad()
-def dfm_step(model, x, t, h, y, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
+def dfm_step(model, x, t, dt, y, temperature=1.0, cfg_scale=1.0, null_label=None, generator=None,
              last=False):
-    """One step of the sampler: tokens x (B, h, w) at time t -> tokens at t + h, every position
+    """One step of the sampler: tokens x (B, h, w) at time t -> tokens at t + dt, every position
     drawn from p_t."""
     # (B, h, w, K+1)
     logits = guided(model, x, torch.tensor(t, device=x.device), y, cfg_scale, null_label)
-    p = dfm_transition(x, F.softmax(logits / temperature, dim=-1), t, h, last)
+    p = dfm_transition(x, F.softmax(logits / temperature, dim=-1), t, dt, last)
     # one categorical draw per position, by the inverse CDF
-    u = draw(torch.rand, (*x.shape, 1), generator, x.device)
+    u = rand_from(torch.rand, (*x.shape, 1), generator, x.device)
     return (p.cumsum(-1) < u).sum(-1).clamp(max=p.shape[-1] - 1 - last)                # (B, h, w)
 
 
@@ -208,12 +189,12 @@ def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
                generator=None, t_min=1e-4):
     """Labels y (B,) -> code indices (B, h, w), by the official Euler jump sampler from an all-mask
     grid."""
-    (hh, ww), K = (grid, grid) if isinstance(grid, int) else grid, E.shape[0]
+    (h, w), K = (grid, grid) if isinstance(grid, int) else grid, E.shape[0]
     # all masks at t = t_min
-    x = torch.full((y.shape[0], hh, ww), K, dtype=torch.long, device=E.device)
-    h = 1.0 / (steps + 1)
+    x = torch.full((y.shape[0], h, w), K, dtype=torch.long, device=E.device)
+    dt = 1.0 / (steps + 1)
     for i in range(steps):
-        x = dfm_step(model, x, t_min + i * h, h, y, temperature, cfg_scale, null_label, generator,
+        x = dfm_step(model, x, t_min + i * dt, dt, y, temperature, cfg_scale, null_label, generator,
                      i == steps - 1)
     return x
 
@@ -222,9 +203,9 @@ def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
 OBJECTIVES = {
     "purrception": pc.PURRCEPTION,
     "cfm": Objective("cfm", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch), cfm_loss,
-                     cfm_sample),
+                     cfm_sample, tempered=False),
     "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch),
-                              cfm_endpoint_loss, cfm_endpoint_sample),
+                              cfm_endpoint_loss, cfm_endpoint_sample, tempered=False),
     "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample,
                      noise="uniform"),
 }
@@ -244,7 +225,7 @@ class BaselineConfig(pc.Config):
 def main(argv):
     cfg = cli.parse_args(argv, BaselineConfig(), pc.PRESETS, __doc__)
     objective = get_objective(cfg.objective)
-    if cfg.objective.startswith("cfm") and cfg.temperature != 1.0:
+    if not objective.tempered and cfg.temperature != 1.0:
         raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to "
                         "sharpen; drop the flag")
     pc.train(cfg, objective)

@@ -92,7 +92,7 @@ def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
         idx = torch.randint(0, K, (cfg.batch_size, grid, grid), generator=g).to(device)
         y = torch.randint(0, model.num_classes + 1, (cfg.batch_size,), generator=g).to(device)
         with ctx:
-            loss = pc.vfm_loss(model, idx, E, y, generator=g)
+            loss = pc.vfm_loss(model, idx, E, y, generator=g, chunk=pc.CHUNK)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -109,40 +109,11 @@ def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
 # MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the system at once.
 
 
-def whole_batch_loss(model, idx, E, y, t=None, generator=None, t_eps=1e-3, z_loss=1e-5):
-    """vfm_loss's maths and draws, written on all the logits at once in fp32."""
-    B, dev = idx.shape[0], generator.device if generator is not None else idx.device
-    if t is None:
-        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, device=dev).to(idx.device)
-    z0 = torch.randn(E[idx].shape, generator=generator, device=dev).to(idx.device)
-    tb = t.view(B, 1, 1, 1)
-    logits = model(tb * E[idx] + (1 - tb) * z0, t, y).float()                    # (B, h, w, K)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), idx.flatten())
-    return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
-
-
-@torch.no_grad()
-def whole_batch_sample(model, E, y, side, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                       generator=None):
-    """euler_sample's maths and draws with the whole (B, h, w, K) posterior, guidance on logits."""
-    z = torch.randn(len(y), side, side, E.shape[1], generator=generator).to(E.device)
-    ts = torch.linspace(0, 1, steps + 1, device=E.device)
-    for i in range(steps):
-        logits = pc.guided(model, z, ts[i], y, cfg_scale, null_label)            # (B, h, w, K)
-        mu = torch.softmax(logits / temperature, dim=-1) @ E.float()
-        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
-    return (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(dim=-1)
-
-
-class LogitsOnly(torch.nn.Module):
-    """A network seen from outside: logits only, no last layer offered (vfm_loss's plain path)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, z, t, y):
-        return self.net(z, t, y)
+def logits_only(net):
+    """The same network (the same parameters) seen from outside: logits only, no head input."""
+    view = copy.copy(net)
+    view.offers_head_input = False
+    return view
 
 
 def status_bytes(key):
@@ -170,17 +141,19 @@ def loss_memory(model, E, K, side, cfg, reps=3):
     headless.blocks = torch.nn.ModuleList()
 
     def body(net):                            # the head's input; its weights get gradients too
-        x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, last_layer=True)
+        x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, head_input=True)
         return x.square().mean() + 0 * (W.sum() + b.sum())
     steps = {"network, no loss": body,
-             "whole-batch fp32 loss": lambda net: whole_batch_loss(net, idx, E, y, generator=g),
-             "chunked, logits only": lambda net: pc.vfm_loss(LogitsOnly(net), idx, E, y,
-                                                             generator=g),
-             "chunked, last layer": lambda net: pc.vfm_loss(net, idx, E, y, generator=g),
-             "whole-batch sampler": lambda net: whole_batch_sample(net, E, y, side, 1, 1.0,
-                                                                   cfg.cfg_scale, 10, g),
+             "whole-batch fp32 loss": lambda net: pc.vfm_loss(net, idx, E, y, generator=g,
+                                                              chunk=None),
+             "chunked, logits only": lambda net: pc.vfm_loss(logits_only(net), idx, E, y,
+                                                             generator=g, chunk=pc.CHUNK),
+             "chunked, head input": lambda net: pc.vfm_loss(net, idx, E, y, generator=g,
+                                                            chunk=pc.CHUNK),
+             "whole-batch sampler": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0,
+                                                                cfg.cfg_scale, 10, g, chunk=None),
              "euler_sample": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale,
-                                                         10, g)}
+                                                         10, g, chunk=pc.CHUNK)}
     out = {}
     for _ in range(reps):                         # in turns: a busy machine slows them alike
         for net, where in ((model, "whole network"), (headless, "loss alone")):
@@ -198,7 +171,7 @@ def loss_memory(model, E, K, side, cfg, reps=3):
     time0, memory0 = out["whole network", "whole-batch fp32 loss"][0], out["loss alone",
                                                                          "whole-batch fp32 loss"][1]
     ratio = lambda a, b: f"{a / b:.2f}x" if b > 0 else "n/a (too small to measure)"
-    for name in ("chunked, logits only", "chunked, last layer"):
+    for name in ("chunked, logits only", "chunked, head input"):
         memory, dt = out["loss alone", name][1], out["whole network", name][0]
         print(f"{name} / whole-batch: memory of the loss alone {ratio(memory, memory0)}, "
               f"the whole network's step time {ratio(dt, time0)}")
@@ -296,7 +269,7 @@ def main(argv):
         t0 = time.time()
         with ctx:
             pc.euler_sample(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
-                            torch.Generator().manual_seed(0))
+                            torch.Generator().manual_seed(0), chunk=pc.CHUNK)
         sync(device)
     dt = time.time() - t0
     print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.sample_steps} steps, "

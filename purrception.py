@@ -27,6 +27,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -242,10 +243,23 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(n_embd, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(n_embd, 2 * n_embd))
 
-    def forward(self, x, c, last_layer=False):
+    def forward(self, x, c, head_input=False):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         x = modulate(self.norm(x), shift, scale)
-        return (x, self.linear.weight, self.linear.bias) if last_layer else self.linear(x)
+        return (x, self.linear.weight, self.linear.bias) if head_input else self.linear(x)
+
+
+# The one patch order of the repository: a patch's p x p positions in row-major order.
+def patchify(x, p):
+    """(B, h, w, c) -> (B, T, p*p, c): the p x p patches of the grid, T = (h/p) (w/p)."""
+    B, h, w, c = x.shape
+    return x.reshape(B, h // p, p, w // p, p, c).transpose(2, 3).reshape(B, -1, p * p, c)
+
+
+def unpatchify(x, p, h, w):
+    """(B, T, p*p, c) -> (B, h, w, c), the inverse of patchify."""
+    B, c = x.shape[0], x.shape[-1]
+    return x.reshape(B, h // p, w // p, p, p, c).transpose(2, 3).reshape(B, h, w, c)
 
 
 def sincos_pos_embed(n_embd, side):
@@ -300,25 +314,21 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    offers_last_layer = True      # forward(..., last_layer=True): see vfm_loss
+    offers_head_input = True      # forward(..., head_input=True): see chunked_loss
 
-    def forward(self, z, t, y, last_layer=False):
+    def forward(self, z, t, y, head_input=False):
         """z (B, h, w, d) noisy embeddings, t (B,) in [0, 1], y (B,) -> logits (B, h, w, K);
-        last_layer=True: the final linear's input (B, T, C), weight and bias."""
-        B, H, W, D = z.shape
-        p, K = self.patch_size, self.out_dim
-        # patchify: (B, H/p, p, W/p, p, d) -> (B, H/p, W/p, p, p, d) -> (B, T, p*p*d)
-        x = (z.reshape(B, H // p, p, W // p, p, D).permute(0, 1, 3, 2, 4, 5)
-             .reshape(B, self.n_tokens, p * p * D))
-        x = self.patch_embed(x) + self.pos_embed                                    # (B, T, C)
+        head_input=True: the final linear's input (B, T, C), weight and bias."""
+        B, h, w, d = z.shape
+        x = self.patch_embed(patchify(z, self.patch_size).flatten(2))              # (B, T, C)
+        x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)                                 # (B, C)
         for block in self.blocks:
             x = block(x, c)                                                         # (B, T, C)
-        if last_layer:
-            return self.final_layer(x, c, last_layer=True)
+        if head_input:
+            return self.final_layer(x, c, head_input=True)
         x = self.final_layer(x, c)                                                  # (B, T, p*p*K)
-        # unpatchify: (B, H/p, W/p, p, p, K) -> (B, H/p, p, W/p, p, K) -> (B, h, w, K)
-        return x.reshape(B, H // p, W // p, p, p, K).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, K)
+        return unpatchify(x.view(B, self.n_tokens, -1, self.out_dim), self.patch_size, h, w)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -350,12 +360,129 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# vfm_loss, guided and euler_sample (with logit_chunks and CEZLoss) are written to be copied: they
-# need only `import torch`, and any network called as model(z, t, y) -> logits (B, h, w, K) will do.
-# At K = 16384 on 32x32 an image has 16.8M logits, so neither the loss nor the sampler holds them in
-# fp32 for a whole batch: both read them `chunk` at a time. A network may offer its last layer
-# (`offers_last_layer`): model(z, t, y, last_layer=True) -> x (B, T, C), W (P*K, C), b (P*K,), the
-# logits of sub-position s of patch n being x_n W_s^T + b_s; then they never exist all at once.
+# rand_from, vfm_loss, guided, nearest_code and euler_sample are written to be copied: they need
+# only `import torch`, and any network called as model(z, t, y) -> logits (B, h, w, K) will do. With
+# chunk=N they call the section "at K = 16384" below (copy it too, with patchify and unpatchify),
+# which gives the same numbers holding about N logits at a time.
+
+
+def rand_from(fn, shape, generator, device):
+    """torch.rand or torch.randn from `generator` on its own device, then moved to `device`: a CPU
+    generator can drive a GPU (in pinned memory, so the copy does not wait for the GPU), and the
+    same seed gives the same numbers on a CPU and a GPU."""
+    on = torch.device(generator.device if generator is not None else device)
+    pin = on.type == "cpu" and torch.device(device).type == "cuda"
+    return fn(shape, generator=generator, device=on, pin_memory=pin).to(device, non_blocking=True)
+
+
+def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False, t_eps=1e-3,
+             z_loss=1e-5, chunk=None):
+    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
+    t (B,) ~ U(t_eps, 1) and noise z0 (B, h, w, d) ~ N(0, I) are drawn from `generator` unless
+    given. per_image=True: the loss (B,) and the token accuracy (B,) of each image. chunk=None
+    holds all the logits at once; a number reads them that many at a time (the same loss)."""
+    B = idx.shape[0]
+    if t is None:
+        t = t_eps + (1 - t_eps) * rand_from(torch.rand, (B,), generator, idx.device)   # (B,)
+    z1 = E[idx]                                                                     # (B, h, w, d)
+    z0 = rand_from(torch.randn, z1.shape, generator, idx.device) if noise is None else noise
+    tb = t.view(B, 1, 1, 1)
+    zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
+    if chunk:                                              # "at K = 16384" below
+        mean, loss, hit = chunked_loss(model, zt, t, y, idx, len(E), z_loss, chunk)
+    else:
+        logits = model(zt, t, y).float()                                            # (B, h, w, K)
+        lse = torch.logsumexp(logits, dim=-1)                                       # (B, h, w)
+        loss = lse - logits.gather(-1, idx[..., None])[..., 0] + z_loss * lse ** 2  # CE + z-loss
+        mean, hit = loss.mean(), logits.argmax(dim=-1) == idx
+    if per_image:
+        return loss.reshape(B, -1).mean(dim=1), hit.reshape(B, -1).float().mean(dim=1)
+    return mean
+
+# -----------------------------------------------------------------------------
+# the Euler sampler
+#
+# `steps` Euler steps on a uniform grid integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to 1:
+#     pi = softmax(logits / tau)        posterior over the K codes per position (tau < 1 sharpens)
+#     mu = pi @ E                       the posterior-mean embedding, (B, h, w, d)
+#     v  = (mu - z) / (1 - t)           the marginal velocity, exact when pi is the true posterior
+#     z  = z + dt * v
+# t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is
+# read out as its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under
+# bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
+# out other codes. Classifier-free guidance mixes logits before the temperature (the paper):
+#     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
+
+
+def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
+    """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with
+    classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
+    skips the null pass. head_input=True: the head's (input, W, b), guidance mixing the input."""
+    if cfg_scale != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs null_label, the label the network was "
+                         "trained on when the class was dropped")
+    if cfg_scale != 1.0:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
+    out = model(x, t.expand(len(y)), y, **({"head_input": True} if head_input else {}))
+    out, head = (out[0], out[1:]) if head_input else (out, ())
+    if cfg_scale != 1.0:
+        cond, uncond = out.float().chunk(2)
+        out = uncond + cfg_scale * (cond - uncond)
+    return (out, *head) if head_input else out.float()
+
+
+def nearest_code(z, E, chunk=None):
+    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32; chunk: about
+    that many distances at a time."""
+    with torch.autocast(z.device.type, enabled=False):
+        zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
+        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
+                         .argmin(dim=-1) for zc in zs.split(max(1, (chunk or len(zs)) // len(E)))])
+        return idx.view(z.shape[:-1])
+
+
+@torch.no_grad()
+def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+                 generator=None, return_trajectory=False, noise=None, chunk=None):
+    """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an int
+    side), from noise (B, h, w, d) (drawn from `generator` when None). chunk: as vfm_loss. With
+    return_trajectory, also a dict of cpu tensors, one row per step: t (steps,), z and mu (steps,
+    B, h, w, d), and the entropy (steps, B, h, w) of the pi used at that step."""
+    (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
+    shape = (len(y), h, w, E.shape[1])
+    z = (rand_from(torch.randn, shape, generator, E.device) if noise is None
+         else noise.to(E.device, torch.float32))                                    # (B, h, w, d)
+    ts = torch.linspace(0, 1, steps + 1, device=E.device)
+    path = []                                          # (t, z, mu, entropy) per step, when asked
+    for i in range(steps):
+        t, dt = ts[i], ts[i + 1] - ts[i]
+        if chunk:                                      # "at K = 16384" below
+            mu, entropy = chunked_posterior_mean(model, z, t, y, E, temperature, cfg_scale,
+                                                 null_label, chunk, return_trajectory)
+        else:
+            logits = guided(model, z, t, y, cfg_scale, null_label)                 # (B, h, w, K)
+            with torch.autocast(E.device.type, enabled=False):                      # fp32 geometry
+                pi = torch.softmax(logits / temperature, dim=-1)                    # (B, h, w, K)
+                mu = pi @ E                                                         # (B, h, w, d)
+            entropy = torch.special.entr(pi).sum(-1) if return_trajectory else None
+        if return_trajectory:
+            path.append([v.cpu() for v in (t, z, mu, entropy)])
+        z = z + dt * (mu - z) / (1 - t)
+    idx = nearest_code(z, E, chunk)                                                 # (B, h, w)
+    if return_trajectory:
+        return idx, {key: torch.stack(v) for key, v in zip(("t", "z", "mu", "entropy"),
+                                                            zip(*path))}
+    return idx
+
+# -----------------------------------------------------------------------------
+# at K = 16384: the same loss and posterior mean, `chunk` logits at a time
+#
+# On 32x32 grids of K = 16384 codes an image has 16.8M logits, so neither the loss nor the sampler
+# may hold them in fp32 for a whole batch. Both read them a chunk at a time. A network may offer its
+# head's input (`offers_head_input`): model(z, t, y, head_input=True) -> x (B, T, C), W (P*K, C),
+# b (P*K,), the logits of sub-position s of patch n being x_n W_s^T + b_s; then the logits never
+# exist all at once. With weights 1 - s and s that sum to one, guidance mixes x for the same logits.
+# The loss makes its gradient in the same pass (CEZLoss), so nothing is held for the backward.
 
 
 def logit_chunks(x, W, b, P, chunk):
@@ -410,114 +537,38 @@ class CEZLoss(torch.autograd.Function):
         return (*[g if g is None else g.mul_(grad_mean / ctx.n) for g in grads], *[None] * 4)
 
 
-def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False, t_eps=1e-3,
-             z_loss=1e-5):
-    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
-    t (B,) ~ U(t_eps, 1) and noise z0 (B, h, w, d) ~ N(0, I) are drawn from `generator` (may live
-    on the CPU while idx is on a GPU) unless given. per_image=True returns the loss (B,) and the
-    token accuracy (B,) of each image."""
-    (B, h, w), gen_device = idx.shape, generator.device if generator is not None else idx.device
-    # a CPU generator driving a GPU draws into pinned memory: the copies do not wait for the GPU
-    on = dict(device=gen_device, pin_memory=gen_device.type == "cpu" and idx.is_cuda)
-    if t is None:
-        t = t_eps + (1 - t_eps) * torch.rand(B, generator=generator, **on)          # (B,)
-        t = t.to(idx.device, non_blocking=True)
-    z1 = E[idx]                                                                     # (B, h, w, d)
-    if noise is None:
-        noise = torch.randn(z1.shape, generator=generator, **on).to(idx.device, non_blocking=True)
-    z0 = noise                                                                      # (B, h, w, d)
-    tb = t.view(B, 1, 1, 1)
-    zt = tb * z1 + (1 - tb) * z0                                                    # (B, h, w, d)
-    if getattr(getattr(model, "module", model), "offers_last_layer", False):        # DDP: .module
-        x, W, b = model(zt, t, y, last_layer=True)                 # (B, T, C), (P*K, C), (P*K,)
-        p = round((W.shape[0] // E.shape[0]) ** 0.5)
-        # the targets in the head's order: (B, h/p, p, w/p, p) -> (B*T, p*p)
-        targets = idx.view(B, h // p, p, w // p, p).transpose(2, 3).reshape(-1, p * p)
+def chunked_loss(model, zt, t, y, idx, K, z_loss, chunk):
+    """vfm_loss's loss at zt for tokens idx (B, h, w) -> the mean, and the loss and hits of every
+    position (B, h*w, in the head's order)."""
+    if getattr(getattr(model, "module", model), "offers_head_input", False):     # DDP: .module
+        x, W, b = model(zt, t, y, head_input=True)                 # (B, T, C), (P*K, C), (P*K,)
+        p = round((W.shape[0] // K) ** 0.5)
+        targets = patchify(idx[..., None], p)[..., 0].flatten(0, 1)                 # (B*T, p*p)
     else:                                                     # (B*h*w, K) logits, (B*h*w, 1)
         x, W, b, targets = model(zt, t, y), None, None, idx.reshape(-1, 1)
-    loss, rows, pred = CEZLoss.apply(x.flatten(0, -2), W, b, targets, z_loss,
-                                     torch.is_grad_enabled())
-    if per_image:
-        return rows.view(B, -1).mean(dim=1), (pred == targets).float().view(B, -1).mean(dim=1)
-    return loss
-
-# -----------------------------------------------------------------------------
-# the Euler sampler
-#
-# `steps` Euler steps on a uniform grid integrate dz/dt = v(z, t) from z ~ N(0, I) at t = 0 to 1:
-#     pi = softmax(logits / tau)        posterior over the K codes per position (tau < 1 sharpens)
-#     mu = pi @ E                       the posterior-mean embedding, (B, h, w, d)
-#     v  = (mu - z) / (1 - t)           the marginal velocity, exact when pi is the true posterior
-#     z  = z + dt * v
-# t = 1 is never evaluated: the last step has dt = 1 - t, so it lands exactly on mu. The final z is
-# read out as its nearest code, ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2. The network may run under
-# bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
-# out other codes; pi and the readout are made `chunk` numbers at a time, never for the whole batch.
-# Classifier-free guidance mixes logits before the temperature (the paper):
-#     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
-# With an affine last layer, logits = x W^T + b, and weights 1 - s and s that sum to one, mixing x
-# gives the same logits with one head product instead of two.
+    mean, loss, pred = CEZLoss.apply(x.flatten(0, -2), W, b, targets, z_loss,
+                                     torch.is_grad_enabled(), chunk)
+    return mean, loss.view(len(idx), -1), (pred == targets).view(len(idx), -1)
 
 
-def guided(model, x, t, y, cfg_scale=1.0, null_label=None, last_layer=False):
-    """The network's output (fp32) at x (B, ...) for labels y (B,) at time t (a scalar tensor), with
-    classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
-    skips the null pass. last_layer=True: the head's (x, W, b), guidance mixing x."""
-    if cfg_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs null_label, the label the network was "
-                         "trained on when the class was dropped")
-    if cfg_scale != 1.0:
-        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
-    out = model(x, t.expand(len(y)), y, **({"last_layer": True} if last_layer else {}))
-    h, head = (out[0], out[1:]) if last_layer else (out, ())
-    if cfg_scale != 1.0:
-        cond, uncond = h.float().chunk(2)
-        h = uncond + cfg_scale * (cond - uncond)
-    return (h, *head) if last_layer else h.float()
-
-
-@torch.no_grad()
-def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                 generator=None, return_trajectory=False, noise=None, chunk=2**22):
-    """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an
-    int side), from noise (B, h, w, d) (drawn from `generator` when None). With return_trajectory,
-    also a dict of cpu tensors, one row per step: t (steps,), z and mu (steps, B, h, w, d), entropy
-    (steps, B, h, w) of the pi used at that step."""
-    (h, w), (K, d), E = (grid, grid) if isinstance(grid, int) else grid, E.shape, E.float()
-    B = len(y)
-    gen_device = generator.device if generator is not None else E.device  # a CPU one drives a GPU
-    if noise is None:
-        noise = torch.randn(B, h, w, d, generator=generator, device=gen_device)
-    z = noise.to(E.device, torch.float32)                                           # (B, h, w, d)
-    last = getattr(getattr(model, "module", model), "offers_last_layer", False)
-    ts = torch.linspace(0, 1, steps + 1, device=E.device)
-    trajectory = {"t": [], "z": [], "mu": [], "entropy": []}
-    for i in range(steps):
-        t, dt = ts[i], ts[i + 1] - ts[i]
-        out = guided(model, z, t, y, cfg_scale, null_label, last)       # (B, T, C) or (B, h, w, K)
-        x, W, b = out if last else (out, None, None)
-        P = W.shape[0] // K if last else 1
-        mu, entropy = E.new_empty(B * h * w // P, P, d), E.new_empty(B * h * w // P, P, 1)
-        for s, rows, _, _, logits in logit_chunks(x.flatten(0, -2), W, b, P, chunk):
-            with torch.autocast(E.device.type, enabled=False):                      # fp32 geometry
-                pi = torch.softmax(logits / temperature, dim=-1)                    # (n, K)
-                mu[rows, s] = pi @ E                                                # (n, d)
-                if return_trajectory:
-                    entropy[rows, s, 0] = torch.special.entr(pi).sum(-1)
-        # a patch's P sub-positions back in place: (B, h/p, w/p, p, p, .) -> (B, h, w, .)
-        p = round(P ** 0.5)
-        mu, entropy = [v.view(B, h // p, w // p, p, p, -1).transpose(2, 3).reshape(B, h, w, -1)
-                       for v in (mu, entropy)]
-        if return_trajectory:
-            for key, val in (("t", t), ("z", z), ("mu", mu), ("entropy", entropy[..., 0])):
-                trajectory[key].append(val.cpu())
-        z = z + dt * (mu - z) / (1 - t)
-    with torch.autocast(E.device.type, enabled=False):                              # (B, h, w)
-        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
-                         .argmin(dim=-1) for zc in z.flatten(0, 2).split(max(1, chunk // K))])
-    if return_trajectory:
-        return idx.view(B, h, w), {key: torch.stack(val) for key, val in trajectory.items()}
-    return idx.view(B, h, w)
+def chunked_posterior_mean(model, z, t, y, E, temperature, cfg_scale, null_label, chunk,
+                           entropy=False):
+    """euler_sample's mu = softmax(guided logits / tau) @ E at z (B, h, w, d) -> mu (B, h, w, d)
+    and, when asked, the entropy of pi (B, h, w) (else None)."""
+    (B, h, w, d), K = z.shape, len(E)
+    head = getattr(getattr(model, "module", model), "offers_head_input", False)
+    out = guided(model, z, t, y, cfg_scale, null_label, head)       # (B, T, C) or (B, h, w, K)
+    x, W, b = out if head else (out, None, None)
+    P = W.shape[0] // K if head else 1
+    mu_H = E.new_zeros(B * h * w // P, P, d + 1)    # mu and the entropy of pi, per sub-position
+    for s, rows, _, _, logits in logit_chunks(x.flatten(0, -2), W, b, P, chunk):
+        with torch.autocast(E.device.type, enabled=False):                          # fp32 geometry
+            pi = torch.softmax(logits / temperature, dim=-1)                        # (n, K)
+            mu_H[rows, s, :d] = pi @ E                                              # (n, d)
+            if entropy:
+                mu_H[rows, s, d] = torch.special.entr(pi).sum(-1)
+    mu_H = unpatchify(mu_H.view(B, -1, P, d + 1), round(P ** 0.5), h, w)       # (B, h, w, d + 1)
+    return mu_H[..., :d], mu_H[..., d] if entropy else None
 
 # -----------------------------------------------------------------------------
 # data: uint16 token memmaps made by prepare_data.py, read nanoGPT-style
@@ -561,11 +612,18 @@ class Objective:
     loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
                       #  noise=(B, h, w, d) where it starts from noise]) -> idx
-    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d); 'uniform' (B, h, w)
+    noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), where the sampler
+                            # starts too; 'uniform' (B, h, w): DFM's masks, no noise to start from
+    tempered: bool = True   # a posterior that --temperature sharpens (not a regressed velocity)
+    shows_posterior: bool = False   # sample(..., return_trajectory=True) gives its posterior path
 
 
+# The loop's loss and sampler read the logits CHUNK at a time: K = 16384 fits, and a small K reads
+# them in one chunk.
+CHUNK = 2**22
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
-                        vfm_loss, euler_sample)
+                        partial(vfm_loss, chunk=CHUNK), partial(euler_sample, chunk=CHUNK),
+                        shows_posterior=True)
 
 
 def get_lr(it, lr, min_lr, warmup_iters, decay_iters):
@@ -662,7 +720,8 @@ def train(cfg, objective=PURRCEPTION):
         if cfg.init_from == "resume":
             ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
-            cfg = cli.resumed_config(cfg, ckpt, ARCHITECTURE, PER_INVOCATION, master)   # and what differs from its run
+            # and one line naming the flags that differ from its run
+            cfg = cli.resumed_config(cfg, ckpt, ARCHITECTURE, PER_INVOCATION, master)
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
                             f"over with --overwrite=true (it is replaced at the first save), or "

@@ -1,6 +1,7 @@
 """Shared fixtures of the test suite: a tiny fake token folder, tiny models and configs, a stub feature extractor.
 CPU only, no network, no downloaded data."""
 
+import copy
 import json
 import os
 import sys
@@ -27,6 +28,13 @@ def tiny_model(patch_size=2, K=K):
     torch.manual_seed(0)
     return DiT(in_dim=D, out_dim=K, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2, n_embd=32,
                num_classes=NUM_CLASSES)
+
+
+def logits_only(net):
+    """The same network (the same parameters) seen from outside: logits only, no head input."""
+    view = copy.copy(net)
+    view.offers_head_input = False
+    return view
 
 
 def codebook(K=K, d=D, seed=0):

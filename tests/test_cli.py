@@ -19,41 +19,58 @@ def copied_names():
     """The names the README's 'Copy this' line tells people to copy from purrception.py."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     line = next(line for line in readme.splitlines() if line.startswith("**Copy this:**"))
-    return re.findall(r"`(\w+)`", line.partition("from")[0])
+    return re.findall(r"`(\w+)`", line.partition(" from ")[0])
 
 
-def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network():
+def pasted(names):
+    """The functions and classes of purrception.py named in `names`, pasted into a namespace that
+    holds only torch."""
+    source = open(os.path.join(ROOT, "purrception.py")).read()
+    chunks = [ast.get_source_segment(source, node, padded=True) for node in ast.parse(source).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+    assert len(chunks) == len(set(names))
+    namespace = {"torch": torch}                                                 # nothing else
+    exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)
+    return namespace
+
+
+def large_k_section():
+    """The names defined in purrception.py's section "at K = 16384", and the patch order they use."""
+    source = open(os.path.join(ROOT, "purrception.py")).read()
+    section = source.split("# at K = 16384")[1].split("# ---")[0]
+    return re.findall(r"^(?:def|class) (\w+)", section, re.M) + ["patchify", "unpatchify"]
+
+
+class Toy(torch.nn.Module):                                       # not this project's model
+    def __init__(self, d, K, num_classes):
+        super().__init__()
+        self.label = torch.nn.Embedding(num_classes + 1, 8)
+        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1 + 8, 32), torch.nn.GELU(),
+                                       torch.nn.Linear(32, K))
+
+    def forward(self, z, t, y):
+        B, h, w, _ = z.shape
+        cond = torch.cat([t.view(B, 1).float(), self.label(y)], -1)[:, None, None]
+        return self.net(torch.cat([z, cond.expand(B, h, w, -1)], -1))
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network(chunk):
     names = copied_names()
     assert {"vfm_loss", "euler_sample"} <= set(names)
-    source = open(os.path.join(ROOT, "purrception.py")).read()
-    tree = ast.parse(source)
-    chunks = [ast.get_source_segment(source, node, padded=True) for node in tree.body
-              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
-    assert len(chunks) == len(names)
-    namespace = {"torch": torch}                                                       # nothing else
-    exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)
-
-    class Toy(torch.nn.Module):                                                        # not this project's model
-        def __init__(self, d, K, num_classes):
-            super().__init__()
-            self.label = torch.nn.Embedding(num_classes + 1, 8)
-            self.net = torch.nn.Sequential(torch.nn.Linear(d + 1 + 8, 32), torch.nn.GELU(), torch.nn.Linear(32, K))
-
-        def forward(self, z, t, y):
-            B, h, w, _ = z.shape
-            cond = torch.cat([t.view(B, 1).float(), self.label(y)], -1)[:, None, None].expand(B, h, w, -1)
-            return self.net(torch.cat([z, cond], -1))
-
+    namespace = pasted(names + (large_k_section() if chunk else []))
     K, d, C = 12, 3, 4
     E, net = torch.randn(K, d), Toy(d, K, C)
-    idx, y = torch.randint(0, K, (6, 3, 5)), torch.randint(0, C, (6,))                 # a non-square grid
+    idx, y = torch.randint(0, K, (6, 3, 5)), torch.randint(0, C, (6,))         # a non-square grid
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    same_draws = lambda: torch.Generator().manual_seed(0)                            # the same t and noise
-    loss = namespace["vfm_loss"](net, idx, E, y, generator=same_draws())
+    same_draws = lambda: torch.Generator().manual_seed(0)                    # the same t and noise
+    vfm_loss, euler_sample = namespace["vfm_loss"], namespace["euler_sample"]
+    loss = vfm_loss(net, idx, E, y, generator=same_draws(), chunk=chunk)
     loss.backward()
     opt.step()
-    assert namespace["vfm_loss"](net, idx, E, y, generator=same_draws()) < loss      # a step down the gradient
-    out = namespace["euler_sample"](net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C)
+    assert vfm_loss(net, idx, E, y, generator=same_draws(), chunk=chunk) < loss   # a step down
+    out = euler_sample(net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C,
+                       chunk=chunk)
     assert out.shape == (6, 3, 5) and out.dtype == torch.long and 0 <= out.min() and out.max() < K
 
 

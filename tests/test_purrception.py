@@ -18,7 +18,8 @@ import vq
 import sample
 from cli import UserError, parse_args
 from purrception import Config, DiT, PRESETS, euler_sample, get_batch, train, vfm_loss
-from conftest import D, GRID, K, NUM_CLASSES, ROOT, codebook, tiny_config, tiny_model
+from conftest import (D, GRID, K, NUM_CLASSES, ROOT, codebook, logits_only, tiny_config,
+                      tiny_model)
 
 # -----------------------------------------------------------------------------
 # the sampler, against posteriors known in closed form
@@ -150,9 +151,12 @@ def test_per_image_loss_and_accuracy():
     model, E = tiny_model(), codebook()
     idx, y = torch.randint(0, K, (5, GRID, GRID)), torch.zeros(5, dtype=torch.long)
     t = torch.linspace(0.1, 1, 5)
-    loss, acc = vfm_loss(model, idx, E, y, t=t, per_image=True)
-    assert loss.shape == acc.shape == (5,)
-    assert torch.allclose(loss.mean(), vfm_loss(model, idx, E, y, t=t))
+    for chunk in (None, 2**22):
+        loss, acc = vfm_loss(model, idx, E, y, t=t, per_image=True, chunk=chunk)
+        assert loss.shape == acc.shape == (5,)
+        assert torch.allclose(loss.mean(), vfm_loss(model, idx, E, y, t=t, chunk=chunk))
+        # at init every posterior is uniform and its argmax is code 0
+        assert torch.equal(acc, (idx == 0).float().view(5, -1).mean(dim=1))
 
 
 def test_sampler_indices_in_range_and_seed_deterministic():
@@ -446,36 +450,40 @@ def trained_like_model(patch_size, K_):
     return model
 
 
-@pytest.mark.parametrize("patch_size, fused", [(2, True), (1, True), (2, False)])
-def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, fused, monkeypatch):
-    from bench import LogitsOnly, whole_batch_loss                                   # all logits at once, fp32
+@pytest.mark.parametrize("patch_size, head", [(2, True), (1, True), (2, False)])
+def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, head):
     K_ = 40
     model, E = trained_like_model(patch_size, K_), codebook(K_)
     idx, y = torch.randint(0, K_, (3, GRID, GRID)), torch.tensor([0, 2, NUM_CLASSES])
-    ref = whole_batch_loss(model, idx, E, y, generator=torch.Generator().manual_seed(1))
+    g = lambda: torch.Generator().manual_seed(1)                     # the same t and noise each time
+    ref = vfm_loss(model, idx, E, y, generator=g(), chunk=None)      # all logits at once, fp32
     want = torch.autograd.grad(ref, list(model.parameters()))
-    net = model if fused else LogitsOnly(model)
+    net = model if head else logits_only(model)
     # chunks of 3 rows: the chunks split images and sub-positions
-    monkeypatch.setattr(purrception.CEZLoss.forward, "__defaults__", (1e-5, True, 3 * K_))
-    loss = vfm_loss(net, idx, E, y, generator=torch.Generator().manual_seed(1))     # the same t and noise
+    loss = vfm_loss(net, idx, E, y, generator=g(), chunk=3 * K_)
     got = torch.autograd.grad(loss, list(model.parameters()))
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     for (name, _), a, b in zip(model.named_parameters(), got, want):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-9, name
-    per, acc = vfm_loss(net, idx, E, y, per_image=True, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(per.mean(), loss)
-    assert per.shape == acc.shape == (3,) and ((0 <= acc) & (acc <= 1)).all()
+    per, acc = vfm_loss(net, idx, E, y, per_image=True, generator=g(), chunk=3 * K_)
+    per_ref, acc_ref = vfm_loss(model, idx, E, y, per_image=True, generator=g(), chunk=None)
+    assert torch.allclose(per.mean(), loss) and torch.allclose(per, per_ref, rtol=1e-5)
+    assert torch.equal(acc, acc_ref) and per.shape == acc.shape == (3,)
 
 
 @pytest.mark.parametrize("patch_size, cfg_scale", [(2, 1.0), (2, 1.7), (1, 1.7)])
 def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale):
-    from bench import LogitsOnly, whole_batch_sample                   # all of pi at once, guidance on logits
     K_ = 64
     model, E = trained_like_model(patch_size, K_), codebook(K_)
     y = torch.tensor([0, 1, 2, NUM_CLASSES] * 4)
-    want = whole_batch_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5))
-    for net, chunk in ((model, 5 * K_), (LogitsOnly(model), 5 * K_), (model, 2**22)):
-        got = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, torch.Generator().manual_seed(5),
-                           chunk=chunk)
+    g = lambda: torch.Generator().manual_seed(5)
+    # all of pi at once, guidance on the logits
+    want, path = euler_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(), chunk=None,
+                              return_trajectory=True)
+    for net, chunk in ((model, 5 * K_), (logits_only(model), 5 * K_), (model, 2**22)):
+        got, got_path = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(),
+                                     chunk=chunk, return_trajectory=True)
         assert torch.equal(got, want)
-    assert len(torch.unique(want)) > 8                                              # not a degenerate sample
+        for key in path:
+            assert torch.allclose(got_path[key], path[key], atol=1e-5), key
+    assert len(torch.unique(want)) > 8                                  # not a degenerate sample

@@ -8,9 +8,11 @@ keeps its flags in configurator.py for the same reason).
   with status 2 (a crash, a traceback, exits with 1);
 - check_transformer: the model's shape flags against each other, with values that work;
 - split_batch: the global batch of an iteration over processes and micro-steps;
-- load_checkpoint, load_resume and diverged: checkpoints checked before use, and the one line a
-  diverging run stops with; PEAK_FLOPS: the GPUs' dense bf16 peaks for MFU;
-- pick_device, atomic_save, one_writer and progress: one of each, for every script.
+- checkpoints: load_checkpoint, load_resume and resumed_config check a checkpoint before it is used
+  or continued; diverged and note_cpu_cost, the lines a training stops or warns with;
+- devices: pick_device, setup_distributed (torchrun) and autocast (bf16 or fp32), one of each for
+  every script; PEAK_FLOPS, the GPUs' dense bf16 peaks for MFU;
+- files: atomic_save, one_writer (the lock on a folder) and progress, one of each for every script.
 """
 
 import atexit
@@ -316,11 +318,11 @@ def resumed_config(cfg, ckpt, architecture, per_invocation, verbose=True):
     checkpoint's run (other than those per_invocation), which apply from here on (the same ones
     replay the run)."""
     arch = {k: ckpt["model_args"][k] for k in architecture if k in ckpt["model_args"]}
-    run, new = ckpt.get("config", {}), replace(cfg, **arch)
+    trained, new = ckpt.get("config", {}), replace(cfg, **arch)    # the flags it was trained with
     kept = [f"--{k}={arch[k]}" for k in arch if getattr(cfg, k) != arch[k]]
-    changed = [f"--{k}={getattr(new, k)} (was {run[k]})" for k in run
+    changed = [f"--{k}={getattr(new, k)} (was {trained[k]})" for k in trained
                if k not in (*architecture, *per_invocation) and hasattr(new, k)
-               and getattr(new, k) != run[k]]
+               and getattr(new, k) != trained[k]]
     if verbose and (kept or changed):
         print(f"resuming at iter {ckpt['iter']}: "
               + (f"the model is the checkpoint's ({' '.join(kept)})" if kept else "")
@@ -446,7 +448,7 @@ def one_writer(out_dir, instead="pick another --out_dir"):
     except ImportError:
         yield
         return
-    made = not os.path.isdir(out_dir)
+    created = not os.path.isdir(out_dir)
     path = os.path.join(out_dir, LOCK_FILE)
     while True:
         try:
@@ -477,7 +479,7 @@ def one_writer(out_dir, instead="pick another --out_dir"):
     finally:
         os.remove(path)
         os.close(fd)
-        if made:
+        if created:
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)
 
@@ -485,10 +487,10 @@ def one_writer(out_dir, instead="pick another --out_dir"):
 def _lock_holder(fd):
     """-> (who holds the lock, how to stop it) from the lock file's record."""
     try:
-        h = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        here = h["host"] == socket.gethostname()
-        return (f"{h['command']} (pid {h['pid']} on {h['host']}, since {h['since']})",
-                f" or stop it (kill {h['pid']}{'' if here else ' on ' + h['host']})")
+        who = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        here = who["host"] == socket.gethostname()
+        return (f"{who['command']} (pid {who['pid']} on {who['host']}, since {who['since']})",
+                f" or stop it (kill {who['pid']}{'' if here else ' on ' + who['host']})")
     except (ValueError, KeyError, OSError):
         return "another process that is starting", ""
 

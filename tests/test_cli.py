@@ -113,7 +113,7 @@ def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_f
     with pytest.raises(cli.UserError) as e:
         main(["--nonsense=1"])
     assert str(e.value).startswith("unknown option '--nonsense'") and "\n" not in str(e.value)
-    with pytest.raises(cli.UserError, match=r"^--device expects str|^--\w+ expects int, got '1.5'$"):
+    with pytest.raises(cli.UserError, match=r"^--\w+ expects int, got '1.5'$"):
         int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps", "batch_size") if f"  --{f}=" in text)
         main([f"--{int_flag}=1.5"])
 

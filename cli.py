@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import time
@@ -38,13 +39,44 @@ class UserError(ValueError):
     non-zero."""
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: unwinds like Ctrl-C, so every `finally` (a temporary file, a lock)
+    runs before the process ends."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# What a stop keeps and how to go on, said in the one line a stopped command ends with; a command
+# updates it as its work is saved (a checkpoint, a part, a chunk).
+stop_note = "nothing was left half-written; run the same command again"
+
+
+def _stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)     # one stop: a second signal waits for the
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # clean-up instead of cutting it short
+    raise Stopped(signum)
+
+
 def run(main, argv=None):
-    """Call main(argv) and turn a UserError into one line on stderr and exit status 2."""
+    """Call main(argv): a UserError becomes one line on stderr and exit status 2. SIGTERM (what a
+    scheduler sends before it kills a job) and SIGINT (Ctrl-C) drop the work in progress, remove its
+    temporaries and locks, print stop_note in one line, and end the process by the signal itself,
+    so its exit status is the usual one."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        if int(os.environ.get("RANK", 0)) == 0:      # under torchrun, one line for all processes
+            print(f"stopped by {signal.Signals(e.signum).name}: {stop_note}", file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
 
 # -----------------------------------------------------------------------------
 # flags
@@ -195,6 +227,12 @@ def command(script, *args):
     """'python SCRIPT ARGS' as typed from the working directory: a hint is a command that works."""
     shown = script if os.path.abspath(os.getcwd()) == HERE else os.path.join(HERE, script)
     return " ".join(["python", shlex.quote(shown), *map(shlex.quote, args)])
+
+
+def same_command(**flags):
+    """This process's own command, as typed, with `flags` set: the hint to continue its work."""
+    args = [a for a in sys.argv[1:] if a.partition("=")[0].lstrip("-") not in flags]
+    return command(os.path.basename(sys.argv[0]), *args, *(f"--{k}={v}" for k, v in flags.items()))
 
 
 def pick_device(name="", flag="--device"):

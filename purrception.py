@@ -798,6 +798,8 @@ def train(cfg, objective=PURRCEPTION):
                             "config": asdict(cfg), "metrics": metrics, "rng": rng}
                     cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
                     cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))
+                    cli.stop_note = (f"{ckpt_path} (iter {it}) is kept; continue with "
+                                     f"`{cli.same_command(init_from='resume')}`")
                 t0, timed_iters = time.time(), 0     # the log's ms/iter leaves the eval out
             if it == cfg.max_iters:
                 break

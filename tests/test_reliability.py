@@ -203,3 +203,42 @@ def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_
     train(tiny_config(data_dir, tmp_path / "straight", max_iters=80, eval_interval=4, log_interval=4))
     a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "killed", tmp_path / "straight"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+# SIGTERM (a scheduler's) and SIGINT (Ctrl-C) in the middle of a checkpoint save: the save is dropped,
+# no temporary or lock is left, one line says what is kept, and the resumed run is the uninterrupted one
+STOP_DURING_SAVE = """
+import os, signal, sys, torch
+sys.path.insert(0, {root!r})
+import cli, purrception
+real, saves = torch.save, []
+def save(obj, f, *args, **kwargs):      # the second checkpoint: written whole, not yet renamed
+    real(obj, f, *args, **kwargs)
+    saves.append(f)
+    if len(saves) == 2:
+        os.kill(os.getpid(), {signum})
+torch.save = save
+cli.run(purrception.main)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_checkpoint_save_drops_it_cleanly_and_the_run_resumes(data_dir, tmp_path,
+                                                                                signum):
+    cfg = lambda folder, **kw: tiny_config(data_dir, tmp_path / folder, max_iters=9, **kw)
+    flags = [f"--{k}={v}" for k, v in vars(cfg("stopped")).items()]
+    code = STOP_DURING_SAVE.format(root=ROOT, signum=int(signum))
+    proc = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == -signum                                      # ended by the signal
+    lines = proc.stderr.strip().splitlines()
+    name = signal.Signals(signum).name
+    assert len(lines) == 1 and lines[0].startswith(f"stopped by {name}: "), proc.stderr
+    assert "(iter 3) is kept; continue with `" in lines[0] and "--init_from=resume`" in lines[0]
+    assert sorted(os.listdir(tmp_path / "stopped")) == ["ckpt.pt", "config.json",  # whole files
+                                                        "samples_000003.png", "samples_000006.png"]
+    assert cli.load_checkpoint(str(tmp_path / "stopped" / "ckpt.pt"))["iter"] == 3
+    train(cfg("stopped", init_from="resume"))
+    train(cfg("straight"))
+    a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True) for p in ("stopped", "straight"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

@@ -166,12 +166,12 @@ class Decoder(nn.Module):
 
 
 def nearest_code(z, E, rows=4096):
-    """z (M, d), E (K, d) -> (M,) argmin_k ||z - e_k||^2, written as the official quantisers
+    """z (..., d), E (K, d) -> (...) argmin_k ||z - e_k||^2, written as the official quantisers
     write it (z^2 + e^2 - 2 z.e, so ties fall the same way), rows at a time: (rows, K)."""
     e2 = (E ** 2).sum(dim=1)
     out = [((zc ** 2).sum(dim=1, keepdim=True) + e2 - 2 * zc @ E.t()).argmin(dim=1)
-           for zc in z.split(rows)]
-    return torch.cat(out)
+           for zc in z.reshape(-1, z.shape[-1]).split(rows)]
+    return torch.cat(out).reshape(z.shape[:-1])
 
 
 class Quantizer(nn.Module):
@@ -292,9 +292,7 @@ class VQVAE(nn.Module):
         on cpu."""
         def enc(x):
             z = F.normalize(self.encoder(to_float(x)), dim=1)               # (b, d, h, w)
-            b, d, h, w = z.shape
-            z = z.permute(0, 2, 3, 1).reshape(-1, d)                        # (b*h*w, d)
-            return nearest_code(z, self.quantizer.embed).reshape(b, h, w)
+            return nearest_code(z.permute(0, 2, 3, 1), self.quantizer.embed)   # (b, h, w)
         return batched(self, enc, torch.as_tensor(images), batch_size)
 
     @torch.no_grad()

@@ -235,11 +235,9 @@ class VQGAN(nn.Module):
         E = self.codebook.to(next(self.parameters()).device)
 
         def enc(x):
-            z = self.quant_conv(self.encoder(to_float(x)))                  # (b, d, h, w)
-            b, d, h, w = z.shape
-            z = z.permute(0, 2, 3, 1).reshape(-1, d)                        # (b*h*w, d)
-            z = F.normalize(z, dim=1) if self.l2_norm else z
-            return nearest_code(z, E).reshape(b, h, w)
+            z = self.quant_conv(self.encoder(to_float(x))).permute(0, 2, 3, 1).contiguous()
+            z = F.normalize(z, dim=-1) if self.l2_norm else z               # (b, h, w, d)
+            return nearest_code(z, E)                                       # (b, h, w)
         with exact_fp32():
             return batched(self, enc, torch.as_tensor(images), batch_size)
 

@@ -13,7 +13,7 @@ files' strictly, so a file is read exactly as released or refused in one line.
 
 A VQGAN has the interface of the tokenizer trained here (vq.py): encode(uint8 images) -> indices,
 decode(indices) -> images, codebook (K, d) as the decoder consumes it. vq.load_vq tells the files
-apart and calls load_vqgan; nothing is downloaded at run time.
+apart by their keys and calls load_vqgan.
 """
 
 from contextlib import contextmanager

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 
 import cli
 import vq
+import vqgan
 from cli import UserError
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -628,7 +629,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     device = device or cli.pick_device("")
     model = vq.load_vq(tokenizer, device)
     f = model.cfg.image_size // model.cfg.grid
-    if isinstance(model, vq.VQGAN):
+    if isinstance(model, vqgan.VQGAN):
         model.cfg = replace(model.cfg, image_size=image_size)
     if model.cfg.image_size != image_size or image_size % f:
         raise UserError(f"the tokenizer {tokenizer} takes {model.cfg.image_size}px images with a "

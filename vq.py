@@ -1,14 +1,14 @@
 """
-vq.py: the VQ tokenizers. Each turns an image into a grid of codebook indices and back:
+vq.py: the VQ tokenizer trained here, and the interface every tokenizer shares. A tokenizer turns
+an image into a grid of codebook indices and back:
 
     32x32x3 image --encoder--> 16x16x d vectors --nearest code--> 16x16 indices in [0, K)
     16x16 indices --codebook E (K, d)--> 16x16x d vectors --decoder--> 32x32x3 image
 
-Two kinds live here, behind one interface (encode(uint8 images) -> indices, decode(indices) ->
-images, codebook (K, d)):
-- VQVAE, a small convolutional autoencoder trained here (`train_vq`) for the small data sets;
-- VQGAN, the released tokenizers the paper's ImageNet results use, read from their files:
-  LlamaGen's VQ-8 / VQ-16 and LDM's vq-f8 (`load_vq` tells the files apart).
+behind one interface: encode(uint8 images) -> indices, decode(indices) -> images, codebook (K, d).
+VQVAE is a small convolutional autoencoder trained here (`train_vq`) for the small data sets; the
+released tokenizers the paper's ImageNet results use (LlamaGen's VQ-8 / VQ-16, LDM's vq-f8) are
+read by vqgan.py. `load_vq` opens any of them, telling the files apart by their keys.
 
 The generator (purrception.py) never sees pixels: it learns to move Gaussian noise onto the rows of
 the codebook E, so `model.codebook` is exported exactly as the decoder consumes it.
@@ -34,7 +34,6 @@ import hashlib
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -90,17 +89,19 @@ PRESETS = {"shapes": dict(ch=32, n_res=1, codebook_size=64, max_iters=1000, batc
 # encoder and decoder
 
 
-class ResBlock(nn.Module):
-    """x + conv3x3(act(norm(x))) -> conv3x3 ... the usual pre-activation residual block."""
+class ResnetBlock(nn.Module):
+    """x + conv3x3(swish(norm(conv3x3(swish(norm(x)))))): the pre-activation residual block of both
+    tokenizer families, with a 1x1 shortcut when the width changes. norm(ch) -> a GroupNorm."""
 
-    def __init__(self, ch):
+    def __init__(self, c_in, c_out, norm=lambda ch: nn.GroupNorm(8, ch)):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(8, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 class Encoder(nn.Module):
@@ -113,7 +114,7 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(3, chs[0], 3, padding=1)
         self.down = nn.ModuleList(nn.Conv2d(chs[i], chs[i + 1], 4, stride=2, padding=1)
                                   for i in range(n_down))
-        self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
+        self.res = nn.Sequential(*[ResnetBlock(cfg.ch, cfg.ch) for _ in range(cfg.n_res)])
         self.norm_out = nn.GroupNorm(8, cfg.ch)
         self.conv_out = nn.Conv2d(cfg.ch, cfg.code_dim, 1)
 
@@ -133,7 +134,7 @@ class Decoder(nn.Module):
         n_up = int(math.log2(cfg.downsample))
         chs = [cfg.ch // 2 ** i for i in range(n_up + 1)]                    # e.g. f=2: [64, 32]
         self.conv_in = nn.Conv2d(cfg.code_dim, cfg.ch, 3, padding=1)
-        self.res = nn.Sequential(*[ResBlock(cfg.ch) for _ in range(cfg.n_res)])
+        self.res = nn.Sequential(*[ResnetBlock(cfg.ch, cfg.ch) for _ in range(cfg.n_res)])
         self.norm = nn.GroupNorm(8, cfg.ch)
         self.up = nn.ModuleList(nn.ConvTranspose2d(chs[i], chs[i + 1], 4, stride=2, padding=1)
                                 for i in range(n_up))
@@ -150,7 +151,8 @@ class Decoder(nn.Module):
 # the quantizer: the part worth copying
 #
 # Codes and encoder outputs are both l2-normalised, so for unit vectors
-#     ||z - e_k||^2 = 2 - 2 <z, e_k>       and the nearest code is  c = argmax_k <z, e_k>.
+#     ||z - e_k||^2 = 2 - 2 <z, e_k>       and the nearest code is  c = argmax_k <z, e_k>
+# (nearest_code computes it as the L2 argmin, the way the released tokenizers' quantisers do).
 # The decoder receives z_q = e_c. Its gradient is copied straight through to z (Bengio et al. 2013):
 #     z_q = z + stopgrad(e_c - z)          (forward: e_c, backward: identity)
 # The encoder is pulled towards its code by the commitment loss  beta * ||z - stopgrad(e_c)||^2.
@@ -163,6 +165,15 @@ class Decoder(nn.Module):
 # current batch, so probability mass the generator must learn is never spread over unused codes.
 
 
+def nearest_code(z, E, rows=4096):
+    """z (..., d), E (K, d) -> (...) argmin_k ||z - e_k||^2, written as the official quantisers
+    write it (z^2 + e^2 - 2 z.e, so ties fall the same way), rows at a time: (rows, K)."""
+    e2 = (E ** 2).sum(dim=1)
+    out = [((zc ** 2).sum(dim=1, keepdim=True) + e2 - 2 * zc @ E.t()).argmin(dim=1)
+           for zc in z.reshape(-1, z.shape[-1]).split(rows)]
+    return torch.cat(out).reshape(z.shape[:-1])
+
+
 class Quantizer(nn.Module):
     def __init__(self, K, d, beta=0.25, decay=0.99, dead_threshold=1.0):
         super().__init__()
@@ -173,10 +184,6 @@ class Quantizer(nn.Module):
         self.register_buffer("ema_sum", self.embed.clone())                     # S_k
         self.register_buffer("initialized", torch.tensor(False))
 
-    def nearest(self, z):
-        """z: (M, d) unit vectors -> (M,) index of the closest code."""
-        return (z @ self.embed.t()).argmax(dim=1)
-
     @torch.no_grad()
     def kmeans_init(self, z, iters=10):
         """Initialise the codes with a few Lloyd iterations of spherical k-means on one batch."""
@@ -184,7 +191,7 @@ class Quantizer(nn.Module):
         pick = torch.randint(0, z.shape[0], (self.K,), generator=g).to(z.device)
         embed = z[pick].clone()
         for _ in range(iters):
-            c = (z @ embed.t()).argmax(dim=1)
+            c = nearest_code(z, embed)
             sums = torch.zeros_like(embed).index_add_(0, c, z)
             counts = torch.bincount(c, minlength=self.K).float()
             embed = torch.where(counts[:, None] > 0, F.normalize(sums, dim=1), embed)
@@ -220,7 +227,7 @@ class Quantizer(nn.Module):
             if not self._initialized:
                 self.kmeans_init(z.detach())
                 self._initialized = True
-        c = self.nearest(z.detach())                                         # (B*h*w,)
+        c = nearest_code(z.detach(), self.embed)                             # (B*h*w,)
         if self.training:
             self.ema_update(z.detach(), c)
         e = self.embed[c]                                                    # (B*h*w, d)
@@ -285,8 +292,7 @@ class VQVAE(nn.Module):
         on cpu."""
         def enc(x):
             z = F.normalize(self.encoder(to_float(x)), dim=1)               # (b, d, h, w)
-            b, d, h, w = z.shape
-            return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).reshape(b, h, w)
+            return nearest_code(z.permute(0, 2, 3, 1), self.quantizer.embed)   # (b, h, w)
         return batched(self, enc, torch.as_tensor(images), batch_size)
 
     @torch.no_grad()
@@ -304,319 +310,10 @@ class VQVAE(nn.Module):
         return batched(self, lambda i: self.decoder(E[i].permute(0, 3, 1, 2)), idx, batch_size)
 
 # -----------------------------------------------------------------------------
-# the released tokenizers: LlamaGen VQ-8 / VQ-16 and the LDM (Stable Diffusion) first stage vq-f8
-#
-# Both are taming-transformers' VQGAN autoencoder; their files differ in key names, not in what they
-# compute. One implementation reads both, its shape taken from the file's tensors:
-#     encoder: conv_in -> per level [n_res x (ResnetBlock, + AttnBlock at the attention levels),
-#              Downsample but at the last level] -> mid (ResnetBlock, AttnBlock, ResnetBlock)
-#              -> GroupNorm, swish, conv_out (z_channels)
-#     quant_conv (1x1, z_channels -> d) -> nearest of the K codebook rows
-#     -> post_quant_conv (1x1, d -> z_channels)
-#     decoder: the mirror, with n_res + 1 blocks a level and nearest-neighbour Upsample
-# GroupNorm(32 groups, eps 1e-6) everywhere, swish = x * sigmoid(x), single-head attention.
-# LlamaGen VQ-8: width 128, ch_mult (1, 2, 2, 4), attention at the lowest level, z 256, K=16384,
-# d=8, and the quantiser l2-normalises both the encoder output and the rows (the rows' stored norms
-# are free after training), so the codebook the generator sees is the normalised rows. VQ-16: the
-# same with ch_mult (1, 1, 2, 2, 4). LDM vq-f8: width 128, ch_mult (1, 2, 2, 4), attention at 32x32,
-# z 4, K=16384, d=4, raw rows and a plain L2 nearest neighbour.
+# tokenizer files: vq.py's own, and the released ones (read by vqgan.py)
 
-
-def Normalize(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    """x + conv(swish(norm(conv(swish(norm(x)))))), with a 1x1 shortcut when the width changes."""
-
-    def __init__(self, c_in, c_out):
-        super().__init__()
-        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
-
-
-class AttnBlock(nn.Module):
-    """x + proj_out(softmax(q k^T / sqrt(C)) v): one head over all h*w positions, 1x1 convs."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.norm = Normalize(ch)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (f(h).reshape(B, 1, C, H * W).transpose(2, 3) for f in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)                             # (B, 1, HW, C)
-        return x + self.proj_out(y.transpose(2, 3).reshape(B, C, H, W))
-
-
-class Downsample(nn.Module):
-    """Halve H and W: pad one pixel right and bottom, then a 3x3 conv of stride 2 (taming)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest neighbour, then a 3x3 conv."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Middle(nn.Module):
-    """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.block_1, self.attn_1 = ResnetBlock(ch, ch), AttnBlock(ch)
-        self.block_2 = ResnetBlock(ch, ch)
-
-    def forward(self, h):
-        return self.block_2(self.attn_1(self.block_1(h)))
-
-
-def run_level(level, h):
-    """A level's ResnetBlocks, each followed by its AttnBlock where the level has them."""
-    for j, block in enumerate(level.block):
-        h = block(h)
-        if len(level.attn):
-            h = level.attn[j](h)
-    return h
-
-
-@dataclass
-class VQGANConfig:
-    """The shape of a released tokenizer, as read from its tensors (read_vqgan_config)."""
-    family: str = "llamagen"      # 'llamagen' (l2-normalised codes) or 'ldm' (raw codes)
-    ch: int = 128                 # width at full resolution
-    ch_mult: tuple = (1, 2, 2, 4)  # width multiplier per level; 2^(levels-1) is the downsampling
-    n_res: int = 2                # ResnetBlocks a level in the encoder (the decoder has one more)
-    attn_levels: tuple = (3,)     # the levels with attention (0: full resolution)
-    z_channels: int = 256         # channels around the quantiser's 1x1 convs
-    codebook_size: int = 16384    # K
-    code_dim: int = 8             # d
-    image_size: int = 256         # the side this project feeds it (ImageNet 256, as in the paper)
-
-    @property
-    def downsample(self):
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def grid(self):
-        return self.image_size // self.downsample
-
-
-class VQGANEncoder(nn.Module):
-    """(B, 3, H, W) in [-1, 1] -> (B, z_channels, H/f, W/f)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        chs = [cfg.ch * m for m in (1, *cfg.ch_mult)]                        # in, then each level
-        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        for i in range(len(cfg.ch_mult)):
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(chs[i] if j == 0 else chs[i + 1], chs[i + 1])
-                                        for j in range(cfg.n_res))
-            level.attn = nn.ModuleList(AttnBlock(chs[i + 1]) for _ in range(cfg.n_res)
-                                       if i in cfg.attn_levels)
-            if i != len(cfg.ch_mult) - 1:
-                level.downsample = Downsample(chs[i + 1])
-            self.down.append(level)
-        self.mid = Middle(chs[-1])
-        self.norm_out = Normalize(chs[-1])
-        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
-
-    def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)                                     # halve H and W
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class VQGANDecoder(nn.Module):
-    """(B, z_channels, h, w) -> (B, 3, h*f, w*f). up[i] is level i, run from the lowest up."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        chs = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
-        self.mid = Middle(chs[-1])
-        self.up = nn.ModuleList()
-        for i in range(len(chs)):
-            level = nn.Module()
-            c_in = chs[i + 1] if i + 1 < len(chs) else chs[-1]      # the level below's width
-            level.block = nn.ModuleList(ResnetBlock(c_in if j == 0 else chs[i], chs[i])
-                                        for j in range(cfg.n_res + 1))
-            level.attn = nn.ModuleList(AttnBlock(chs[i]) for _ in range(cfg.n_res + 1)
-                                       if i in cfg.attn_levels)
-            if i != 0:
-                level.upsample = Upsample(chs[i])
-            self.up.append(level)
-        self.norm_out = Normalize(chs[0])
-        self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)                                       # double H and W
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-@contextmanager
-def exact_fp32():
-    """No TF32 inside (CUDA's convolutions use it by default): a trained codebook's nearest-code
-    margins can be 1e-5, under what TF32's 10-bit mantissa changes."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
-class VQGAN(nn.Module):
-    """A released tokenizer with this project's interface: encode(uint8) -> indices,
-    decode(indices) -> images, codebook (K, d) as the decoder consumes it. Always fp32."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder, self.decoder = VQGANEncoder(cfg), VQGANDecoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
-        self.quantize = nn.Module()
-        self.quantize.embedding = nn.Embedding(cfg.codebook_size, cfg.code_dim)
-
-    @property
-    def l2_norm(self):
-        return self.cfg.family == "llamagen"
-
-    @property
-    def codebook(self):
-        """E: (K, d) float32: LlamaGen's rows normalised (what its decoder receives), LDM's raw."""
-        E = self.quantize.embedding.weight.detach().float()
-        return (F.normalize(E, dim=1) if self.l2_norm else E).clone()
-
-    def nearest(self, z, E, rows=4096):
-        """z (M, d), E (K, d) -> (M,) argmin_k ||z - e_k||^2, written as the official quantisers
-        write it (z^2 + e^2 - 2 z.e, so ties fall the same way), rows at a time: (rows, K)."""
-        e2 = (E ** 2).sum(dim=1)
-        out = [((zc ** 2).sum(dim=1, keepdim=True) + e2 - 2 * zc @ E.t()).argmin(dim=1)
-               for zc in z.split(rows)]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def encode(self, images, batch_size=32):
-        """images: uint8 (N, H, W, 3) or float (N, 3, H, W) in [-1, 1] -> indices (N, h, w) int64,
-        on cpu."""
-        E = self.codebook.to(next(self.parameters()).device)
-
-        def enc(x):
-            z = self.quant_conv(self.encoder(to_float(x)))                  # (b, d, h, w)
-            b, d, h, w = z.shape
-            z = z.permute(0, 2, 3, 1).reshape(-1, d)                        # (b*h*w, d)
-            z = F.normalize(z, dim=1) if self.l2_norm else z
-            return self.nearest(z, E).reshape(b, h, w)
-        with exact_fp32():
-            return batched(self, enc, torch.as_tensor(images), batch_size)
-
-    @torch.no_grad()
-    def decode_z(self, z, batch_size=32):
-        """z: (N, h, w, d) points in code space -> images (N, 3, H, W), on cpu."""
-        dec = lambda zb: self.decoder(self.post_quant_conv(zb.float().permute(0, 3, 1, 2)))
-        with exact_fp32():
-            return batched(self, dec, z, batch_size)
-
-    @torch.no_grad()
-    def decode(self, indices, batch_size=32):
-        """indices: (N, h, w) integers in [0, K) -> images (N, 3, H, W) in [-1, 1], on cpu."""
-        return self.decode_z(self.codebook[torch.as_tensor(indices).long()], batch_size)
-
-
-# LlamaGen's key names -> the ones above (LDM's): its levels are conv_blocks.{i}.res/.attn, its
-# middle a list, and its decoder's levels counted from the lowest resolution up.
-LLAMAGEN_MID = {"0": "block_1", "1": "attn_1", "2": "block_2"}
-LLAMAGEN_DROP = ("quantize.codebook_used",)       # the usage ring buffer of its training loop
-LDM_DROP = ("loss.",)                             # the LPIPS and discriminator of its training loss
 LAYOUTS = ("a tokenizer written by vq.py", "LlamaGen VQ-8/VQ-16 ({'model': state_dict})",
            "LDM vq-f8 ({'state_dict': state_dict})")
-
-
-def rename_llamagen(sd):
-    """A LlamaGen VQModel state dict -> VQGAN's key names (and its usage buffer dropped)."""
-    n_dec = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.conv_blocks."))
-    out = {}
-    for key, value in sd.items():
-        if key.startswith(LLAMAGEN_DROP):
-            continue
-        part = key.split(".")
-        if part[1] == "mid":
-            part[2] = LLAMAGEN_MID[part[2]]
-        elif part[1] == "conv_blocks":
-            i = int(part[2]) if part[0] == "encoder" else n_dec - 1 - int(part[2])
-            part[1:3] = ["down" if part[0] == "encoder" else "up", str(i)]
-            part[3] = {"res": "block"}.get(part[3], part[3])
-        out[".".join(part)] = value
-    return out
-
-
-def read_vqgan_config(sd, family):
-    """VQGAN's shape from its tensors: width, levels and their widths, blocks a level, the levels
-    with attention, z channels, K and d."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
-    width = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
-    n_res = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-    attn = tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
-    K, d = sd["quantize.embedding.weight"].shape
-    return VQGANConfig(family=family, ch=ch, ch_mult=tuple(w // ch for w in width), n_res=n_res,
-                       attn_levels=attn, z_channels=sd["quant_conv.weight"].shape[1],
-                       codebook_size=K, code_dim=d)
-
-
-def load_vqgan(ckpt):
-    """A released checkpoint dict -> VQGAN, or None when it is neither LlamaGen's nor LDM's."""
-    sd = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt.get("state_dict")
-    if not isinstance(sd, dict):
-        return None
-    if any(k.startswith("encoder.conv_blocks.") for k in sd):
-        family, sd = "llamagen", rename_llamagen(sd)
-    elif "encoder.down.0.block.0.conv1.weight" in sd:
-        family, sd = "ldm", {k: v for k, v in sd.items() if not k.startswith(LDM_DROP)}
-    else:
-        return None
-    model = VQGAN(read_vqgan_config(sd, family))
-    want = model.state_dict()
-    for key in sorted(want.keys() | sd.keys()):  # strict: every key, every shape, as released
-        if key not in sd or key not in want or sd[key].shape != want[key].shape:
-            raise ValueError(f"its key {key} " + ("is missing" if key not in sd else "is unexpected"
-                             if key not in want else f"has the shape {tuple(sd[key].shape)}, not "
-                             f"{tuple(want[key].shape)}"))
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model
-
-# -----------------------------------------------------------------------------
-# tokenizer files: vq.py's own, and the released ones
 
 
 def save_vq(model, path, metrics=None, trained_on=""):
@@ -688,15 +385,16 @@ def load_vq(path, device="cpu"):
                                 + "; put the file back, or prepare the folder again with "
                                   "--tokenizer=FILE --force")
         model = load_vq(target, device)
-        if isinstance(model, VQGAN):
+        if not isinstance(model, VQVAE):
             model.cfg = replace(model.cfg, image_size=ckpt["image_size"])
         return model
     if "vq_config" in ckpt:
         model = VQVAE(VQConfig(**ckpt["vq_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device).eval()
+    import vqgan                                 # a released layout: LlamaGen's or LDM's
     try:
-        model = load_vqgan(ckpt)
+        model = vqgan.load_vqgan(ckpt)
     except (KeyError, ValueError, RuntimeError) as e:
         raise cli.UserError(f"{path} is laid out like a released tokenizer, but {e}; it reads "
                             + ", ".join(LAYOUTS)) from None

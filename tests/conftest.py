@@ -79,3 +79,84 @@ class StubExtractor(torch.nn.Module):
 
     def forward(self, x):
         return torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x)), 1)   # (N, 6, 1, 1)
+
+# -----------------------------------------------------------------------------
+# the released tokenizers: small random state dicts in each file's own layout (key names and shapes
+# as the official classes write them: LlamaGen tokenizer/tokenizer_image/vq_model.py, LDM
+# ldm/modules/diffusionmodules/model.py + taming's VectorQuantizer2), loaded with strict matching
+
+
+def resnet_keys(prefix, c_in, c_out):
+    keys = {f"{prefix}.norm1.weight": (c_in,), f"{prefix}.norm1.bias": (c_in,),
+            f"{prefix}.conv1.weight": (c_out, c_in, 3, 3), f"{prefix}.conv1.bias": (c_out,),
+            f"{prefix}.norm2.weight": (c_out,), f"{prefix}.norm2.bias": (c_out,),
+            f"{prefix}.conv2.weight": (c_out, c_out, 3, 3), f"{prefix}.conv2.bias": (c_out,)}
+    if c_in != c_out:
+        keys.update({f"{prefix}.nin_shortcut.weight": (c_out, c_in, 1, 1),
+                     f"{prefix}.nin_shortcut.bias": (c_out,)})
+    return keys
+
+
+def attn_keys(prefix, c):
+    keys = {f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,)}
+    for p in ("q", "k", "v", "proj_out"):
+        keys.update({f"{prefix}.{p}.weight": (c, c, 1, 1), f"{prefix}.{p}.bias": (c,)})
+    return keys
+
+
+def released_keys(family, ch=32, ch_mult=(1, 2), n_res=1, z=16, K=64, d=4):
+    """{key: shape} of a LlamaGen VQModel or an LDM VQModel (attention at the lowest level)."""
+    llama = family == "llamagen"
+    levels, keys = len(ch_mult), {}
+    conv = lambda name, o, i, k: keys.update({f"{name}.weight": (o, i, k, k), f"{name}.bias": (o,)})
+    res, down, up = ("res", "conv_blocks", "conv_blocks") if llama else ("block", "down", "up")
+    mid = ("mid.0", "mid.1", "mid.2") if llama else ("mid.block_1", "mid.attn_1", "mid.block_2")
+    conv("encoder.conv_in", ch, 3, 3)
+    c = ch
+    for i, m in enumerate(ch_mult):                                 # encoder, full resolution first
+        for j in range(n_res):
+            keys.update(resnet_keys(f"encoder.{down}.{i}.{res}.{j}", c, ch * m))
+            c = ch * m
+            if i == levels - 1:
+                keys.update(attn_keys(f"encoder.{down}.{i}.attn.{j}", c))
+        if i != levels - 1:
+            conv(f"encoder.{down}.{i}.downsample.conv", c, c, 3)
+    for part in ("encoder", "decoder"):
+        keys.update(resnet_keys(f"{part}.{mid[0]}", c, c))
+        keys.update(attn_keys(f"{part}.{mid[1]}", c))
+        keys.update(resnet_keys(f"{part}.{mid[2]}", c, c))
+    keys.update({"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,)})
+    conv("encoder.conv_out", z, c, 3)
+    conv("decoder.conv_in", c, z, 3)
+    for k, i in enumerate(reversed(range(levels))):           # decoder, lowest resolution first
+        name = f"decoder.{up}.{k if llama else i}"                 # LlamaGen counts from the lowest
+        for j in range(n_res + 1):
+            keys.update(resnet_keys(f"{name}.{res}.{j}", c, ch * ch_mult[i]))
+            c = ch * ch_mult[i]
+            if i == levels - 1:
+                keys.update(attn_keys(f"{name}.attn.{j}", c))
+        if i != 0:
+            conv(f"{name}.upsample.conv", c, c, 3)
+    keys.update({"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,)})
+    conv("decoder.conv_out", 3, c, 3)
+    conv("quant_conv", d, z, 1)
+    conv("post_quant_conv", z, d, 1)
+    keys["quantize.embedding.weight"] = (K, d)
+    if llama:
+        keys["quantize.codebook_used"] = (65536,)
+    else:                                          # the Lightning file also holds the training loss
+        keys.update({"loss.discriminator.main.0.weight": (8, 3, 4, 4), "loss.logvar": ()})
+    return keys
+
+
+def released_file(path, family, seed=0, **shape):
+    """A tokenizer file at path in the released layout of family ('llamagen' or 'ldm'), random
+    weights of the given shape (released_keys' arguments) -> its state dict."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: (torch.ones(s) if k.endswith("norm1.weight") else 0.2 * torch.randn(s, generator=g))
+          for k, s in released_keys(family, **shape).items()}
+    sd["quantize.embedding.weight"] *= torch.rand(sd["quantize.embedding.weight"].shape[0], 1,
+                                                  generator=g) * 4     # rows of unequal norms
+    torch.save({"model": sd} if family == "llamagen" else {"state_dict": sd, "global_step": 7},
+               path)
+    return sd

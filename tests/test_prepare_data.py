@@ -337,7 +337,7 @@ def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
 def streamed(tmp_path_factory):
     """An image folder, a LlamaGen-layout tokenizer file and the folder's tokens from one
     process."""
-    from test_vq import released_file
+    from conftest import released_file
     base = tmp_path_factory.mktemp("stream")
     root = make_folder(base / "images")
     released_file(str(base / "tok.pt"), "llamagen")
@@ -422,11 +422,11 @@ def runner(tmp_path):
     script = tmp_path / "run_prepare.py"
     script.write_text(f'''import os, sys, time
 sys.path.insert(0, {ROOT!r})
-import cli, prepare_data as pd, vq
+import cli, prepare_data as pd, vqgan
 pd.DATA_ROOT = os.environ["DATA_ROOT"]
 if os.environ.get("SLOW"):
-    encode = vq.VQGAN.encode
-    vq.VQGAN.encode = lambda *a, **k: (time.sleep(float(os.environ["SLOW"])), encode(*a, **k))[1]
+    encode = vqgan.VQGAN.encode
+    vqgan.VQGAN.encode = lambda *a, **k: (time.sleep(float(os.environ["SLOW"])), encode(*a, **k))[1]
 if not os.environ.get("FSIZE"):
     cli.run(pd.main, sys.argv[1:])
     sys.exit()
@@ -489,7 +489,7 @@ def test_a_file_size_limit_is_one_line_and_the_old_tokens_stay(streamed, tmp_pat
     base, root, ref = streamed
     shutil.copytree(ref, tmp_path / "lim")                        # a good folder, made before
     before = {f: (tmp_path / "lim" / f).read_bytes() for f in os.listdir(tmp_path / "lim")}
-    from test_vq import released_file
+    from conftest import released_file
     released_file(str(tmp_path / "other.pt"), "llamagen", seed=1)   # another tokenizer
     args = [*stream_args(base, root, "lim", "--force"), f"--tokenizer={tmp_path / 'other.pt'}"]
     limit = (tmp_path / "lim" / "train.bin").stat().st_size // 2

@@ -43,11 +43,11 @@ def test_dead_code_is_restarted_onto_the_data():
     q(z)                                                                           # k-means init
     q.ema_sum[0], q.ema_count[0], q.embed[0] = -e1, 1.0, -e1              # a code no data is near
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
-    assert (q.nearest(flat) != 0).all()
+    assert (vq.nearest_code(flat, q.embed) != 0).all()
     for _ in range(3):
         q(z)
     assert (flat @ q.embed[0]).max() > 0.9, "the dead code was not moved onto the data"
-    assert (q.nearest(flat) == 0).any(), "the restarted code is still unused"
+    assert (vq.nearest_code(flat, q.embed) == 0).any(), "the restarted code is still unused"
 
 
 def test_autoencoder_round_trip_shapes_and_interface():
@@ -101,143 +101,3 @@ def test_training_raises_psnr_on_shapes(tmp_path):
     assert trained["psnr"] > untrained["psnr"] + 5, (untrained, trained)
     assert trained["usage"] > 0.5
     assert (tmp_path / "vq_recon.png").exists()
-
-# -----------------------------------------------------------------------------
-# the released tokenizers: small random state dicts in each file's own layout (key names and shapes
-# as the official classes write them: LlamaGen tokenizer/tokenizer_image/vq_model.py, LDM
-# ldm/modules/diffusionmodules/model.py + taming's VectorQuantizer2), loaded with strict matching
-
-
-def resnet_keys(prefix, c_in, c_out):
-    keys = {f"{prefix}.norm1.weight": (c_in,), f"{prefix}.norm1.bias": (c_in,),
-            f"{prefix}.conv1.weight": (c_out, c_in, 3, 3), f"{prefix}.conv1.bias": (c_out,),
-            f"{prefix}.norm2.weight": (c_out,), f"{prefix}.norm2.bias": (c_out,),
-            f"{prefix}.conv2.weight": (c_out, c_out, 3, 3), f"{prefix}.conv2.bias": (c_out,)}
-    if c_in != c_out:
-        keys.update({f"{prefix}.nin_shortcut.weight": (c_out, c_in, 1, 1),
-                     f"{prefix}.nin_shortcut.bias": (c_out,)})
-    return keys
-
-
-def attn_keys(prefix, c):
-    keys = {f"{prefix}.norm.weight": (c,), f"{prefix}.norm.bias": (c,)}
-    for p in ("q", "k", "v", "proj_out"):
-        keys.update({f"{prefix}.{p}.weight": (c, c, 1, 1), f"{prefix}.{p}.bias": (c,)})
-    return keys
-
-
-def released_keys(family, ch=32, ch_mult=(1, 2), n_res=1, z=16, K=64, d=4):
-    """{key: shape} of a LlamaGen VQModel or an LDM VQModel (attention at the lowest level)."""
-    llama = family == "llamagen"
-    levels, keys = len(ch_mult), {}
-    conv = lambda name, o, i, k: keys.update({f"{name}.weight": (o, i, k, k), f"{name}.bias": (o,)})
-    res, down, up = ("res", "conv_blocks", "conv_blocks") if llama else ("block", "down", "up")
-    mid = ("mid.0", "mid.1", "mid.2") if llama else ("mid.block_1", "mid.attn_1", "mid.block_2")
-    conv("encoder.conv_in", ch, 3, 3)
-    c = ch
-    for i, m in enumerate(ch_mult):                                 # encoder, full resolution first
-        for j in range(n_res):
-            keys.update(resnet_keys(f"encoder.{down}.{i}.{res}.{j}", c, ch * m))
-            c = ch * m
-            if i == levels - 1:
-                keys.update(attn_keys(f"encoder.{down}.{i}.attn.{j}", c))
-        if i != levels - 1:
-            conv(f"encoder.{down}.{i}.downsample.conv", c, c, 3)
-    for part in ("encoder", "decoder"):
-        keys.update(resnet_keys(f"{part}.{mid[0]}", c, c))
-        keys.update(attn_keys(f"{part}.{mid[1]}", c))
-        keys.update(resnet_keys(f"{part}.{mid[2]}", c, c))
-    keys.update({"encoder.norm_out.weight": (c,), "encoder.norm_out.bias": (c,)})
-    conv("encoder.conv_out", z, c, 3)
-    conv("decoder.conv_in", c, z, 3)
-    for k, i in enumerate(reversed(range(levels))):           # decoder, lowest resolution first
-        name = f"decoder.{up}.{k if llama else i}"                 # LlamaGen counts from the lowest
-        for j in range(n_res + 1):
-            keys.update(resnet_keys(f"{name}.{res}.{j}", c, ch * ch_mult[i]))
-            c = ch * ch_mult[i]
-            if i == levels - 1:
-                keys.update(attn_keys(f"{name}.attn.{j}", c))
-        if i != 0:
-            conv(f"{name}.upsample.conv", c, c, 3)
-    keys.update({"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,)})
-    conv("decoder.conv_out", 3, c, 3)
-    conv("quant_conv", d, z, 1)
-    conv("post_quant_conv", z, d, 1)
-    keys["quantize.embedding.weight"] = (K, d)
-    if llama:
-        keys["quantize.codebook_used"] = (65536,)
-    else:                                          # the Lightning file also holds the training loss
-        keys.update({"loss.discriminator.main.0.weight": (8, 3, 4, 4), "loss.logvar": ()})
-    return keys
-
-
-def released_file(path, family, seed=0, **shape):
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: (torch.ones(s) if k.endswith("norm1.weight") else 0.2 * torch.randn(s, generator=g))
-          for k, s in released_keys(family, **shape).items()}
-    sd["quantize.embedding.weight"] *= torch.rand(sd["quantize.embedding.weight"].shape[0], 1,
-                                                  generator=g) * 4     # rows of unequal norms
-    torch.save({"model": sd} if family == "llamagen" else {"state_dict": sd, "global_step": 7},
-               path)
-    return sd
-
-
-@pytest.mark.parametrize("family, shape", [("llamagen", dict()), ("ldm", dict(z=4, d=4)),
-                                           ("llamagen", dict(ch=64, ch_mult=(1, 1, 2), K=32))])
-def test_released_layouts_load_strictly_and_keep_the_interface(tmp_path, family, shape):
-    path = str(tmp_path / "released.pt")
-    sd = released_file(path, family, **shape)
-    model = vq.load_vq(path)                      # the architecture comes from the tensors alone
-    names = {"z": "z_channels", "K": "codebook_size", "d": "code_dim"}
-    want = {"ch": 32, "ch_mult": (1, 2), "codebook_size": 64,
-            **{names.get(k, k): v for k, v in shape.items()}}
-    assert isinstance(model, vq.VQGAN) and model.cfg.family == family
-    assert {k: getattr(model.cfg, k) for k in want} == want
-    assert model.cfg.attn_levels == (len(want["ch_mult"]) - 1,)
-    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-    f = model.cfg.downsample
-    idx = model.encode(images, batch_size=2)
-    assert idx.shape == (3, 16 // f, 16 // f) and idx.dtype == torch.int64
-    assert 0 <= int(idx.min()) and int(idx.max()) < want["codebook_size"]
-    out = model.decode(idx, batch_size=2)
-    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
-    E, raw = model.codebook, sd["quantize.embedding.weight"]
-    assert torch.allclose(E, F.normalize(raw, dim=1) if family == "llamagen" else raw)
-    assert torch.allclose(model.decode_z(E[idx]), out, atol=1e-5)
-    assert model.cfg.grid == 256 // f                              # the paper's 256px images
-    # strict: a missing or an unknown key is one line naming it
-    missing = {k: v for k, v in sd.items() if k != "quant_conv.bias"}
-    for broken, key in ((missing, "quant_conv.bias"),
-                        ({**sd, "decoder.extra.weight": torch.zeros(1)}, "decoder.extra.weight")):
-        torch.save({"model": broken} if family == "llamagen" else {"state_dict": broken}, path)
-        with pytest.raises(UserError, match=f"{key} is (missing|unexpected)"):
-            vq.load_vq(path)
-
-
-def test_llamagen_codes_are_nearest_among_normalised_rows(tmp_path):
-    path = str(tmp_path / "vq_ds8.pt")
-    sd = released_file(path, "llamagen", K=256)
-    model = vq.load_vq(path)
-    images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    with torch.no_grad():
-        z = model.quant_conv(model.encoder(vq.to_float(images)))           # (4, d, 8, 8)
-    z = z.permute(0, 2, 3, 1).reshape(-1, 4)
-    raw = sd["quantize.embedding.weight"]
-    cosine = (F.normalize(z, dim=1) @ F.normalize(raw, dim=1).t()).argmax(dim=1)
-    plain = torch.cdist(z, raw).argmin(dim=1)                               # raw rows, raw outputs
-    assert torch.equal(model.encode(images).flatten(), cosine)
-    assert (plain != cosine).float().mean() > 0.3, "the rows' norms did not matter: a weak test"
-
-
-def test_foreign_and_truncated_files_are_one_line(tmp_path):
-    path = str(tmp_path / "x.pt")
-    for obj in ({"weights": {"a": torch.zeros(2)}}, [torch.zeros(2)],
-                {"model": {"a": torch.zeros(2)}}):
-        torch.save(obj, path)
-        with pytest.raises(UserError, match="not a tokenizer file.*LlamaGen.*LDM") as e:
-            vq.load_vq(path)
-        assert "\n" not in str(e.value)
-    released_file(path, "ldm")
-    open(path, "r+b").truncate(os.path.getsize(path) // 2)
-    with pytest.raises(UserError, match="cannot read the tokenizer .*x.pt.*LDM"):
-        vq.load_vq(path)

@@ -18,6 +18,7 @@ encodes it, so the token files, assembled in order at the end, are byte-identica
 process's. KEY hashes all the tokens depend on (the tokenizer file, the image size, the file list,
 chunk and batch sizes), so other settings never mix with a run's chunks.
 """
+
 import hashlib
 import io
 import json
@@ -289,6 +290,9 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     log(f"wrote {folder}: {counts['train']} train / {counts['val']} val images as "
         f"{model.cfg.grid}x{model.cfg.grid} tokens in [0, {K})")
     return folder
+
+# -----------------------------------------------------------------------------
+# command line: one process, or one a GPU under torchrun
 
 
 def main(argv):

@@ -12,11 +12,8 @@ It writes data/NAME/ next to this file, in three steps, each skipped when its ou
 Tokens are redone when vq.pt was retrained (`python vq.py`); --force redoes all three.
 Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.codebook_size=512.
 
-With a tokenizer file (a released one: LlamaGen's VQ-8/VQ-16, LDM's vq-f8) an image folder of any
-size streams straight to tokens, resumably, on one GPU or many (stream_folder):
-    python prepare_data.py --dataset=imagefolder --data_dir=ROOT --name=imagenet256 \\
-        --image_size=256 --tokenizer=vq_ds8_c2i.pt --workers=8
-    torchrun --standalone --nproc_per_node=8 prepare_data.py ... (the same flags)
+An image folder of any size through a tokenizer file (LlamaGen's, LDM's) is encode_folder.py's
+job; it writes the same folder, and shares this file's image loading, splitting and writing.
 
 The checks of a data folder live here too, beside the code that writes it (open_folder,
 open_for_training): sizes, token and label ranges, meta.json and the tokenizer's hash.
@@ -24,25 +21,21 @@ open_for_training): sizes, token and label ranges, meta.json and the tokenizer's
 
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
 import shlex
-import shutil
 import tarfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 import cli
 import vq
-import vqgan
 from cli import UserError
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -324,13 +317,6 @@ def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
     return tuple(grid)
 
 
-def _save(path, obj):
-    """Write atomically: a dict as JSON, an array as its raw bytes."""
-    if isinstance(obj, dict):
-        return cli.write_json(obj, path)
-    write_file(path, [np.ascontiguousarray(obj).tobytes()])
-
-
 # -----------------------------------------------------------------------------
 # prepare(): the small-data path, in three steps, each skipped when its output exists
 
@@ -375,8 +361,9 @@ def check_folder(folder, p, dataset, image_size, cfg, train_kw, asked, name):
         return meta, None
     ckpt = vq.read_vq(p["vq.pt"])         # one trained for other images must not tokenize these
     if "released" in ckpt:
-        raise UserError(f"{folder} was tokenized with {ckpt['released']}: pass --tokenizer="
-                        f"{ckpt['released']} to use it, or --force to train a tokenizer here")
+        raise UserError(f"{folder} holds the tokens of {ckpt['released']}, made by "
+                        f"{remake(folder, meta)}; pass --force to train a tokenizer here "
+                        f"instead, or --name=OTHER")
     on, px = ckpt.get("trained_on"), ckpt.get("vq_config", {}).get("image_size")
     if px != image_size or on not in (None, "", name):
         raise UserError(f"{p['vq.pt']} was trained for other images ({on or 'another folder'}, "
@@ -401,12 +388,12 @@ def make_images(dataset, data_dir, image_size, seed, folder, p, log):
         train_x, val_x = resize(train_x), resize(val_x)
     os.makedirs(folder, exist_ok=True)
     for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
-        _save(p[f"{split}_images.u8"], np.asarray(x, np.uint8))
-        _save(p[f"{split}_labels.bin"], np.asarray(y, np.uint16))
+        write_file(p[f"{split}_images.u8"], [np.asarray(x, np.uint8).tobytes()])
+        write_file(p[f"{split}_labels.bin"], [np.asarray(y, np.uint16).tobytes()])
     meta = {"dataset": dataset, "image_size": image_size, "seed": seed,
             "num_classes": len(classes), "class_names": classes, "train_count": len(train_x),
             "val_count": len(val_x)}
-    _save(p["meta.json"], meta)
+    cli.write_json(meta, p["meta.json"])
     log(f"wrote {len(train_x)} train and {len(val_x)} val {image_size}x{image_size} images to "
         f"{folder} in {time.time() - t0:.1f}s")
     return meta
@@ -423,7 +410,7 @@ def make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, nam
     if os.path.exists(os.path.join(folder, "vq_partial_recon.png")):
         os.replace(os.path.join(folder, "vq_partial_recon.png"), p["vq_recon.png"])
     meta["vq_train"] = train_kw
-    _save(p["meta.json"], meta)
+    cli.write_json(meta, p["meta.json"])
     return vq.load_vq(p["vq.pt"])
 
 
@@ -440,27 +427,16 @@ def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
     K = model.cfg.codebook_size
     meta.update(grid_h=h, grid_w=w, codebook_size=K, code_dim=int(model.codebook.shape[1]),
                 vq_config=asdict(model.cfg), tokenizer="vq.pt", tokenizer_sha1=sha1)
-    _save(p["meta.json"], meta)
+    cli.write_json(meta, p["meta.json"])
     log(f"wrote {folder}: {meta['train_count']} train / {meta['val_count']} val images as {h}x{w} "
         f"tokens in [0, {K})")
 
 
 def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None,
-            log=print, tokenizer="", **stream):
+            log=print):
     """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json), skipping what exists;
-    -> the folder. image_size=0: 16 for shapes, 256 with a tokenizer file, else 32. Every
-    setting, and the folder's files against them, is checked before anything is written. With
-    a tokenizer file (tokenizer=PATH) an image folder streams straight to tokens (stream_folder:
-    its keywords pass through)."""
-    if tokenizer:
-        if dataset != "imagefolder" or not data_dir:
-            raise UserError("--tokenizer=FILE tokenizes an image folder: pass "
-                            "--dataset=imagefolder --data_dir=ROOT too")
-        if vq_overrides:
-            raise UserError(f"--vq.{next(iter(vq_overrides))} trains a tokenizer here; with "
-                            f"--tokenizer=FILE none is trained: drop it")
-        return stream_folder(data_dir, name or dataset, tokenizer, image_size or 256, force=force,
-                             seed=seed, log=log, **stream)
+    -> the folder. image_size=0: 16 for shapes, else 32. Every setting, and the folder's files
+    against them, is checked before anything is written."""
     name, image_size = name or dataset, image_size or (16 if dataset == "shapes" else 32)
     cfg, train_kw, settings, asked = check_settings(dataset, data_dir, image_size, seed,
                                                     vq_overrides)
@@ -487,261 +463,17 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
     return folder
 
 # -----------------------------------------------------------------------------
-# an image folder at ImageNet scale, with a tokenizer brought as a file (--tokenizer=FILE)
-#
-# Nothing per image is kept but its tokens. Worker processes decode and crop (--workers); the
-# encoder takes batches on the best device; every `chunk` images become one small file
-# data/NAME/.tokens-KEY/{split}.{c:06d}.npz (tokens, labels, unreadable files), written
-# atomically as it comes. A run killed at any moment (kill -9) resumes from the chunks on disk.
-# Under torchrun process r encodes chunks r, r + world, ...; a chunk's batches are the same
-# whichever process encodes it, so the token files, assembled in order at the end, are
-# byte-identical to one process's. KEY hashes all the tokens depend on (the tokenizer file, the
-# image size, the file list, chunk and batch sizes), so other settings never mix with a run's
-# chunks.
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """[(file, label)] -> (index, uint8 (S, S, 3) image or None, what went wrong). The paths live
-    in one numpy array: a forked worker that reads Python strings writes their reference counts,
-    and so copies, page by page, the list it inherited (162 bytes an image)."""
-
-    def __init__(self, files, image_size):
-        self.paths, self.image_size = np.array([os.fsencode(f) for f, _ in files]), image_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return i, load_image(os.fsdecode(self.paths[i]), self.image_size), ""
-        except Exception as e:                # PIL raises many kinds; name the file instead
-            return i, None, f"{type(e).__name__}: {e}"
-
-
-def as_list(batch):
-    return batch
-
-
-def end_with_parent(worker_id):
-    """Linux: a decoding worker ends when the process that started it does, even after a kill -9
-    (which leaves the loader no chance to stop it)."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):       # another OS: the loader's own checks remain
-        pass
-
-
-def check_space(folder, nbytes, largest):
-    """Refuse before writing when the disk cannot hold nbytes more, or this process may not
-    write a file of `largest` bytes (ulimit -f)."""
-    free, limit = cli._free_bytes(os.path.join(folder, "x")), cli._file_size_limit()
-    size = lambda n: f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
-    why = (f"only {size(free)} are free there" if free < nbytes else
-           f"this process may write files of at most {size(limit)} (ulimit -f)"
-           if limit is not None and limit < largest else "")
-    if why:
-        raise UserError(f"the tokens need {size(nbytes)} in {folder} (the largest file "
-                        f"{size(largest)}), but {why}; make room and run again")
-
-
-def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size, workers,
-                 skip_unreadable, rank=0, world=1, log=print):
-    """Encode this process's missing chunks of files [(file, label)] into workdir."""
-    n_chunks = -(-len(files) // chunk)
-    todo = [c for c in range(rank, n_chunks, world)
-            if not os.path.exists(os.path.join(workdir, f"{split}.{c:06d}.npz"))]
-    bounds = [(c * chunk, min((c + 1) * chunk, len(files))) for c in todo]
-    batches = [range(s, min(s + batch_size, end)) for start, end in bounds
-               for s in range(start, end, batch_size)]
-    if len(todo) < len(range(rank, n_chunks, world)):
-        log(f"tokenize {split}: resuming, {len(todo)} of {n_chunks} chunks left to this process")
-    # the loader keeps at most 2 batches a worker in flight: memory does not grow with the images
-    loader = torch.utils.data.DataLoader(ImageFiles(files, image_size), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=as_list,
-                                         worker_init_fn=end_with_parent)
-    tokens, labels, skipped, t0, n = [], [], [], time.time(), 0
-    for batch in cli.progress(loader, total=len(batches), desc=f"tokenize {split}", unit="batch"):
-        for i, _, err in (b for b in batch if b[1] is None):
-            if not skip_unreadable:
-                raise UserError(f"cannot read image {files[i][0]} ({err}); replace it, or pass "
-                                f"--skip_unreadable=true to leave out such files (counted)")
-            skipped.append(i)
-        good = [(i, image) for i, image, _ in batch if image is not None]
-        if good:
-            idx = model.encode(np.stack([image for _, image in good]), batch_size=len(good))
-            tokens.append(idx.reshape(len(good), -1).numpy().astype(np.uint16))   # (b, h*w)
-            labels += [files[i][1] for i, _ in good]
-        n, last = n + len(batch), batch[-1][0]
-        if last + 1 == min((last // chunk + 1) * chunk, len(files)):     # the chunk is complete
-            arrays = dict(tokens=np.concatenate(tokens) if tokens else np.zeros((0, 0), np.uint16),
-                          labels=np.array(labels, np.uint16), skipped=np.array(skipped, np.int64))
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            write_file(os.path.join(workdir, f"{split}.{last // chunk:06d}.npz"),
-                       [buffer.getvalue()])
-            tokens, labels, skipped = [], [], []
-    if n:
-        dt = time.time() - t0
-        log(f"tokenize {split}: {n} images in {dt:.1f}s ({n / dt:.2f} images/s, "
-            f"{workers} decoding workers)")
-
-
-def read_chunks(workdir, split, n):
-    """The chunk files of a split, in order, one at a time -> (tokens, labels, skipped)."""
-    for c in range(n):
-        path = os.path.join(workdir, f"{split}.{c:06d}.npz")
-        if not os.path.exists(path):
-            raise UserError(f"{path} is missing; run the same command again to encode it")
-        with np.load(path, allow_pickle=False) as z:
-            yield z["tokens"], z["labels"], z["skipped"]
-
-
-def remove_chunks(folder, keep, log):
-    """Remove the chunk folders in folder but keep (a path, or None)."""
-    for old in os.listdir(folder):
-        if old.startswith(".tokens-") and os.path.join(folder, old) != keep:
-            log(f"removing {old}: the chunks of other settings or of a finished run")
-            shutil.rmtree(os.path.join(folder, old))
-
-
-def all_agree(ok, world, device):
-    """True when every process says ok (one all-reduce; the processes wait for each other)."""
-    if world == 1:
-        return ok
-    import torch.distributed as dist
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, seed=0, workers=4,
-                  batch_size=64, chunk=1024, skip_unreadable=False, device="", rank=0, world=1,
-                  log=print):
-    """An image folder -> data/NAME/{train,val}.bin and _labels.bin and meta.json, streamed
-    through the tokenizer file (vq.load_vq: vq.py's own, LlamaGen's, LDM's). -> the folder."""
-    for key, value in (("workers", workers), ("batch_size", batch_size), ("chunk", chunk)):
-        if value < (0 if key == "workers" else 1):
-            raise UserError(f"--{key}={value} is impossible: it must be at least "
-                            f"{0 if key == 'workers' else 1}")
-    classes, train, val = split_imagefolder(data_dir, seed)
-    device = device or cli.pick_device("")
-    model = vq.load_vq(tokenizer, device)
-    f = model.cfg.image_size // model.cfg.grid
-    if isinstance(model, vqgan.VQGAN):
-        model.cfg = replace(model.cfg, image_size=image_size)
-    if model.cfg.image_size != image_size or image_size % f:
-        raise UserError(f"the tokenizer {tokenizer} takes {model.cfg.image_size}px images with a "
-                        f"grid of {f}px cells; pass a matching --image_size")
-    K, L = model.cfg.codebook_size, model.cfg.grid ** 2
-    if K > 65536:
-        raise UserError(f"the tokenizer {tokenizer} has K={K} codes: more than uint16 tokens hold")
-    folder, sha1 = data_path(name), vq.file_sha1(tokenizer)
-    p = {f: os.path.join(folder, f) for f in FILES}
-    meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
-    made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
-            "released_sha1": meta.get("released_sha1")}
-    asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
-    if made == asked and "tokenizer" in meta and not force and all(
-            os.path.exists(p[f]) for f in TOKEN_FILES):
-        if rank == 0:
-            remove_chunks(folder, None, log)   # left by a run stopped after its last write
-        log(f"{folder}: tokens exist, skipping")
-        return folder
-    if meta and made != asked and not force:     # (made == asked: a run stopped while finishing)
-        diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
-                f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
-                for k, v in made.items() if v != asked[k]]
-        raise UserError(f"{folder} was made with {', '.join(diff) or 'other settings'}; pass "
-                        f"--force to redo it (its files are replaced only when the new ones "
-                        f"are complete), or --name=OTHER")
-    splits, key = {"train": train, "val": val}, hashlib.sha1(
-        json.dumps([sha1, image_size, chunk, batch_size, skip_unreadable]).encode())
-    for split, files in splits.items():           # the file list, without one big string
-        for path, label in files:
-            key.update(f"{split}\0{path}\0{label}\n".encode())
-    key = key.hexdigest()[:12]
-    workdir = os.path.join(folder, f".tokens-{key}")
-    os.makedirs(workdir, exist_ok=True)
-    if rank == 0:                             # chunks of other settings can never be used
-        remove_chunks(folder, workdir, log)
-    done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
-    total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
-    check_space(folder, 2 * total - done, 2 * L * len(train))
-    log(f"tokenizing {len(train)} train and {len(val)} val images of {len(classes)} classes from "
-        f"{data_dir} with {tokenizer} (K={K}, {model.cfg.grid}x{model.cfg.grid} grid) on "
-        f"{device}, {world} process{'es' * (world > 1)}")
-    error = None
-    try:
-        for split, files in splits.items():
-            stream_split(model, files, workdir, split, image_size, chunk=chunk,
-                         batch_size=batch_size, workers=workers, skip_unreadable=skip_unreadable,
-                         rank=rank, world=world, log=log)
-    except UserError as e:                    # the others must not wait for this process forever
-        error = e
-    if not all_agree(error is None, world, device):
-        raise error or UserError("another process stopped (its error is above); fix it and run "
-                                 "the same command again: it resumes")
-    if rank != 0:
-        return folder
-
-    # every chunk is on disk: the new files are assembled beside the old ones (FILE.new), and
-    # replace them only once all are written; until meta.json is, the folder reads as half made
-    counts, unreadable, staged = {}, [], []
-    try:
-        for split, files in (("val", val), ("train", train)):
-            n = -(-len(files) // chunk)
-            labels = np.concatenate([y for _, y, _ in read_chunks(workdir, split, n)])
-            unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
-            staged += [p[f"{split}.bin"], p[f"{split}_labels.bin"]]
-            chunks = read_chunks(workdir, split, n)
-            write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in chunks),
-                       2 * L * len(labels))
-            write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()])
-            counts[split] = len(labels)
-        staged.append(p["vq.pt"])              # data/NAME/vq.pt stands for the tokenizer file
-        vq.save_pointer(p["vq.pt"] + ".new", tokenizer, image_size)
-    except UserError as e:
-        for f in (f + ".new" for f in staged if os.path.exists(f + ".new")):
-            os.remove(f)
-        raise UserError(f"{e} ({folder}'s own files are as they were, and the same command "
-                        f"resumes from the chunks on disk)") from None
-    if "tokenizer" in meta:
-        _save(p["meta.json"], {k: v for k, v in meta.items() if k != "tokenizer"})
-    for f in staged:
-        os.replace(f + ".new", f)
-    meta = {"dataset": "imagefolder", "image_size": image_size, "seed": seed,
-            "num_classes": len(classes), "class_names": classes, "train_count": counts["train"],
-            "val_count": counts["val"], "grid_h": model.cfg.grid, "grid_w": model.cfg.grid,
-            "codebook_size": K, "code_dim": int(model.codebook.shape[1]), "tokenizer": "vq.pt",
-            "tokenizer_sha1": vq.file_sha1(p["vq.pt"]), "released_tokenizer":
-            os.path.abspath(tokenizer), "released_sha1": sha1,
-            "tokenizer_config": asdict(model.cfg), "preprocessing": "ADM centre crop",
-            "unreadable_skipped": len(unreadable)}
-    _save(p["meta.json"], meta)
-    shutil.rmtree(workdir)
-    for stale in ("train_images.u8", "val_images.u8", "vq_recon.png"):   # of a run without one
-        if os.path.exists(p[stale]):
-            os.remove(p[stale])
-    if unreadable:
-        log(f"skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
-    log(f"wrote {folder}: {counts['train']} train / {counts['val']} val images as "
-        f"{model.cfg.grid}x{model.cfg.grid} tokens in [0, {K})")
-    return folder
-
-
-# -----------------------------------------------------------------------------
 # the checks of a token folder, for every reader of one (purrception.py, sample.py, bench.py)
 
 
-SOURCE = "source.json"     # how prepare_data.py was asked to make the folder; outlives meta.json
+SOURCE = "source.json"     # the flags that made the folder; outlives meta.json
 
 
 def remake_command(data_dir, meta=None, force=False):
-    """-> (the prepare_data.py command line that makes data_dir again, the folder it writes), from
-    data_dir's source.json (written by every `python prepare_data.py` run), else from meta.json;
-    ROOT stands for an image folder that neither records."""
+    """-> (the command line that makes data_dir again, the folder it writes), from data_dir's
+    source.json (written by every prepare_data.py and encode_folder.py run), else from
+    meta.json; ROOT stands for an image folder that neither records. The tokens of a tokenizer
+    file (source.json's tokenizer, meta.json's released_tokenizer) are encode_folder.py's."""
     source = os.path.join(data_dir, SOURCE)
     try:
         args = cli.read_json(source) if os.path.exists(source) else {}
@@ -751,16 +483,21 @@ def remake_command(data_dir, meta=None, force=False):
         name, meta = os.path.basename(os.path.normpath(data_dir)), meta or {}
         dataset = meta.get("dataset") or name
         args = {"dataset": dataset if dataset in DATASETS else "imagefolder", "name": name,
-                "image_size": meta.get("image_size", 0), "seed": meta.get("seed", 0)}
+                "image_size": meta.get("image_size", 0), "seed": meta.get("seed", 0),
+                "tokenizer": meta.get("released_tokenizer")}
         if args["dataset"] == "imagefolder":
             args["data_dir"] = "ROOT"
-    default_size = 16 if args["dataset"] == "shapes" else 256 if args.get("tokenizer") else 32
-    words = [f"--dataset={args['dataset']}"] + [
-        f"--{k}={args[k]}" for k in ("data_dir", "name", "image_size", "seed", "tokenizer")
-        if args.get(k) and not (k == "name" and args[k] == args["dataset"])
-        and not (k == "image_size" and args[k] == default_size)]
+    args["name"] = args.get("name") or args["dataset"]
+    if args.get("tokenizer"):                 # the tokens of a tokenizer file: encode_folder.py's
+        script, default = "encode_folder.py", {"image_size": 256}
+        keys = ("data_dir", "name", "tokenizer", "image_size", "seed", "skip_unreadable")
+    else:
+        script, keys = "prepare_data.py", ("dataset", "data_dir", "name", "image_size", "seed")
+        size = 16 if args["dataset"] == "shapes" else 32
+        default = {"name": args["dataset"], "image_size": size}
+    words = [f"--{k}={args[k]}" for k in keys if args.get(k) and args[k] != default.get(k)]
     words += [f"--vq.{k}={v}" for k, v in args.get("vq", {}).items()] + ["--force"] * force
-    return cli.command("prepare_data.py", *words), data_path(args.get("name") or args["dataset"])
+    return cli.command(script, *words), data_path(args["name"])
 
 
 def remake(data_dir, meta=None, force=False):
@@ -771,7 +508,7 @@ def remake(data_dir, meta=None, force=False):
     return f"`{command}` (it writes {made}: pass --data_dir={made})"
 
 
-def record_source(folder, opt, vq_overrides):
+def record_source(folder, opt, vq_overrides=()):
     """source.json: the arguments that made folder, with absolute paths, for remake_command."""
     args = {k: v for k, v in asdict(opt).items() if k != "force"}
     for key in ("data_dir", "tokenizer"):
@@ -831,15 +568,16 @@ def open_folder(data_dir, device="cpu", check=True):
     meta = load_meta(data_dir)
     if check:
         check_tokens(data_dir, meta)
+    streamed = "released_tokenizer" in meta   # encode_folder.py's: only --force encodes again
     path = os.path.join(data_dir, meta["tokenizer"])
     if not os.path.exists(path):
-        raise UserError(f"no tokenizer at {path}; train it again and re-tokenize with "
-                        f"{remake(data_dir, meta)}")
+        raise UserError(f"no tokenizer at {path}; make it again and re-tokenize with "
+                        f"{remake(data_dir, meta, force=streamed)}")
     tokenizer = vq.load_vq(path, device)
     command, made = remake_command(data_dir, meta)
-    redo = (f"put the tokenizer that made them back, or train another and retokenize: "
-            + (f"`rm {shlex.quote(path)} && {command}`" if os.path.samefile(made, data_dir)
-               else remake(data_dir, meta)) if os.path.isdir(made) else remake(data_dir, meta))
+    again = (f"`rm {shlex.quote(path)} && {command}`" if not streamed and os.path.isdir(made)
+             and os.path.samefile(made, data_dir) else remake(data_dir, meta, force=streamed))
+    redo = f"put the tokenizer that made them back, or make another and retokenize: {again}"
     c, made = tokenizer.cfg, meta.get("vq_config", {})
     have = (getattr(c, "image_size", None), getattr(c, "downsample", None))
     px = meta.get("image_size", have[0])
@@ -856,25 +594,8 @@ def open_folder(data_dir, device="cpu", check=True):
     if meta.get("tokenizer_sha1") and vq.file_sha1(path) != meta["tokenizer_sha1"]:
         raise UserError(f"the tokenizer {path} is not the file that made the tokens in {data_dir} "
                         f"(its sha1 is not meta.json's tokenizer_sha1); put that one back, or "
-                        f"retokenize with this one: {remake(data_dir, meta)}")
+                        f"retokenize with this one: {remake(data_dir, meta, force=streamed)}")
     return meta, tokenizer
-
-
-@dataclass
-class PrepareConfig:
-    dataset: str = ""             # cifar10 | imagefolder | shapes
-    name: str = ""                # the folder data/<name>; '' means the dataset's name
-    data_dir: str = ""            # a local CIFAR-10 copy (tarball or extracted), or an image folder
-    image_size: int = 0           # image side; 0 means 16 for shapes, 256 with --tokenizer, else 32
-    force: bool = False           # redo all three steps (with --tokenizer: redo the tokens)
-    seed: int = 0                 # shapes: the images; imagefolder: the held out; tokenizer init
-    # an image folder streamed through a tokenizer file (LlamaGen's, LDM's or one of vq.py's)
-    tokenizer: str = ""           # the tokenizer file; '' trains one here (small data sets)
-    workers: int = 4              # processes that decode and crop images (0: this process)
-    batch_size: int = 64          # images a batch of the encoder
-    chunk: int = 1024             # images a resumable piece (a kill loses at most one a process)
-    skip_unreadable: bool = False  # leave out (and count) files that do not decode, not stop
-    device: str = ""              # encoder device; '' picks cuda, then mps, then cpu
 
 
 def open_for_training(dataset, data_dir="", launched=False, device="cpu"):
@@ -895,9 +616,29 @@ def open_for_training(dataset, data_dir="", launched=False, device="cpu"):
                         "prepare square images (prepare_data crops them)")
     return folder, meta, tokenizer
 
+# -----------------------------------------------------------------------------
+# command line
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = ""             # cifar10 | imagefolder | shapes
+    name: str = ""                # the folder data/<name>; '' means the dataset's name
+    data_dir: str = ""            # a local CIFAR-10 copy (tarball or extracted), or an image folder
+    image_size: int = 0           # image side; 0 means 16 for shapes, else 32
+    force: bool = False           # redo all three steps
+    seed: int = 0                 # shapes: the images; imagefolder: the held out; tokenizer init
+
+
 def main(argv):
     t0 = time.time()
     dataset = next((a.partition("=")[2] for a in argv if a.startswith("--dataset=")), None)
+    if any(a.startswith("--tokenizer") for a in argv):   # the same folder, through the file
+        words = [a for a in argv if not a.startswith(("--dataset=", "--vq.", "--help", "-h"))]
+        if not any(a.startswith("--name=") for a in argv):
+            words.insert(0, f"--name={dataset or 'imagefolder'}")
+        raise UserError(f"a tokenizer file encodes an image folder with encode_folder.py: run "
+                        f"`{cli.command('encode_folder.py', *words)}`")
     vq_help = {**cli.field_comments(vq.VQConfig), **cli.field_comments(vq.TrainConfig)}
     opt, extra = cli.parse_args(argv, PrepareConfig(), doc=__doc__,
                                 extra={"vq.": vq_options(dataset)}, extra_help=vq_help)
@@ -906,25 +647,10 @@ def main(argv):
     cli.check_ranges(opt, {"image_size": (lambda v: v >= 0,
                                            "at least 0 (0: the dataset's default)")})
     cli.pick_device(extra.get("vq.", {}).get("device", ""), "--vq.device")   # before any write
-    if not opt.tokenizer:
-        folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
-                         opt.image_size, opt.seed, extra.get("vq.", {}))
-        record_source(folder, opt, extra.get("vq.", {}))
-        return print(f"done in {time.time() - t0:.0f}s: {folder}")
-    rank, _, world, device = cli.setup_distributed(opt.device)
-    try:
-        folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
-                         opt.image_size, opt.seed, extra.get("vq.", {}),
-                         log=print if rank == 0 else lambda *a: None, tokenizer=opt.tokenizer,
-                         workers=opt.workers, batch_size=opt.batch_size, chunk=opt.chunk,
-                         skip_unreadable=opt.skip_unreadable, device=device, rank=rank,
-                         world=world)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if rank == 0:
-        record_source(folder, opt, extra.get("vq.", {}))
-        print(f"done in {time.time() - t0:.0f}s: {folder}")
+    folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
+                     opt.image_size, opt.seed, extra.get("vq.", {}))
+    record_source(folder, opt, extra.get("vq.", {}))
+    print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 
 if __name__ == "__main__":

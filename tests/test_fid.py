@@ -136,7 +136,7 @@ def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys, monkeypa
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_streamed_token_folder_points_to_its_images(stub_fid, tmp_path):
     model_path, _, real = stub_fid
-    data = tmp_path / "streamed"                 # prepare_data.py --tokenizer=FILE keeps tokens only
+    data = tmp_path / "streamed"                 # encode_folder.py keeps tokens only
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"image_size": 16, "released_tokenizer": "vq.pt"}))
     (data / "source.json").write_text(json.dumps({"data_dir": "/images/ROOT"}))

@@ -184,13 +184,13 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
                   batch_size=64, chunk=1024, skip_unreadable=False, device="", rank=0, world=1,
                   log=print):
     """An image folder -> data/NAME/{train,val}.bin and _labels.bin and meta.json, streamed
-    through the tokenizer file (vq.load_vq: vq.py's own, LlamaGen's, LDM's). -> the folder."""
+    through the tokenizer file (vqgan.load_tokenizer: vq.py's own, LlamaGen's, LDM's). -> the folder."""
     classes, train, val = split_imagefolder(data_dir, seed)
     if not os.path.isfile(tokenizer):
         raise UserError(f"no tokenizer file at {tokenizer}; pass --tokenizer=FILE: LlamaGen's, "
                         f"LDM's, or a vq.pt of prepare_data.py's")
     device = device or cli.pick_device("")
-    model = vq.load_vq(tokenizer, device)
+    model = vqgan.load_tokenizer(tokenizer, device)
     f = model.cfg.image_size // model.cfg.grid
     if isinstance(model, vqgan.VQGAN):           # a released tokenizer reads any multiple of f
         model.cfg = replace(model.cfg, image_size=image_size)

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 
 import cli
 import vq
+import vqgan
 from cli import UserError
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -368,7 +369,7 @@ def check_folder(folder, p, dataset, image_size, cfg, train_kw, asked, name):
     if px != image_size or on not in (None, "", name):
         raise UserError(f"{p['vq.pt']} was trained for other images ({on or 'another folder'}, "
                         f"{px}px); remove it, or pass --force to retrain it")
-    return meta, vq.load_vq(p["vq.pt"])
+    return meta, vqgan.load_tokenizer(p["vq.pt"])
 
 
 def make_images(dataset, data_dir, image_size, seed, folder, p, log):
@@ -411,7 +412,7 @@ def make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, nam
         os.replace(os.path.join(folder, "vq_partial_recon.png"), p["vq_recon.png"])
     meta["vq_train"] = train_kw
     cli.write_json(meta, p["meta.json"])
-    return vq.load_vq(p["vq.pt"])
+    return vqgan.load_tokenizer(p["vq.pt"])
 
 
 def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
@@ -573,7 +574,7 @@ def open_folder(data_dir, device="cpu", check=True):
     if not os.path.exists(path):
         raise UserError(f"no tokenizer at {path}; make it again and re-tokenize with "
                         f"{remake(data_dir, meta, force=streamed)}")
-    tokenizer = vq.load_vq(path, device)
+    tokenizer = vqgan.load_tokenizer(path, device)
     command, made = remake_command(data_dir, meta)
     again = (f"`rm {shlex.quote(path)} && {command}`" if not streamed and os.path.isdir(made)
              and os.path.samefile(made, data_dir) else remake(data_dir, meta, force=streamed))

@@ -8,7 +8,7 @@ an image into a grid of codebook indices and back:
 behind one interface: encode(uint8 images) -> indices, decode(indices) -> images, codebook (K, d).
 VQVAE is a small convolutional autoencoder trained here (`train_vq`) for the small data sets; the
 released tokenizers the paper's ImageNet results use (LlamaGen's VQ-8 / VQ-16, LDM's vq-f8) are
-read by vqgan.py. `load_vq` opens any of them, telling the files apart by their keys.
+read by vqgan.py, whose `load_tokenizer` opens any of them, telling the files apart by their keys.
 
 The generator (purrception.py) never sees pixels: it learns to move Gaussian noise onto the rows of
 the codebook E, so `model.codebook` is exported exactly as the decoder consumes it.
@@ -34,7 +34,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -310,7 +310,7 @@ class VQVAE(nn.Module):
         return batched(self, lambda i: self.decoder(E[i].permute(0, 3, 1, 2)), idx, batch_size)
 
 # -----------------------------------------------------------------------------
-# tokenizer files: vq.py's own, and the released ones (read by vqgan.py)
+# tokenizer files: vq.py's own, and the released ones (vqgan.load_tokenizer reads them all)
 
 LAYOUTS = ("a tokenizer written by vq.py", "LlamaGen VQ-8/VQ-16 ({'model': state_dict})",
            "LDM vq-f8 ({'state_dict': state_dict})")
@@ -366,41 +366,11 @@ def file_sha1(path):
 
 def save_pointer(path, released, image_size):
     """A data folder's tokenizer when it is a file brought from elsewhere (a released one): where
-    that file is, its sha1, and the image size the folder feeds it. load_vq follows it."""
+    that file is, its sha1, and the image size the folder feeds it. vqgan.load_tokenizer follows it."""
     ckpt = {"released": os.path.abspath(released), "sha1": file_sha1(released),
             "image_size": image_size}
     cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
 
-
-def load_vq(path, device="cpu"):
-    """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or a save_pointer to
-    one) -> its model, in eval mode on device; the architecture comes from the file."""
-    ckpt = read_vq(path)
-    if "released" in ckpt:                       # a data folder's pointer (prepare_data.py)
-        target = ckpt["released"]
-        if not os.path.exists(target) or file_sha1(target) != ckpt["sha1"]:
-            raise cli.UserError(f"{path} stands for the tokenizer {target}, which is "
-                                + ("missing" if not os.path.exists(target) else "another file "
-                                   "now (its sha1 changed)")
-                                + "; put the file back, or prepare the folder again with "
-                                  "--tokenizer=FILE --force")
-        model = load_vq(target, device)
-        if not isinstance(model, VQVAE):
-            model.cfg = replace(model.cfg, image_size=ckpt["image_size"])
-        return model
-    if "vq_config" in ckpt:
-        model = VQVAE(VQConfig(**ckpt["vq_config"]))
-        model.load_state_dict(ckpt["model"])
-        return model.to(device).eval()
-    import vqgan                                 # a released layout: LlamaGen's or LDM's
-    try:
-        model = vqgan.load_vqgan(ckpt)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise cli.UserError(f"{path} is laid out like a released tokenizer, but {e}; it reads "
-                            + ", ".join(LAYOUTS)) from None
-    if model is None:
-        raise cli.UserError(f"{path} is not a tokenizer file; it reads " + ", ".join(LAYOUTS))
-    return model.to(device).eval()
 
 # -----------------------------------------------------------------------------
 # training

@@ -12,17 +12,20 @@ VectorQuantizer2): the same codes and, up to float rounding, the same images. It
 files' strictly, so a file is read exactly as released or refused in one line.
 
 A VQGAN has the interface of the tokenizer trained here (vq.py): encode(uint8 images) -> indices,
-decode(indices) -> images, codebook (K, d) as the decoder consumes it. vq.load_vq tells the files
-apart by their keys and calls load_vqgan.
+decode(indices) -> images, codebook (K, d) as the decoder consumes it. load_tokenizer, at the end,
+reads any tokenizer file, this family's or vq.py's own, telling the files apart by their keys.
 """
 
+import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+import vq
 from vq import ResnetBlock, batched, nearest_code, to_float
 
 # -----------------------------------------------------------------------------
@@ -314,4 +317,46 @@ def load_vqgan(ckpt):
                              if key not in want else f"has the shape {tuple(sd[key].shape)}, not "
                              f"{tuple(want[key].shape)}"))
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model
+
+# -----------------------------------------------------------------------------
+# any tokenizer file
+
+
+def load_tokenizer(path, device="cpu"):
+    """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or a save_pointer to
+    one) -> its model, in eval mode on device; the architecture comes from the file."""
+    ckpt = vq.read_vq(path)
+    if "released" in ckpt:                       # a data folder's pointer (prepare_data.py)
+        target = ckpt["released"]
+        if not os.path.exists(target) or vq.file_sha1(target) != ckpt["sha1"]:
+            raise cli.UserError(f"{path} stands for the tokenizer {target}, which is "
+                                + ("missing" if not os.path.exists(target) else "another file "
+                                   "now (its sha1 changed)")
+                                + "; put the file back, or encode the folder again with "
+                                  "encode_folder.py and --force")
+        model = load_tokenizer(target, device)
+        if not isinstance(model, vq.VQVAE):
+            model.cfg = replace(model.cfg, image_size=ckpt["image_size"])
+        return model
+    if "vq_config" in ckpt:
+        model = vq.VQVAE(vq.VQConfig(**ckpt["vq_config"]))
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = load_released(path, ckpt)                # LlamaGen's or LDM's layout
+    if not all(v.isfinite().all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise cli.UserError(f"{path} holds weights or a codebook that are not finite (a diverged "
+                            f"or damaged tokenizer); train it again or fetch the file again")
+    return model.to(device).eval()
+
+
+def load_released(path, ckpt):
+    """A released tokenizer's checkpoint dict -> a VQGAN, or a UserError naming the file."""
+    try:
+        model = load_vqgan(ckpt)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise cli.UserError(f"{path} is laid out like a released tokenizer, but {e}; it reads "
+                            + ", ".join(vq.LAYOUTS)) from None
+    if model is None:
+        raise cli.UserError(f"{path} is not a tokenizer file; it reads " + ", ".join(vq.LAYOUTS))
     return model

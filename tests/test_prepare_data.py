@@ -16,6 +16,7 @@ from PIL import Image
 import cli
 import prepare_data as pd
 import vq
+import vqgan
 from cli import UserError
 from conftest import ROOT
 
@@ -213,7 +214,7 @@ def test_prepare_writes_memmaps_that_round_trip(data_root):
     assert np.array_equal(train_u8, images[:64])
     assert np.array_equal(np.fromfile(os.path.join(folder, "val_labels.bin"), np.uint16),
                           labels[64:])
-    model = vq.load_vq(os.path.join(folder, meta["tokenizer"]))
+    model = vqgan.load_tokenizer(os.path.join(folder, meta["tokenizer"]))
     L = meta["grid_h"] * meta["grid_w"]
     assert meta["codebook_size"] == 16 and meta["code_dim"] == model.codebook.shape[1]
     assert L == 8 * 8

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vq
+import vqgan
 from cli import UserError
 from vq import Quantizer, VQConfig, VQVAE
 
@@ -71,13 +72,13 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     vq.save_vq(model, path, {"psnr": 1.0})
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["vq_config"]["codebook_size"] == 32
-    again = vq.load_vq(path)
+    again = vqgan.load_tokenizer(path)
     assert torch.equal(again.codebook, model.codebook)
     with pytest.raises(UserError, match="prepare_data.py"):
-        vq.load_vq(str(tmp_path / "missing.pt"))
+        vqgan.load_tokenizer(str(tmp_path / "missing.pt"))
     open(path, "r+b").truncate(os.path.getsize(path) - 100)                     # a file cut short
     with pytest.raises(UserError, match="cannot read the tokenizer"):
-        vq.load_vq(path)
+        vqgan.load_tokenizer(path)
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(image_size=17), "not divisible"),

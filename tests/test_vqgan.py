@@ -1,5 +1,5 @@
 """Tests for the released tokenizers (vqgan.py): small random state dicts in LlamaGen's and LDM's
-layouts (conftest.released_file), loaded strictly through vq.load_vq. CPU, no network."""
+layouts (conftest.released_file), loaded strictly through vqgan.load_tokenizer. CPU, no network."""
 
 import os
 
@@ -19,7 +19,7 @@ from conftest import released_file
 def test_released_layouts_load_strictly_and_keep_the_interface(tmp_path, family, shape):
     path = str(tmp_path / "released.pt")
     sd = released_file(path, family, **shape)
-    model = vq.load_vq(path)                      # the architecture comes from the tensors alone
+    model = vqgan.load_tokenizer(path)                      # the architecture comes from the tensors alone
     names = {"z": "z_channels", "K": "codebook_size", "d": "code_dim"}
     want = {"ch": 32, "ch_mult": (1, 2), "codebook_size": 64,
             **{names.get(k, k): v for k, v in shape.items()}}
@@ -43,13 +43,13 @@ def test_released_layouts_load_strictly_and_keep_the_interface(tmp_path, family,
                         ({**sd, "decoder.extra.weight": torch.zeros(1)}, "decoder.extra.weight")):
         torch.save({"model": broken} if family == "llamagen" else {"state_dict": broken}, path)
         with pytest.raises(UserError, match=f"{key} is (missing|unexpected)"):
-            vq.load_vq(path)
+            vqgan.load_tokenizer(path)
 
 
 def test_llamagen_codes_are_nearest_among_normalised_rows(tmp_path):
     path = str(tmp_path / "vq_ds8.pt")
     sd = released_file(path, "llamagen", K=256)
-    model = vq.load_vq(path)
+    model = vqgan.load_tokenizer(path)
     images = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     with torch.no_grad():
         z = model.quant_conv(model.encoder(vq.to_float(images)))           # (4, d, 8, 8)
@@ -67,9 +67,9 @@ def test_foreign_and_truncated_files_are_one_line(tmp_path):
                 {"model": {"a": torch.zeros(2)}}):
         torch.save(obj, path)
         with pytest.raises(UserError, match="not a tokenizer file.*LlamaGen.*LDM") as e:
-            vq.load_vq(path)
+            vqgan.load_tokenizer(path)
         assert "\n" not in str(e.value)
     released_file(path, "ldm")
     open(path, "r+b").truncate(os.path.getsize(path) // 2)
     with pytest.raises(UserError, match="cannot read the tokenizer .*x.pt.*LDM"):
-        vq.load_vq(path)
+        vqgan.load_tokenizer(path)

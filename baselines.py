@@ -30,7 +30,8 @@ import torch.nn.functional as F
 import cli
 import purrception as pc
 from cli import UserError
-from purrception import DiT, Objective, guided, nearest_code, rand_from
+from purrception import (DiT, Objective, data_prediction, guided, nearest_code, rand_from,
+                         time_grid)
 
 
 def draw_t(B, generator, device, t_eps=1e-3):
@@ -81,27 +82,36 @@ def cfm_endpoint_loss(model, idx, E, y, t=None, noise=None, generator=None, per_
 
 @torch.no_grad()
 def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-               generator=None, endpoint=False, noise=None):
-    """Labels y (B,) -> code indices (B, h, w), by Euler steps on the regressed velocity
-    (or endpoint), from noise (B, h, w, d) (drawn from `generator` when None)."""
+               generator=None, endpoint=False, noise=None, solver="euler", time_shift=1.0,
+               cfg_interval=(0.0, 1.0)):
+    """Labels y (B,) -> code indices (B, h, w), by steps on the regressed velocity (or endpoint),
+    from noise (B, h, w, d) (drawn from `generator` when None); solver, time_shift and
+    cfg_interval as euler_sample's, on the data prediction z + (1 - t) v (or the endpoint)."""
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
     # (B, h, w, d) at t = 0
     z = (noise.to(E.device) if noise is not None
          else rand_from(torch.randn, (y.shape[0], h, w, E.shape[1]), generator, E.device))
-    ts = torch.linspace(0, 1, steps + 1, device=E.device)
+    ts = time_grid(steps, time_shift, E.device)
+    guide = [cfg_interval[0] <= u <= cfg_interval[1] for u in time_grid(steps, time_shift).tolist()]
+    mu_prev = None
     for i in range(steps):
         t, dt = ts[i], ts[i + 1] - ts[i]
-        out = guided(model, z, t, y, cfg_scale, null_label)                 # (B, h, w, d)
-        z = z + dt * ((out - z) / (1 - t) if endpoint else out)
+        out = guided(model, z, t, y, cfg_scale if guide[i] else 1.0, null_label)   # (B, h, w, d)
+        mu = out if endpoint else z + (1 - t) * out                   # the data prediction
+        if solver == "euler" and not endpoint:
+            z = z + dt * out                                          # the official update
+        else:
+            z = z + dt * (data_prediction(mu, mu_prev, ts, i, solver) - z) / (1 - t)
+        mu_prev = mu
     return nearest_code(z, E, pc.CHUNK)
 
 
 def cfm_endpoint_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                        generator=None, noise=None):
+                        generator=None, noise=None, **solver):
     return cfm_sample(model, E, y, grid, steps, temperature, cfg_scale, null_label, generator,
-                      endpoint=True, noise=noise)
+                      endpoint=True, noise=noise, **solver)
 
 # -----------------------------------------------------------------------------
 # DFM: discrete flow matching with a mask source (Gat et al. 2024; Campbell et al. 2024), as the
@@ -186,16 +196,20 @@ def dfm_step(model, x, t, dt, y, temperature=1.0, cfg_scale=1.0, null_label=None
 
 @torch.no_grad()
 def dfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-               generator=None, t_min=1e-4):
+               generator=None, t_min=1e-4, solver="euler", time_shift=1.0, cfg_interval=(0.0, 1.0)):
     """Labels y (B,) -> code indices (B, h, w), by the official Euler jump sampler from an all-mask
-    grid."""
+    grid (its own solver and grid; guidance only for t in cfg_interval)."""
+    if solver != "euler" or time_shift != 1.0:
+        raise ValueError("DFM samples with its own jumps on a uniform grid: solver='euler', "
+                         "time_shift=1")
     (h, w), K = (grid, grid) if isinstance(grid, int) else grid, E.shape[0]
     # all masks at t = t_min
     x = torch.full((y.shape[0], h, w), K, dtype=torch.long, device=E.device)
     dt = 1.0 / (steps + 1)
     for i in range(steps):
-        x = dfm_step(model, x, t_min + i * dt, dt, y, temperature, cfg_scale, null_label, generator,
-                     i == steps - 1)
+        t = t_min + i * dt
+        s = cfg_scale if cfg_interval[0] <= t <= cfg_interval[1] else 1.0
+        x = dfm_step(model, x, t, dt, y, temperature, s, null_label, generator, i == steps - 1)
     return x
 
 
@@ -207,7 +221,7 @@ OBJECTIVES = {
     "cfm_endpoint": Objective("cfm_endpoint", lambda K, d, **arch: DiT(in_dim=d, out_dim=d, **arch),
                               cfm_endpoint_loss, cfm_endpoint_sample, tempered=False),
     "dfm": Objective("dfm", lambda K, d, **arch: MaskedTokenDiT(K, **arch), dfm_loss, dfm_sample,
-                     noise="uniform"),
+                     noise="uniform", ode=False),
 }
 
 
@@ -228,6 +242,9 @@ def main(argv):
     if not objective.tempered and cfg.temperature != 1.0:
         raise UserError(f"--temperature={cfg.temperature}: {cfg.objective} has no posterior to "
                         "sharpen; drop the flag")
+    if not objective.ode and (cfg.solver, cfg.time_shift) != ("euler", 1.0):
+        raise UserError(f"{cfg.objective} samples with its own jumps on a uniform grid: drop "
+                        f"--solver and --time_shift")
     pc.train(cfg, objective)
 
 

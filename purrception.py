@@ -86,6 +86,9 @@ class Config:
     # sampling (the eval grids; sample.py has its own flags)
     temperature: float = 1.0      # tau: 1 is the trained posterior; ~0.9 gave the paper's best FID
     cfg_scale: float = 1.0        # classifier-free guidance s; 1 turns it off
+    solver: str = "euler"         # euler (the paper's) or dpm++2m: second order, the same calls
+    time_shift: float = 1.0       # the time grid: 1 uniform, < 1 denser near the data (t = 1)
+    cfg_interval: str = "0,1"     # guidance only for t in lo,hi (0,1: at every step)
     # system
     device: str = ""              # '' picks cuda, then mps, then cpu
     compile: bool = False         # torch.compile: faster GPU steps after a minute of compiling
@@ -93,12 +96,17 @@ class Config:
     peak_flops: float = 0.0       # peak FLOP/s for the MFU print; 0: cli.PEAK_FLOPS has it
 
 
+SOLVERS = ("euler", "dpm++2m")    # the sampler's ODE solvers (section "the sampler")
+
 # What each flag may be: checked before anything is read or written.
 RANGES = {
     "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
     "lr": (lambda v: v > 0, "positive"),
     "temperature": (lambda v: v > 0, "positive"),
+    "time_shift": (lambda v: v > 0, "positive"),
+    "solver": (lambda v: v in SOLVERS, " or ".join(SOLVERS)),
+    "cfg_interval": (lambda v: interval(v) is not None, "two times lo,hi with 0 <= lo <= hi <= 1"),
     **{k: (lambda v: v >= 1, "at least 1")
        for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
                  "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
@@ -108,6 +116,17 @@ RANGES = {
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
                                                         "beta2")},
 }
+
+
+def interval(text):
+    """'lo,hi' -> (lo, hi) with 0 <= lo <= hi <= 1, else None."""
+    try:
+        lo, hi = map(float, text.split(","))
+    except ValueError:
+        return None
+    return (lo, hi) if 0 <= lo <= hi <= 1 else None
+
+
 # The flags a resume takes from the checkpoint (its model) and those that need not match its run.
 ARCHITECTURE = ("patch_size", "n_layer", "n_head", "n_embd", "time_embed")
 PER_INVOCATION = ("init_from", "overwrite", "max_iters", "device", "compile", "peak_flops",
@@ -423,9 +442,6 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # 2024), skipping the unconditional pass elsewhere. Network calls (NFE): one per step, a guided call
 # running the conditional and the unconditional rows as one batch.
 
-SOLVERS = ("euler", "dpm++2m")
-
-
 def time_grid(steps, time_shift=1.0, device=None):
     """The steps + 1 times from 0 to 1 the sampler visits: uniform, or shifted towards t = 1."""
     ts = torch.linspace(0, 1, steps + 1, device=device)
@@ -642,11 +658,13 @@ class Objective:
     build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
     sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
-                      #  noise=(B, h, w, d) where it starts from noise]) -> idx
+                      #  noise=(B, h, w, d) where it starts from noise], solver=, time_shift=,
+                      #  cfg_interval=) -> idx
     noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), where the sampler
                             # starts too; 'uniform' (B, h, w): DFM's masks, no noise to start from
     tempered: bool = True   # a posterior that --temperature sharpens (not a regressed velocity)
     shows_posterior: bool = False   # sample(..., return_trajectory=True) gives its posterior path
+    ode: bool = True        # its sampler integrates the ODE, so --solver and --time_shift apply
 
 
 # The loop's loss and sampler read the logits CHUNK at a time: K = 16384 fits, and a small K reads
@@ -704,7 +722,9 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
     y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)             # (rows*cols,)
     with ctx:
         idx = objective.sample(model, E, y, grid, cfg.sample_steps, cfg.temperature, cfg.cfg_scale,
-                               model.num_classes, torch.Generator().manual_seed(cfg.seed))
+                               model.num_classes, torch.Generator().manual_seed(cfg.seed),
+                               solver=cfg.solver, time_shift=cfg.time_shift,
+                               cfg_interval=interval(cfg.cfg_interval))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
     canvas = Image.fromarray(vq.tile(images, n_cols, scale=max(2, 64 // images.shape[1])))

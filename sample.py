@@ -34,7 +34,6 @@ DECODE_BATCH = 50                 # images per tokenizer decode
 
 @dataclass
 class SampleConfig:
-    """The flags of every sampling command (this one and sample_ddp.py)."""
     out_dir: str = os.path.join(purrception.HERE, "out-shapes")   # ckpt.pt in, samples out
     ckpt: str = ""                # checkpoint; '' means out_dir/ckpt.pt
     data_dir: str = ""            # tokenizer, class names; '' means the run's data folder
@@ -42,7 +41,7 @@ class SampleConfig:
     seed: int = 0                 # same seed, same noise, same images
     steps: int = 0                # Euler steps; 0: the run's sample_steps (paper: 100; 250)
     cfg_scale: float = 0.0        # guidance s (1 = off, paper's best 1.3); 0: the run's
-    batch_size: int = 250         # images per sampler call
+    batch_size: int = 250         # images per sampler call (and per part of an npz)
     device: str = ""              # cuda | mps | cpu; '' picks the best available
 
 
@@ -55,7 +54,7 @@ class PictureConfig(SampleConfig):
     frames: int = 6               # times shown by --uncertainty and --trajectory
 
 # -----------------------------------------------------------------------------
-# a checkpoint and its tokenizer, ready to sample from
+# a checkpoint and its tokenizer, ready to sample from (here and in sample_ddp.py)
 
 
 @dataclass

@@ -6,13 +6,10 @@ the ADM evaluator's npz, then their FID (DiT's sample_ddp.py).
     torchrun --standalone --nproc_per_node=8 sample_ddp.py --out_dir=out-cifar10 \
         --num_samples=50000 --save_npz=samples.npz --fid
 
---save_npz (relative: in out_dir) gets arr_0: uint8 images (N, H, W, 3) and arr_1: labels, once,
-atomically, when every part of --batch_size samples is done. The parts wait in FILE.parts/, part j
-made by process j % processes, so a killed run started again with the same flags samples only what
-is missing. Every sample has its own seed (sample.sample_noise): the file has the same bytes for
-any batch size and any number of processes. The first process assembles it and computes the FID
-(--fid: against the data folder's train images, or --fid_ref_stats, --fid_ref_dir); a file made
-earlier is scored with `python fid.py --samples=FILE --data_dir=FOLDER`.
+--save_npz (in out_dir) gets arr_0: uint8 images (N, H, W, 3), arr_1: labels, once, atomically,
+when every part of --batch_size samples waiting in FILE.parts/ is done: a killed run started again
+samples only what is missing. A seed per sample (sample.sample_noise): the same bytes for any
+batch size and number of processes. Score a file later with `python fid.py --samples=FILE`.
 """
 
 import math
@@ -35,7 +32,6 @@ from cli import UserError
 class ManySamplesConfig(sample.SampleConfig):
     num_samples: int = 50000      # class-balanced samples (every class in turn, or --class_label)
     temperature: float = 0.0      # tau; 0: the run's
-    batch_size: int = 250         # images per sampler call and per part of --save_npz
     save_npz: str = "samples.npz"  # the samples, in ADM's npz (relative: in out_dir)
     fid: bool = False             # FID of the samples vs train images (or --fid_ref_*)
     fid_model: str = ""           # TorchScript Inception; '': torch-fidelity or fid-helper
@@ -48,7 +44,7 @@ class ManySamplesConfig(sample.SampleConfig):
 
 
 def check_npz_path(path, out_dir):
-    """--save_npz names a .npz file in out_dir or in another existing folder."""
+    """--save_npz names a .npz file in out_dir or another existing folder: checked first."""
     folder = os.path.dirname(path)
     if os.path.isdir(path):
         raise UserError(f"--save_npz={path} is a folder; name a file in it, e.g. "
@@ -95,9 +91,6 @@ def sample_in_parts(sampler, opt, labels, temperature, path, rank=0, world=1):
     kept = sum(min(len(labels), (j + 1) * opt.batch_size) - j * opt.batch_size
                for j in range(n_parts) if os.path.exists(part(j)))
     mine = [j for j in range(rank, n_parts, world) if not os.path.exists(part(j))]
-    if len(mine) < len(range(rank, n_parts, world)):
-        print(f"[process {rank}] {len(range(rank, n_parts, world)) - len(mine)} parts already "
-              f"in {parts_dir}, {len(mine)} to go")
     for j in cli.progress(mine, desc=f"[process {rank}] sampling", unit="part"):
         lo, hi = j * opt.batch_size, min(len(labels), (j + 1) * opt.batch_size)
         images = sample.generate(sampler, labels[lo:hi], opt.steps, temperature, opt.cfg_scale,
@@ -107,14 +100,15 @@ def sample_in_parts(sampler, opt, labels, temperature, path, rank=0, world=1):
         return None
     while not all(os.path.exists(part(j)) for j in range(n_parts)):   # the other processes'
         time.sleep(1)
-    images = None
     for j in range(n_parts):                  # filled in place: one copy of the images in memory
         with np.load(part(j)) as f:
-            images = (np.empty((len(labels), *f["arr_0"].shape[1:]), np.uint8) if images is None
-                      else images)
+            if j == 0:
+                images = np.empty((len(labels), *f["arr_0"].shape[1:]), np.uint8)
             images[j * opt.batch_size:(j + 1) * opt.batch_size] = f["arr_0"]
     write_npz(path, arr_0=images, arr_1=labels)
     shutil.rmtree(parts_dir)
+    print(f"wrote {path}: arr_0 {images.shape} uint8 images, arr_1 labels (index "
+          f"{sampler.meta['num_classes']} is the null class)")
     return images, kept
 
 # -----------------------------------------------------------------------------
@@ -139,16 +133,15 @@ def main(argv):
         if opt.fid:                              # its extractor and reference, before sampling
             fid.check_reference(sampler.data_dir, opt.fid_model or None, opt.fid_ref_stats,
                                 opt.fid_ref_dir)
-        C, t0 = sampler.meta["num_classes"], time.time()
+        t0, C = time.time(), sampler.meta["num_classes"]
         labels = sample.balanced_labels(opt.num_samples, C, label).astype(np.int64)
         done = sample_in_parts(sampler, opt, labels, temperature, path, rank, world)
         if done is None:
             return None
-        (images, kept), n, dt = done, opt.num_samples - done[1], time.time() - t0
-        print(f"wrote {path}: arr_0 {images.shape} uint8 images, arr_1 labels (index {C} is the "
-              f"null class)")
-        print(f"{n} samples in {dt:.1f}s ({n / dt:.1f} images/s, {world} process"
-              f"{'es' * (world > 1)})" + f", {kept} more from the parts of an earlier run" * (kept > 0))
+        (images, kept), dt = done, time.time() - t0
+        print(f"{opt.num_samples - kept} samples in {dt:.1f}s ({(opt.num_samples - kept) / dt:.1f} "
+              f"images/s, {world} process{'es' * (world > 1)})"
+              + f", {kept} more from the parts of an earlier run" * (kept > 0))
         result = {"images": images, "labels": labels}
         if opt.fid:              # Inception runs at 299x299: 50 images a batch keep it near 2 GB
             result["fid"], protocol = fid.compute_fid(

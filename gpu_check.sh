@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the GPU path once, end to end, with one summary at the end. Run it on a CUDA machine:
+# gpu_check.sh: the GPU path once, end to end, with one summary at the end. On a CUDA machine:
 #
 #     bash gpu_check.sh                       # cifar10: bench, 2000 iters (bf16 + compile), FID-5k
 #     ITERS=500 SAMPLES=2000 bash gpu_check.sh

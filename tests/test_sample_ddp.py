@@ -14,7 +14,7 @@ import torch
 import sample
 import sample_ddp
 from cli import UserError
-from conftest import GRID, NUM_CLASSES as C, StubExtractor, tiny_config
+from conftest import GRID, StubExtractor, tiny_config
 from purrception import train
 
 S, STEPS = 2 * GRID, 8                              # conftest's 8x8 images, a 4x4 token grid

@@ -59,6 +59,7 @@ class PictureConfig(SampleConfig):
 
 @dataclass
 class Sampler:
+    """What sampling needs of a trained run: its network, its objective and its tokenizer."""
     model: torch.nn.Module        # the EMA weights, in eval mode
     objective: purrception.Objective
     ckpt: dict

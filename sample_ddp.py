@@ -93,9 +93,9 @@ def sample_in_parts(sampler, opt, labels, temperature, path, rank=0, world=1):
     mine = [j for j in range(rank, n_parts, world) if not os.path.exists(part(j))]
     for j in cli.progress(mine, desc=f"[process {rank}] sampling", unit="part"):
         lo, hi = j * opt.batch_size, min(len(labels), (j + 1) * opt.batch_size)
-        images = sample.generate(sampler, labels[lo:hi], opt.steps, temperature, opt.cfg_scale,
-                                 opt.seed, opt.batch_size, start=lo)
-        write_npz(part(j), arr_0=images, arr_1=labels[lo:hi])
+        batch = sample.generate(sampler, labels[lo:hi], opt.steps, temperature, opt.cfg_scale,
+                                opt.seed, opt.batch_size, start=lo)
+        write_npz(part(j), arr_0=batch, arr_1=labels[lo:hi])
     if rank != 0:
         return None
     while not all(os.path.exists(part(j)) for j in range(n_parts)):   # the other processes'

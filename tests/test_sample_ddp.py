@@ -100,9 +100,9 @@ def test_npz_is_the_adm_format_and_the_same_for_any_batch_size(run, one_process_
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_two_torchrun_processes_write_the_same_bytes_as_one_and_the_fid(run, one_process_npz,
-                                                                         tmp_path, stub):
-    # no --save_npz: the processes meet at its default, out_dir/samples.npz
+def test_two_torchrun_processes_write_the_same_bytes_as_one(run, one_process_npz, tmp_path, stub):
+    # no --save_npz: the processes meet at its default, out_dir/samples.npz; the first then
+    # computes the FID
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         "sample_ddp.py", *ddp_flags(run, tmp_path, "--num_samples=12",
                                                     "--batch_size=3", "--fid",

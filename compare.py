@@ -103,18 +103,18 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
         raise UserError(f"{ckpt_path} is already at iter {done} > {stage}: remove the arm's folder "
                         f"or give the stages in increasing order")
     train_s = time.time() - t0
-    run = sample.load_run(ckpt_path, "", "cpu")
+    sampler = sample.load_sampler(ckpt_path, "", "cpu")
     t0 = time.time()
-    labels = sample.balanced_labels(opt.fid_samples, run.meta["num_classes"], None)
-    images = sample.generate(run, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250,
+    labels = sample.balanced_labels(opt.fid_samples, sampler.meta["num_classes"], None)
+    images = sample.generate(sampler, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250,
                              progress=True)
     sample_s = time.time() - t0
-    ref = fid.reference_stats(run.data_dir, extractor_path, opt.fid_ref, model=extractor)
+    ref = fid.reference_stats(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
     feats = fid.inception_features(images, extractor, desc=f"[{arm} seed {seed}] sample features")
     score, se = fid_with_error(feats, ref[:2], opt.bootstrap, seed)
     protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples "
                 f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {ref[2]} train images")
-    m = run.ckpt["metrics"]
+    m = sampler.ckpt["metrics"]
     return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}",
                 fid_se=f"{se:.2f}", val_loss=f"{m['val_loss']:.4f}",
                 val_loss_by_t=" ".join(f"{x:.3f}" for x in m["val_loss_by_t"]),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the GPU path once, end to end, with one summary at the end. Run it on a CUDA machine:
+# gpu_check.sh: the GPU path once, end to end, with one summary at the end. On a CUDA machine:
 #
 #     bash gpu_check.sh                       # cifar10: bench, 2000 iters (bf16 + compile), FID-5k
 #     ITERS=500 SAMPLES=2000 bash gpu_check.sh
@@ -8,7 +8,8 @@
 #    peak memory of each;
 # 2. a short cifar10 training from scratch with bf16 autocast and torch.compile (the preset's
 #    flags, fewer iterations), in $OUT/run;
-# 3. SAMPLES class-balanced samples from its EMA weights and their FID against the train images.
+# 3. SAMPLES class-balanced samples from its EMA weights under torchrun (NPROC processes, one a
+#    GPU) into ADM's npz, and their FID against the train images (sample_ddp.py).
 #
 # It needs data/cifar10 prepared (`python prepare_data.py --dataset=cifar10`, which downloads the
 # tarball, or --data_dir=a local copy) and, for FID, an Inception: FID_MODEL=a TorchScript file, or
@@ -25,6 +26,7 @@ BENCH_ITERS=${BENCH_ITERS:-10}
 EXTRA=${EXTRA:-}                      # flags added to bench.py and purrception.py (a dry run's)
 FID_MODEL=${FID_MODEL:-}
 FID_REF=${FID_REF:-0}                 # train images for the FID reference; 0: all of them
+NPROC=${NPROC:-1}                     # sampling processes (GPUs) under torchrun
 OUT=${OUT:-gpu-check-$DATASET}
 mkdir -p "$OUT"
 python -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
@@ -39,9 +41,10 @@ python purrception.py --dataset="$DATASET" --compile=true --max_iters="$ITERS" \
     --eval_interval="$ITERS" --log_interval=$(( ITERS < 100 ? 1 : 100 )) --out_dir="$OUT/run" \
     --overwrite=true $EXTRA | tee "$OUT/train.log"
 
-# 3. samples and their FID
-python sample.py --out_dir="$OUT/run" --fid --num_samples="$SAMPLES" \
-    --fid_ref="$FID_REF" ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee "$OUT/fid.log"
+# 3. samples into $OUT/run/samples.npz, then their FID (by the first process)
+python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" sample_ddp.py \
+    --out_dir="$OUT/run" --fid --num_samples="$SAMPLES" --fid_ref="$FID_REF" \
+    ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee "$OUT/fid.log"
 
 # the summary: the lines that carry the figures
 {

@@ -39,8 +39,11 @@ class SampleConfig:
     data_dir: str = ""            # tokenizer, class names; '' means the run's data folder
     class_label: str = "all"      # all (every class in turn) | an index | a name | none (or -1)
     seed: int = 0                 # same seed, same noise, same images
-    steps: int = 0                # Euler steps; 0: the run's sample_steps (paper: 100; 250)
+    steps: int = 0                # network calls; 0: the run's sample_steps (paper: 100; 250)
     cfg_scale: float = 0.0        # guidance s (1 = off, paper's best 1.3); 0: the run's
+    solver: str = ""              # euler (the paper's) | dpm++2m (second order); '': the run's
+    time_shift: float = 0.0       # time grid: 1 uniform, < 1 denser near the data; 0: the run's
+    cfg_interval: str = ""        # guidance only for t in lo,hi; '': the run's (0,1: always)
     batch_size: int = 250         # images per sampler call (and per part of an npz)
     device: str = ""              # cuda | mps | cpu; '' picks the best available
 
@@ -116,24 +119,45 @@ def sampler_from_flags(opt, device, temperatures=(), verbose=True):
     label (None: every class in turn), the temperatures (the run's where none are given))."""
     ckpt_path = opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")
     sampler = load_sampler(ckpt_path, opt.data_dir, device)
-    run_config, objective = sampler.ckpt["config"], sampler.objective.name
+    run_config, objective = sampler.ckpt["config"], sampler.objective
     temperatures = list(temperatures) or [run_config.get("temperature", 1.0)]
-    if objective.startswith("cfm") and temperatures != [1.0]:
-        raise UserError(f"--temperature: {ckpt_path} is a {objective} run, which has no posterior "
-                        f"to sharpen")
+    if not objective.tempered and temperatures != [1.0]:
+        raise UserError(f"--temperature: {ckpt_path} is a {objective.name} run, which has no "
+                        f"posterior to sharpen")
     label = parse_label(opt.class_label, sampler.meta)
-    # guidance towards the null class is no guidance: skip its cost
+    # unset flags follow the run's; guidance towards the null class is no guidance: skip its cost
     cfg_scale = opt.cfg_scale or run_config.get("cfg_scale", 1.0)
     opt = replace(opt, steps=opt.steps or run_config.get("sample_steps", 100),
-                  cfg_scale=1.0 if label == sampler.meta["num_classes"] else cfg_scale)
+                  cfg_scale=1.0 if label == sampler.meta["num_classes"] else cfg_scale,
+                  solver=opt.solver or run_config.get("solver", "euler"),
+                  time_shift=opt.time_shift or run_config.get("time_shift", 1.0),
+                  cfg_interval=opt.cfg_interval or run_config.get("cfg_interval", "0,1"))
+    cli.check_ranges(opt, {k: purrception.RANGES[k] for k in ("solver", "time_shift",
+                                                              "cfg_interval")})
+    if not objective.ode and (opt.solver, opt.time_shift) != ("euler", 1.0):
+        raise UserError(f"{ckpt_path} is a {objective.name} run, which samples with its own jumps "
+                        f"on a uniform grid: drop --solver and --time_shift")
     if verbose:
-        print(f"{ckpt_path} ({objective}, iter {sampler.ckpt['iter']}, EMA weights) on {device}: "
-              f"{opt.steps} steps, temperature {','.join(map(str, temperatures))}, cfg_scale "
-              f"{opt.cfg_scale}, seed {opt.seed}")
+        print(f"{ckpt_path} ({objective.name}, iter {sampler.ckpt['iter']}, EMA weights) on "
+              f"{device}: {describe(opt)}, temperature {','.join(map(str, temperatures))}, seed "
+              f"{opt.seed}")
     return sampler, opt, label, temperatures
 
 # -----------------------------------------------------------------------------
 # samples: a seed per sample, in batches
+
+
+def solve(opt):
+    """The sampler's solver settings in opt -> the keywords of Objective.sample."""
+    return dict(solver=opt.solver, time_shift=opt.time_shift,
+                cfg_interval=purrception.interval(opt.cfg_interval))
+
+
+def describe(opt):
+    """How the samples are made, for every line that reports them."""
+    return (f"{opt.solver} on {opt.steps} steps (time_shift {opt.time_shift}): {opt.steps} network "
+            f"calls, cfg_scale {opt.cfg_scale} in t {opt.cfg_interval} (a guided call runs the "
+            f"conditional and unconditional rows as one batch)")
 
 
 def sample_noise(sampler, start, n, seed):
@@ -146,20 +170,20 @@ def sample_noise(sampler, start, n, seed):
 
 @torch.no_grad()
 def generate(sampler, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, batch_size=250,
-             progress=False, start=0):
+             progress=False, start=0, **solver):
     """Labels (N,) of samples start .. start + N - 1 -> uint8 images (N, H, W, 3). Each sample's
     noise has its own seed (sample_noise); DFM, which starts from masks, draws its jumps from a
-    generator seeded by (seed, the batch's first index)."""
+    generator seeded by (seed, the batch's first index). solver: see solve()."""
     out, starts = [], range(0, len(labels), batch_size)
     for i in cli.progress(starts, desc="sampling", unit="batch") if progress else starts:
         y = torch.as_tensor(labels[i:i + batch_size], device=sampler.E.device).long()
         g = torch.Generator().manual_seed(hash((seed, start + i)))
-        noise = ({} if sampler.objective.name == "dfm" else
-                 {"noise": sample_noise(sampler, start + i, len(y), seed)})
+        noise = ({"noise": sample_noise(sampler, start + i, len(y), seed)}
+                 if sampler.objective.noise == "normal" else {})      # DFM starts from masks
         with cli.autocast(sampler.E.device):
             idx = sampler.objective.sample(sampler.model, sampler.E, y, sampler.grid, steps,
                                            temperature, cfg_scale, sampler.meta["num_classes"], g,
-                                           **noise)
+                                           **noise, **solver)
         # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
         out += [vq.to_uint8(sampler.tokenizer.decode(part)) for part in idx.split(DECODE_BATCH)]
     return np.concatenate(out)
@@ -205,7 +229,8 @@ def draw_grid(sampler, opt, label, temps):
         ncol = len(labels) if sweep else min(8, len(labels))
     if sweep:
         print("rows: temperature " + ", ".join(map(str, temps)))
-    images = [generate(sampler, labels, opt.steps, t, opt.cfg_scale, opt.seed, opt.batch_size)
+    images = [generate(sampler, labels, opt.steps, t, opt.cfg_scale, opt.seed, opt.batch_size,
+                       **solve(opt))
               for t in temps]
     name = "samples_temperature.png" if sweep else "samples.png"
     return save_png(tile(np.concatenate(images), ncol), os.path.join(opt.out_dir, name))
@@ -219,9 +244,9 @@ def posterior_path(sampler, opt, label, temperature, n):
     C, device = sampler.meta["num_classes"], sampler.E.device
     y = torch.as_tensor(balanced_labels(n, C, label), device=device).long()
     with cli.autocast(device):
-        idx, traj = purrception.euler_sample(
+        idx, traj = sampler.objective.sample(
             sampler.model, sampler.E, y, sampler.grid, opt.steps, temperature, opt.cfg_scale, C,
-            noise=sample_noise(sampler, 0, n, opt.seed), return_trajectory=True)
+            noise=sample_noise(sampler, 0, n, opt.seed), return_trajectory=True, **solve(opt))
     mean = lambda s: vq.to_uint8(sampler.tokenizer.decode_z(traj["mu"][s].float()))
     return traj, vq.to_uint8(sampler.tokenizer.decode(idx)), mean
 
@@ -295,7 +320,7 @@ def main(argv):
     instead = f"sample into another folder meanwhile: --ckpt={ckpt_path} --out_dir=OTHER"
     with cli.one_writer(opt.out_dir, instead):
         sampler, opt, label, temps = sampler_from_flags(opt, device, temps)
-        if sampler.objective.name != "purrception" and (opt.uncertainty or opt.trajectory):
+        if not sampler.objective.shows_posterior and (opt.uncertainty or opt.trajectory):
             raise UserError(f"--uncertainty and --trajectory draw Purrception's posterior; "
                             f"{ckpt_path} is a {sampler.objective.name} run")
         os.makedirs(opt.out_dir, exist_ok=True)

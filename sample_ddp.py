@@ -74,7 +74,9 @@ def sample_in_parts(sampler, opt, labels, temperature, path, rank=0, world=1):
     parts_dir, n_parts = path + ".parts", math.ceil(len(labels) / opt.batch_size)
     spec = {"ckpt": os.path.abspath(opt.ckpt or os.path.join(opt.out_dir, "ckpt.pt")),
             "iter": sampler.ckpt["iter"], "seed": opt.seed, "steps": opt.steps,
-            "temperature": temperature, "cfg_scale": opt.cfg_scale, "num_samples": len(labels),
+            "temperature": temperature, "cfg_scale": opt.cfg_scale, "solver": opt.solver,
+            "time_shift": opt.time_shift, "cfg_interval": opt.cfg_interval,
+            "num_samples": len(labels),
             "class_label": opt.class_label, "batch_size": opt.batch_size}
     spec_path = os.path.join(parts_dir, "spec.json")
     if os.path.exists(spec_path) and cli.read_json(spec_path) != spec:
@@ -94,7 +96,7 @@ def sample_in_parts(sampler, opt, labels, temperature, path, rank=0, world=1):
     for j in cli.progress(mine, desc=f"[process {rank}] sampling", unit="part"):
         lo, hi = j * opt.batch_size, min(len(labels), (j + 1) * opt.batch_size)
         batch = sample.generate(sampler, labels[lo:hi], opt.steps, temperature, opt.cfg_scale,
-                                opt.seed, opt.batch_size, start=lo)
+                                opt.seed, opt.batch_size, start=lo, **sample.solve(opt))
         write_npz(part(j), arr_0=batch, arr_1=labels[lo:hi])
     if rank != 0:
         return None
@@ -147,9 +149,8 @@ def main(argv):
             result["fid"], protocol = fid.compute_fid(
                 images, sampler.data_dir, opt.fid_model or None, opt.fid_ref or None, 50, device,
                 ref_stats=opt.fid_ref_stats, ref_dir=opt.fid_ref_dir)
-            print(f"FID {result['fid']:.2f} ({protocol}); {opt.steps} steps, temperature "
-                  f"{temperature}, cfg_scale {opt.cfg_scale} (the tokenizer caps it: see its "
-                  f"reconstruction FID in the README)")
+            print(f"FID {result['fid']:.2f} ({protocol}); {sample.describe(opt)}, temperature "
+                  f"{temperature} (the tokenizer caps it: see its reconstruction FID)")
         return result
 
 

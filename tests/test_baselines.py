@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import baselines
 import cli
 import sample
+import sample_ddp
 from baselines import (OBJECTIVES, cfm_endpoint_loss, cfm_endpoint_sample, cfm_loss, cfm_sample, dfm_loss,
                        dfm_sample, dfm_step, get_objective, nearest_code)
 from cli import UserError
@@ -199,9 +200,10 @@ def test_every_objective_trains_checkpoints_resumes_and_samples(data_dir, tmp_pa
     resumed = train(cfg(tmp_path / "b", max_iters=6, init_from="resume"), get_objective(objective))
     assert straight["losses"][3:] == resumed["losses"] and math.isfinite(resumed["val_loss"])
     out = tmp_path / "b"
-    run = sample.load_run(str(out / "ckpt.pt"))
-    assert run.ckpt["objective"] == objective and run.objective is OBJECTIVES[objective]
-    images = sample.main([f"--out_dir={out}", "--num_samples=4", "--save_npz=s.npz", "--steps=3"])["images"]
+    sampler = sample.load_sampler(str(out / "ckpt.pt"))
+    assert sampler.ckpt["objective"] == objective and sampler.objective is OBJECTIVES[objective]
+    images = sample_ddp.main([f"--out_dir={out}", "--num_samples=4", "--save_npz=s.npz",
+                              "--steps=3"])["images"]
     assert images.shape == (4, 2 * GRID, 2 * GRID, 3) and images.dtype == np.uint8
     other = "dfm" if objective != "dfm" else "cfm"
     with pytest.raises(UserError, match="objective"):                                 # resume with another objective

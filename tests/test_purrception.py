@@ -237,7 +237,7 @@ def test_train_smoke_writes_a_portable_checkpoint_and_grids(data_dir, tmp_path):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert json.load(open(tmp_path / "config.json"))["max_iters"] == 3
     assert not (tmp_path / "samples_000000.png").exists() and (tmp_path / "samples_000003.png").exists()
-    model = sample.load_run(str(tmp_path / "ckpt.pt")).model
+    model = sample.load_sampler(str(tmp_path / "ckpt.pt")).model
     assert all(torch.equal(p, ckpt["ema"][n]) for n, p in model.state_dict().items()) and not model.training
 
 

@@ -204,7 +204,7 @@ def costs(model, cfg, peak):
 
 def main(argv):
     cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
-    cli.check_ranges(cfg, {**cli.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
+    cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
                            "bench_warmup": (lambda v: v >= 1, "at least 1"),
                            "sample_batch": (lambda v: v >= 0, "at least 0")})
     device = cli.pick_device(cfg.device)

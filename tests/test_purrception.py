@@ -98,6 +98,69 @@ def test_cfg_scale_one_is_the_conditional_pass_and_guidance_is_one_batched_forwa
                        null_label=2)
     assert (idx == 1).all() and model.calls == [8] * 5
 
+class GaussianDataMean(torch.nn.Module):
+    """The exact posterior mean when the data z1 ~ N(m, s^2) per position: z_t ~ N(t m, sigma_t^2)
+    with sigma_t^2 = t^2 s^2 + (1 - t)^2, so E[z1 | z_t] = m + t s^2 (z_t - t m) / sigma_t^2, given
+    as logits over the two codes -L and L of d = 1 (their mean is any point between). The ODE's
+    solution from z0 is known: z_t = t m + sigma_t z0, so z1 = m + s z0."""
+    m, s, L = 0.3, 1.0, 8.0
+
+    def forward(self, z, t, y):
+        t, z = t.double().view(-1, 1, 1, 1), z.double()
+        mu = self.m + t * self.s ** 2 * (z - t * self.m) / (t ** 2 * self.s ** 2 + (1 - t) ** 2)
+        p = (mu + self.L) / (2 * self.L)                                 # pi of code L
+        return torch.cat([torch.zeros_like(p), p.log() - (-p).log1p()], -1).float()
+
+
+@pytest.mark.parametrize("time_shift", [1.0, 0.5])
+def test_each_solver_converges_at_its_order_to_the_known_solution(time_shift):
+    oracle, E = GaussianDataMean(), torch.tensor([[-GaussianDataMean.L], [GaussianDataMean.L]])
+    z0 = torch.randn(256, 2, 2, 1, generator=torch.Generator().manual_seed(0))
+    exact, y = oracle.m + oracle.s * z0, torch.zeros(256, dtype=torch.long)
+    error = {}
+    for solver in purrception.SOLVERS:
+        for steps in (32, 64, 128):
+            _, path = euler_sample(oracle, E, y, 2, steps, noise=z0, return_trajectory=True,
+                                   solver=solver, time_shift=time_shift)
+            error[solver, steps] = (path["mu"][-1] - exact).abs().max().item()   # z lands on mu
+    order = lambda solver, n: math.log2(error[solver, n] / error[solver, 2 * n])
+    assert all(0.85 < order("euler", n) < 1.15 for n in (32, 64)), error
+    assert all(order("dpm++2m", n) > 1.6 for n in (32, 64)), error
+    assert all(error["dpm++2m", n] < error["euler", n] / 4 for n in (32, 64, 128)), error
+
+
+def test_the_second_order_step_is_first_order_where_lambda_is_infinite():
+    ts, mu, mu_prev = purrception.time_grid(6, 0.5), torch.ones(3), torch.zeros(3)
+    assert ts[0] == 0 and ts[-1] == 1 and (ts.diff() > 0).all() and ts.diff()[-1] < 1 / 6
+    # first order at the step from t = 0, the next (its mu_prev is at lambda = -inf), the last
+    for i, first in ((0, True), (1, True), (2, False), (4, False), (5, True)):
+        D = purrception.data_prediction(mu, mu_prev, ts, i, "dpm++2m")
+        assert torch.equal(D, mu) == first
+    assert torch.equal(purrception.data_prediction(mu, mu_prev, ts, 3, "euler"), mu)
+
+
+@pytest.mark.parametrize("chunk", [None, 2**22])
+def test_euler_on_the_uniform_grid_with_guidance_everywhere_is_the_official_loop(chunk):
+    model, E = GaussianPosterior(SQUARE, PROBS), SQUARE
+    y, noise = torch.tensor([0, 1, 1, 0]), torch.randn(4, 2, 2, 2)
+    z, ts = noise.clone(), torch.linspace(0, 1, 9)
+    for i in range(8):                        # the official sampler: Euler on a uniform grid
+        logits = purrception.guided(model, z, ts[i], y, 1.7, 2)
+        mu = torch.softmax(logits / 0.9, dim=-1) @ E
+        z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
+    want = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
+    got = euler_sample(model, E, y, 2, 8, 0.9, 1.7, 2, noise=noise, chunk=chunk, solver="euler",
+                       time_shift=1.0, cfg_interval=(0.0, 1.0))
+    assert torch.equal(got, want)
+
+
+def test_guidance_runs_only_inside_its_interval():
+    model = FixedLogits(SQUARE, PROBS)
+    euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 8, cfg_scale=2.0,
+                 null_label=2, cfg_interval=(0.5, 1.0))
+    assert model.calls == [4] * 4 + [8] * 4                   # t = 0 ... 0.375 unguided, then both
+
+
 # -----------------------------------------------------------------------------
 # model and loss
 
@@ -361,12 +424,15 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
         def forward(self, z, t, y):
             return fixed[: len(y)]
     y = torch.zeros(16, dtype=torch.long)
-    plain = euler_sample(Fixed(), E, y, 4, 10, generator=torch.Generator().manual_seed(2))
+    for solver in purrception.SOLVERS:
+        g = lambda: torch.Generator().manual_seed(2)
+        plain = euler_sample(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = euler_sample(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
+        assert torch.equal(plain, under), solver
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under = euler_sample(Fixed(), E, y, 4, 10, generator=torch.Generator().manual_seed(2))
         z = torch.randn(4096, d)                                                     # the readout alone
         mixed = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
-    assert torch.equal(plain, under)
     exact = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
     assert not torch.equal(mixed, exact)             # what bf16 would have done: the test can tell the difference
 

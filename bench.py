@@ -22,6 +22,12 @@ TF32: what runs outside bf16 autocast is fp32.
 --loss_memory: the peak memory per image of the loss and of a sampler step, the chunked ones of
 purrception.py beside the same maths on the whole (B, h, w, K) fp32 logits (Linux). --costs: the
 FLOPs of training and of sampling one image, and GPU-hours at --mfu (estimates; shapes only).
+
+    python bench.py --solver_error=out-shapes/ckpt.pt --device=cpu
+
+--solver_error: a trained checkpoint's EMA network sampled by every solver, on the uniform grid and
+on --time_shift's, at 8 to 64 network calls, against 400 Euler steps from the same noise: the share
+of codes that agree, and the relative L2 distance of the final z (before the readout).
 """
 
 import copy
@@ -50,6 +56,7 @@ class BenchConfig(pc.Config):
     costs: bool = False           # only FLOPs per image (training, sampling) and hours at --mfu
     mfu: float = 0.4              # the model FLOPs utilisation the --costs hours assume
     train_images: float = 0.0     # --costs: images seen in training; 0: max_iters x global batch
+    solver_error: str = ""        # a checkpoint: each solver and grid against 400 Euler steps
 
 
 def sync(device):
@@ -202,12 +209,44 @@ def costs(model, cfg, peak):
     return {"train_flops_per_image": train, "sample_flops_per_image": sample}
 
 
+def solver_error(cfg, device):
+    """Print and return {(solver, time_shift, steps): (share of codes agreeing, relative L2 of z)}
+    against a 400-step Euler solution (see the docstring)."""
+    import sample
+    sampler = sample.load_sampler(cfg.solver_error, device=device)
+    C, trained = sampler.meta["num_classes"], sampler.ckpt["config"]
+    y = torch.arange(cfg.sample_batch or 40, device=device) % C            # class-balanced
+    noise = sample.sample_noise(sampler, 0, len(y), cfg.seed)
+
+    def solve(steps, **solver):                # the final codes and z (the last step's mu)
+        idx, path = pc.euler_sample(sampler.model, sampler.E, y, sampler.grid, steps,
+                                    trained["temperature"], trained["cfg_scale"], C, noise=noise,
+                                    return_trajectory=True, chunk=pc.CHUNK, **solver)
+        return idx, path["mu"][-1]
+    ref_idx, ref_z = solve(400)
+    out = {}
+    for solver in pc.SOLVERS:
+        for shift in sorted({1.0, cfg.time_shift}, reverse=True):
+            for steps in (8, 16, 32, 64):
+                idx, z = solve(steps, solver=solver, time_shift=shift)
+                out[solver, shift, steps] = ((idx == ref_idx).float().mean().item(),
+                                             ((z - ref_z).norm() / ref_z.norm()).item())
+            print(f"{solver}, time_shift {shift}: codes equal to 400 Euler steps / relative L2 of z "
+                  f"at 8, 16, 32, 64 network calls: " + ", ".join(
+                      f"{out[solver, shift, n][0]:.3f} / {out[solver, shift, n][1]:.3f}"
+                      for n in (8, 16, 32, 64)))
+    return out
+
+
 def main(argv):
     cfg = cli.parse_args(argv, BenchConfig(), pc.PRESETS, __doc__)
     cli.check_ranges(cfg, {**pc.RANGES, "bench_iters": (lambda v: v >= 1, "at least 1"),
                            "bench_warmup": (lambda v: v >= 1, "at least 1"),
                            "sample_batch": (lambda v: v >= 0, "at least 0")})
     device = cli.pick_device(cfg.device)
+    if cfg.solver_error:
+        with torch.no_grad():
+            return solver_error(cfg, device)
     meta_path = os.path.join(cfg.data_dir or prepare_data.data_path(cfg.dataset), "meta.json")
     if os.path.exists(meta_path):
         meta = cli.read_json(meta_path)
@@ -246,12 +285,12 @@ def main(argv):
         net = copy.deepcopy(model)
         ema = copy.deepcopy(net).requires_grad_(False)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=device_type == "cuda")
-        run = torch.compile(net) if mode == "compiled" else net
+        stepped = torch.compile(net) if mode == "compiled" else net
         reset_peak_memory(device)
         t0 = time.time()
-        time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_warmup)
+        time_steps(stepped, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_warmup)
         warm = time.time() - t0
-        dt = time_steps(run, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_iters)
+        dt = time_steps(stepped, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_iters)
         results[mode] = dt
         mfu = f", MFU {flops / dt / peak:.1%}" if peak else ", MFU n/a (pass --peak_flops)"
         extra = (f", first {cfg.bench_warmup} steps (compile included) {warm:.1f} s"
@@ -269,12 +308,13 @@ def main(argv):
         t0 = time.time()
         with ctx:
             pc.euler_sample(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
-                            torch.Generator().manual_seed(0), chunk=pc.CHUNK)
+                            torch.Generator().manual_seed(0), chunk=pc.CHUNK, solver=cfg.solver,
+                            time_shift=cfg.time_shift, cfg_interval=pc.interval(cfg.cfg_interval))
         sync(device)
     dt = time.time() - t0
-    print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.sample_steps} steps, "
-          f"cfg_scale {cfg.cfg_scale}: {cfg.sample_steps * (1 + (cfg.cfg_scale != 1))} forwards "
-          f"of {n}), eager")
+    print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.solver} on {cfg.sample_steps} steps: "
+          f"{cfg.sample_steps} network calls, of {n * (1 + (cfg.cfg_scale != 1))} rows with "
+          f"cfg_scale {cfg.cfg_scale}), eager")
     return {"ms_per_iter": {k: v * 1000 for k, v in results.items()},
             "sampler_images_per_s": n / dt, "config": asdict(cfg)}
 

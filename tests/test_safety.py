@@ -23,6 +23,7 @@ import cli
 import prepare_data as pd
 import purrception
 import sample
+import sample_ddp
 import vq
 from cli import UserError
 from conftest import K, ROOT, tiny_config
@@ -166,20 +167,30 @@ def test_atomic_save_removes_its_temporary_on_any_failure_and_leaves_the_old_fil
     assert os.listdir(tmp_path) == ["x.bin"] and open(path, "rb").read() == b"good"
 
 
-def test_every_writer_goes_through_atomic_save(data_dir, tmp_path, monkeypatch):  # noqa: F811
-    seen, real = [], cli.atomic_save
-    monkeypatch.setattr(cli, "atomic_save", lambda write, path, size=None: (seen.append(os.path.basename(path)),
-                                                                            real(write, path, size)))
+def test_every_file_the_commands_leave_was_renamed_into_place_from_a_temporary(data_root, tmp_path,
+                                                                               monkeypatch):
+    """Whoever writes it, every file the commands leave arrived by a rename from a temporary of its
+    own (atomic_save, or the data pipeline's own): a writer that opens its final name directly is
+    caught, whatever file it writes."""
+    landed, rename = set(), os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (rename(a, b), landed.add(os.path.abspath(b))))
+    monkeypatch.setattr(os, "rename", os.replace)
+    pd.main(["--dataset=shapes", *TINY_VQ])
     out = tmp_path / "out"
-    train(tiny_config(data_dir, out, max_iters=3))
+    train(tiny_config(data_root / "shapes", out, max_iters=3))
     sample.main([f"--out_dir={out}", "--steps=2", "--trajectory", "--num_samples=2", "--frames=2"])
-    vq.save_pairs(np.zeros((8, 8, 8, 3), np.uint8), np.zeros((8, 8, 8, 3), np.uint8), str(tmp_path / "r.png"))
+    sample.main([f"--out_dir={out}", "--steps=2", "--uncertainty", "--num_samples=2"])
+    sample_ddp.main([f"--out_dir={out}", "--steps=2", "--num_samples=3", "--batch_size=2"])
+    vq.save_pairs(np.zeros((8, 8, 8, 3), np.uint8), np.zeros((8, 8, 8, 3), np.uint8),
+                  str(tmp_path / "r.png"))
     import compare
-    compare.add_row(str(tmp_path / "results.csv"), {f: "1" for f in compare.FIELDS})
-    compare.add_row(str(tmp_path / "results.csv"), {f: "2" for f in compare.FIELDS})
-    assert {"samples_000003.png", "ckpt.pt", "config.json", "trajectory.png", "trajectory.gif", "r.png",
-            "results.csv"} <= set(seen)
+    for value in "12":
+        compare.add_row(str(tmp_path / "results.csv"), {f: value for f in compare.FIELDS})
+    left = {os.path.abspath(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path) for f in fs}
+    locks = {f for f in left if f.endswith(".lock") and os.path.getsize(f) == 0}   # flock files
+    assert len(left) > 15 and left - locks <= landed, sorted(left - locks - landed)
     assert [r["iter"] for r in compare.read_rows(str(tmp_path / "results.csv"))] == ["1", "2"]
+
 
 # -----------------------------------------------------------------------------
 # a tokenizer is checked, not trusted

@@ -140,8 +140,7 @@ PRESETS = {
                    lr=3e-3, warmup_iters=50, decay_lr=True, min_lr=1e-4, ema_decay=0.995,
                    eval_interval=1000, eval_iters=5, log_interval=100, sample_steps=25,
                    cfg_scale=1.5),
-    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens). Training costs 34.6 GFLOP per
-    # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
+    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens), 8.9 TFLOP per 256-image iter.
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
@@ -152,9 +151,8 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# the model: a DiT over the latent grid. A 32x32 CIFAR-10 image -> 16x16 codebook indices -> (patch
-# 2) 8x8 = 64 tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits
-# (B, h, w, K) over the codebook.
+# the model: a DiT over the latent grid. A 32x32 CIFAR-10 image -> 16x16 codes -> (patch 2) 8x8 = 64
+# tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits (B, h, w, K).
 
 
 def modulate(x, shift, scale):
@@ -415,7 +413,7 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
 # out other codes. Classifier-free guidance mixes logits before the temperature (the paper):
 #     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
-# Freezing mu over a step and solving the ODE exactly gives the Euler step, so Euler here is DDIM, or
+# Freezing mu over a step and solving the ODE exactly gives the Euler step, so this Euler is DDIM, or
 # DPM-Solver++(1), on the data prediction mu. solver='dpm++2m' (DPM-Solver++(2M), Lu et al. 2022)
 # puts in mu's place its linear extrapolation in lambda = log(t / (1 - t)) from the step before, at
 # no extra network call:
@@ -433,8 +431,7 @@ def time_grid(steps, time_shift=1.0, device=None):
 
 
 def data_prediction(mu, mu_prev, ts, i, solver="euler"):
-    """What step i (ts[i] -> ts[i + 1]) moves towards: mu, or for dpm++2m mu extrapolated from
-    mu_prev, the step before's, linearly in lambda = log(t / (1 - t))."""
+    """What step i (ts[i] -> ts[i + 1]) moves towards: mu, or for dpm++2m its extrapolation."""
     if solver == "euler" or i == 0 or i == len(ts) - 2:
         return mu
     lam = lambda u: torch.log(u / (1 - u))
@@ -459,8 +456,7 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
 
 
 def nearest_code(z, E, chunk=None):
-    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32; chunk: about
-    that many distances at a time."""
+    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32 (chunked)."""
     with torch.autocast(z.device.type, enabled=False):
         zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
         idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
@@ -636,9 +632,8 @@ class Objective:
     name: str
     build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
-                      #  noise=(B, h, w, d) where it starts from noise], solver=, time_shift=,
-                      #  cfg_interval=) -> idx
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[, noise],
+                      #  solver=, time_shift=, cfg_interval=) -> idx
     noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), where the sampler
                             # starts too; 'uniform' (B, h, w): DFM's masks, no noise to start from
     tempered: bool = True   # a posterior that --temperature sharpens (not a regressed velocity)
@@ -694,8 +689,7 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
 
 
 def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path, ctx):
-    """Write a PNG of samples from `model`, one class per row. The noise is fixed by cfg.seed, so
-    the grids of successive evals show the same samples improving."""
+    """A PNG of samples, one class per row, from noise fixed by cfg.seed: each eval's the same."""
     y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)             # (rows*cols,)
     with ctx:
         idx = objective.sample(model, E, y, grid, cfg.sample_steps, cfg.temperature, cfg.cfg_scale,
@@ -749,8 +743,8 @@ def train(cfg, objective=PURRCEPTION):
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
             cfg = cli.resumed_config(cfg, ckpt, ARCHITECTURE, PER_INVOCATION, master)
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
-            raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, start over "
-                            f"with --overwrite=true or pick another --out_dir")
+            raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
+                            f"over with --overwrite=true, or pick another --out_dir")
         torch.manual_seed(cfg.seed)              # the same initial weights on every process
         model = objective.build_model(**model_args).to(device)
         ema = copy.deepcopy(model).requires_grad_(False).eval()

@@ -413,7 +413,7 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
 # out other codes. Classifier-free guidance mixes logits before the temperature (the paper):
 #     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
-# Freezing mu over a step and solving the ODE exactly gives the Euler step, so this Euler is DDIM, or
+# Freezing mu over a step and solving the ODE exactly gives the Euler step, so Euler is DDIM, or
 # DPM-Solver++(1), on the data prediction mu. solver='dpm++2m' (DPM-Solver++(2M), Lu et al. 2022)
 # puts in mu's place its linear extrapolation in lambda = log(t / (1 - t)) from the step before, at
 # no extra network call:

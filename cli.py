@@ -305,8 +305,7 @@ def diverged(what, it, ckpt_path, lr):
 
 
 def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
-    """The checkpoint a --init_from=resume run continues, checked against the run: iterations left
-    to do, the same objective, and data of the same K and d (meta: the token folder's)."""
+    """The checkpoint a --init_from=resume run continues, checked: iters left, objective, K, d."""
     ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
     args, it = ckpt["model_args"], ckpt["iter"]
     if it >= max_iters:

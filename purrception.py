@@ -95,9 +95,7 @@ SOLVERS = ("euler", "dpm++2m")    # the sampler's ODE solvers (section "the samp
 RANGES = {
     "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
-    "lr": (lambda v: v > 0, "positive"),
-    "temperature": (lambda v: v > 0, "positive"),
-    "time_shift": (lambda v: v > 0, "positive"),
+    **{k: (lambda v: v > 0, "positive") for k in ("lr", "temperature", "time_shift")},
     "solver": (lambda v: v in SOLVERS, " or ".join(SOLVERS)),
     "cfg_interval": (lambda v: interval(v) is not None, "two times lo,hi with 0 <= lo <= hi <= 1"),
     **{k: (lambda v: v >= 1, "at least 1")

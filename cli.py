@@ -1,18 +1,9 @@
 """
 cli.py: what every command line here shares, kept out of the way of the code worth reading (nanoGPT
-keeps its flags in configurator.py for the same reason).
-
-- flags: every field of a dataclass is a flag, --key=value, typed by its default; --help prints each
-  flag with the comment beside its field and its value after the dataset's preset;
-- UserError: the one kind of error for bad input; `run` prints it as one line on stderr and exits
-  with status 2 (a crash, a traceback, exits with 1);
-- check_transformer: the model's shape flags against each other, with values that work;
-- split_batch: the global batch of an iteration over processes and micro-steps;
-- checkpoints: load_checkpoint, load_resume and resumed_config check a checkpoint before it is used
-  or continued; diverged and note_cpu_cost, the lines a training stops or warns with;
-- devices: pick_device, setup_distributed (torchrun) and autocast (bf16 or fp32), one of each for
-  every script; PEAK_FLOPS, the GPUs' dense bf16 peaks for MFU;
-- files: atomic_save, one_writer (the lock on a folder) and progress, one of each for every script.
+keeps its flags in configurator.py for the same reason): flags (every dataclass field is a typed
+--key=value), UserError (bad input: one line on stderr, exit status 2), checks of the model's shape
+and of checkpoints, devices (pick_device, torchrun, autocast, PEAK_FLOPS for MFU), and files
+(atomic_save, one_writer, progress).
 """
 
 import atexit
@@ -35,8 +26,7 @@ from dataclasses import fields, replace
 
 
 class UserError(ValueError):
-    """Bad input (a flag, a missing or damaged file). Entry points print it as one line and exit
-    non-zero."""
+    """Bad input (a flag, a missing or damaged file): `run` prints it as one line, exit status 2."""
 
 
 class Stopped(BaseException):
@@ -60,10 +50,9 @@ def _stop(signum, frame):
 
 
 def run(main, argv=None):
-    """Call main(argv): a UserError becomes one line on stderr and exit status 2. SIGTERM (what a
-    scheduler sends before it kills a job) and SIGINT (Ctrl-C) drop the work in progress, remove its
-    temporaries and locks, print stop_note in one line, and end the process by the signal itself,
-    so its exit status is the usual one."""
+    """Call main(argv): a UserError becomes one line on stderr and exit status 2. SIGTERM (a
+    scheduler's) and SIGINT (Ctrl-C) remove temporaries and locks, print stop_note, and end the
+    process by the signal itself, so its exit status is the usual one."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
@@ -86,10 +75,8 @@ def field_comments(cls):
     """{field: the comment beside it} from the dataclass's source, for --help."""
     lines = []
     for klass in reversed(cls.__mro__):                       # a subclass's comments win
-        try:
+        with contextlib.suppress(OSError, TypeError):
             lines += inspect.getsource(klass).splitlines()
-        except (OSError, TypeError):
-            pass
     out = {}
     for line in lines:
         code, _, comment = line.partition("  #")
@@ -107,16 +94,11 @@ def convert(key, text, default):
         if typ is bool:
             return {"true": True, "1": True, "yes": True,
                     "false": False, "0": False, "no": False}[text.lower()]
-        if typ is int:
+        if typ in (int, float):
             value = float(text)
-            if not value.is_integer():
+            if not math.isfinite(value) or typ is int and not value.is_integer():
                 raise ValueError
-            return int(value)
-        if typ is float:
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
+            return typ(value)
         if typ is tuple:
             return tuple(convert(key, part, default[0]) for part in text.split(","))
         return typ(text)
@@ -135,10 +117,9 @@ def help_text(cfg, doc="", extra=None, extra_help=None):
 
 
 def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
-    """['--dataset=cifar10', '--lr=3e-4'] -> a copy of the dataclass cfg with the dataset's preset
-    (if presets are given), then the flags, applied; the last word wins. `extra` maps more flag
-    prefixes ('vq.') to dicts of defaults whose typed values are returned in a second dict
-    (extra_help: their meanings). A mistake raises UserError saying what to type."""
+    """['--dataset=cifar10', '--lr=3e-4'] -> a copy of the dataclass cfg with the dataset's preset,
+    then the flags, applied (the last word wins). `extra` maps flag prefixes ('vq.') to dicts of
+    defaults whose typed values come back in a second dict (extra_help: their meanings)."""
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     extra = extra or {}
     flags, more, wants_help = {}, {}, False
@@ -152,10 +133,9 @@ def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
         name = key[len(prefix):] if prefix else key
         if not arg.startswith("--") or name not in table:
             known = list(defaults) + [p + k for p, t in extra.items() for k in t]
-            hint = difflib.get_close_matches(key, known, n=1)
-            raise UserError(f"unknown option {arg.partition('=')[0]!r}"
-                            + (f" (did you mean --{hint[0]}?)" if hint else "")
-                            + "; --help lists them all")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise UserError(f"unknown option {arg.split('=')[0]!r}{hint}; --help lists them all")
         if not (eq or isinstance(table[name], bool)):
             raise UserError(f"write options as --{key}=VALUE (got {arg!r})")
         # a bare --compile means true
@@ -170,8 +150,7 @@ def parse_args(argv, cfg, presets=None, doc="", extra=None, extra_help=None):
 
 
 def check_ranges(cfg, rules):
-    """rules: {field: (test, what it must be)}; the first field whose value fails its test is a
-    UserError."""
+    """rules: {field: (test, what it must be)}; the first field that fails is a UserError."""
     for name, (test, must) in rules.items():
         value = getattr(cfg, name)
         if not test(value):
@@ -179,9 +158,9 @@ def check_ranges(cfg, rules):
 
 
 def split_batch(batch_size, grad_accum, world):
-    """The global batch, batch_size x grad_accum images an iter, over `world` processes ->
-    (images per micro-step, micro-steps per process). It is cut into n equal micro-steps, n the
-    fewest (at least grad_accum) that the processes share evenly."""
+    """The global batch, batch_size x grad_accum images, over `world` processes -> (images per
+    micro-step, micro-steps per process): n equal micro-steps, the fewest n >= grad_accum that the
+    processes share evenly."""
     G = batch_size * grad_accum
     if G % world:
         fits = [n for n in range(1, world) if G % n == 0][-1]
@@ -195,22 +174,19 @@ def split_batch(batch_size, grad_accum, world):
 
 def check_transformer(n_embd, n_head, patch_size=1, side=0):
     """The DiT's shape flags: heads split the width, the 2-D positions take a quarter of it each,
-    and a patch tiles the token grid (side, when known). A mistake is a UserError naming values
-    that work."""
+    and a patch tiles the token grid (side, when known); else a UserError naming what works."""
     # the nearest value below x and above it
     near = lambda values, x: [v for v in (max((v for v in values if v < x), default=None),
                                           min((v for v in values if v > x), default=None)) if v]
-    if n_embd % n_head == 0 and n_embd % 4 == 0:
-        pass
-    elif n_embd % 4 == 0:
-        heads = near([h for h in range(1, n_embd + 1) if n_embd % h == 0 and h != n_head], n_head)
-        raise UserError(f"--n_head={n_head} does not divide --n_embd={n_embd}: try "
-                        + " or ".join(f"--n_head={h}" for h in heads))
-    else:
+    if n_embd % 4:
         step = math.lcm(4, n_head)
         widths = [w for w in (n_embd // step * step, n_embd // step * step + step) if w > 0]
         raise UserError(f"--n_embd={n_embd} must be a multiple of 4 (the 2-D positions) and of "
                         f"--n_head={n_head}: try " + " or ".join(f"--n_embd={w}" for w in widths))
+    if n_embd % n_head:
+        heads = near([h for h in range(1, n_embd + 1) if n_embd % h == 0 and h != n_head], n_head)
+        raise UserError(f"--n_head={n_head} does not divide --n_embd={n_embd}: try "
+                        + " or ".join(f"--n_head={h}" for h in heads))
     if side and side % patch_size:
         sizes = [p for p in range(1, min(8, side) + 1) if side % p == 0]
         raise UserError(f"--patch_size={patch_size} does not divide the {side}x{side} token grid; "
@@ -236,8 +212,7 @@ def same_command(**flags):
 
 
 def pick_device(name="", flag="--device"):
-    """'' -> cuda, then mps, then cpu; a named device is checked to exist (flag: as the user set
-    it)."""
+    """'' -> cuda, then mps, then cpu; a named device (set by `flag`) is checked to exist."""
     import torch
     if not name:
         return ("cuda" if torch.cuda.is_available()
@@ -252,9 +227,8 @@ def pick_device(name="", flag="--device"):
 
 
 def setup_distributed(device=""):
-    """-> (rank, local_rank, world, device). Under torchrun (it sets RANK): join the process group,
-    NCCL on CUDA and gloo elsewhere, one GPU a process (cuda:LOCAL_RANK, whatever --device
-    numbered). Otherwise (0, 0, 1, the picked device): one GPU or a CPU needs no launcher."""
+    """-> (rank, local_rank, world, device). Under torchrun (it sets RANK): join the process group
+    (NCCL on CUDA, else gloo), one GPU a process (cuda:LOCAL_RANK). Otherwise (0, 0, 1, device)."""
     device = pick_device(device)
     if "RANK" not in os.environ:
         return 0, 0, 1, device
@@ -271,9 +245,8 @@ def setup_distributed(device=""):
 
 
 def autocast(device):
-    """The network's precision: bf16 autocast on a CUDA GPU that has it (no fp16, so no GradScaler),
-    fp32 elsewhere. There is no TF32 switch: what runs outside autocast (the sampler's geometry,
-    the readout) stays true fp32."""
+    """bf16 autocast on a CUDA GPU that has it (no fp16, so no GradScaler), fp32 elsewhere. No TF32
+    switch: what runs outside autocast (the sampler's geometry, the readout) stays true fp32."""
     import torch
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -295,8 +268,7 @@ def device_peak_flops(device):
 
 
 def load_checkpoint(path, hint="train one with `python purrception.py --dataset=NAME`"):
-    """A checkpoint file of this repository -> its dict (weights_only: no code runs), or a
-    UserError naming it."""
+    """A checkpoint of this repository -> its dict (weights_only: no code runs) or a UserError."""
     import torch
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; {hint}")
@@ -333,8 +305,7 @@ def diverged(what, it, ckpt_path, lr):
 
 
 def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
-    """The checkpoint a --init_from=resume run continues, checked against the run: iterations left
-    to do, the same objective, and data of the same K and d (meta: the token folder's)."""
+    """The checkpoint a --init_from=resume run continues, checked: iters left, objective, K, d."""
     ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
     args, it = ckpt["model_args"], ckpt["iter"]
     if it >= max_iters:
@@ -351,40 +322,31 @@ def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
 
 
 def resumed_config(cfg, ckpt, architecture, per_invocation, verbose=True):
-    """cfg with the architecture of the checkpoint it resumes (the model that continues), so that
-    what is printed and saved is the truth; verbose: one line naming the flags that differ from the
-    checkpoint's run (other than those per_invocation), which apply from here on (the same ones
-    replay the run)."""
+    """cfg with the architecture of the checkpoint it resumes, so what is printed and saved is true;
+    verbose: one line naming the flags (not per_invocation) that differ from the checkpoint's."""
     arch = {k: ckpt["model_args"][k] for k in architecture if k in ckpt["model_args"]}
     trained, new = ckpt.get("config", {}), replace(cfg, **arch)    # the flags it was trained with
     kept = [f"--{k}={arch[k]}" for k in arch if getattr(cfg, k) != arch[k]]
     changed = [f"--{k}={getattr(new, k)} (was {trained[k]})" for k in trained
                if k not in (*architecture, *per_invocation) and hasattr(new, k)
                and getattr(new, k) != trained[k]]
-    if verbose and (kept or changed):
-        print(f"resuming at iter {ckpt['iter']}: "
-              + (f"the model is the checkpoint's ({' '.join(kept)})" if kept else "")
-              + ("; " if kept and changed else "")
-              + (f"flags unlike its run's, used from here on: {', '.join(changed)}"
-                 if changed else ""))
+    said = [f"the model is the checkpoint's ({' '.join(kept)})"] if kept else []
+    said += [f"flags unlike its run's, used from here on: {', '.join(changed)}"] if changed else []
+    if verbose and said:
+        print(f"resuming at iter {ckpt['iter']}: " + "; ".join(said))
     return new
 
 
 def atomic_save(write, path, size=None):
-    """write(tmp), then rename tmp over path; nothing else ever touches path. tmp is a name no other
-    writer uses, in path's folder, ending like path (PIL and numpy read the extension); the file and
-    the folder are fsynced, so a power cut leaves the old file or the new one, and tmp is removed
-    on any failure. A full disk or a file-size limit is a UserError saying how much space the file
-    needs (size, when the caller knows it; else the old file's size or what was written)."""
+    """write(tmp), then rename tmp over path. tmp is unique, in path's folder, ending like path (PIL
+    and numpy read the extension); the file and folder are fsynced, so a power cut leaves the old
+    file or the new one, and tmp is removed on any failure. A full disk or a file-size limit is a
+    UserError saying how much space the file needs (`size`, when the caller knows it)."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
@@ -393,18 +355,16 @@ def atomic_save(write, path, size=None):
         if isinstance(e, Exception) and _out_of_space(e, path, written):
             raise UserError(_no_space(path, size, written)) from None
         raise
-    _fsync_folder(path)
+    with contextlib.suppress(OSError):   # the rename itself reaches the disk (not on every OS)
+        _fsync(os.path.dirname(os.path.abspath(path)))
 
 
-def _fsync_folder(path):
-    try:                                  # the rename itself reaches the disk (not on every OS)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _file_size_limit():
@@ -434,8 +394,7 @@ def _out_of_space(e, path, written):
 
 
 def _no_space(path, size, written):
-    """The one line for a write that ran out of space: how much the file needs (size when known;
-    else about the old file's size, or more than what fitted), and where the limit is."""
+    """The line for a write short of space: how much the file needs, and where the limit is."""
     mb = lambda n: f"{n / 1e6:.1f}" if n < 1e7 else f"{n / 1e6:.0f}"
     old = os.path.getsize(path) if os.path.exists(path) else 0
     limit, free = _file_size_limit(), _free_bytes(path)
@@ -466,9 +425,8 @@ def read_json(path, what="file"):
         with open(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
-                        f"it was cut short or edited by hand: delete it and prepare the "
-                        f"folder again") from None
+        raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); delete "
+                        f"it and prepare the folder again") from None
 
 
 LOCK_FILE = "run.lock"
@@ -476,11 +434,10 @@ LOCK_FILE = "run.lock"
 
 @contextlib.contextmanager
 def one_writer(out_dir, instead="pick another --out_dir"):
-    """Hold out_dir as its only writer while the block runs (a training, or sample.py writing into
-    a run's folder). The lock is a flock on out_dir/run.lock, which holds the holder's pid and host:
-    the kernel drops it when the holder dies, so a lock left by kill -9 never blocks a resume. A
-    second writer gets a UserError naming the holder and `instead`, what else to do. A folder made
-    here and left empty is removed on exit. (No lock where the OS has no flock: Windows.)"""
+    """Hold out_dir as its only writer while the block runs: a flock on out_dir/run.lock (which
+    records the holder), dropped by the kernel when the holder dies, so kill -9 never blocks a
+    resume. A second writer gets a UserError naming the holder and `instead`. A folder made here and
+    left empty is removed on exit. (No lock where the OS has no flock: Windows.)"""
     try:
         import fcntl
     except ImportError:
@@ -537,8 +494,7 @@ PROGRESS_EVERY = 30.0             # seconds between progress lines in a log
 
 
 def progress(iterable, total=None, desc="", unit="it"):
-    """tqdm on a terminal; elsewhere (a log file) a line every PROGRESS_EVERY seconds with the rate
-    and the ETA."""
+    """tqdm on a terminal; in a log file, a line with the rate and ETA every PROGRESS_EVERY s."""
     from tqdm import tqdm
     if sys.stderr.isatty():
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)

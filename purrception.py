@@ -4,21 +4,15 @@ one file (Matişan et al., "Purrception: Variational Flow Matching for Vector-Qu
 Generation", ICLR 2026, https://arxiv.org/abs/2510.01478).
 
 A transformer reads a noisy point z_t in the codebook's embedding space (vq.py's tokenizer) and
-predicts, at every latent position, a categorical posterior over the K codes; the velocity that
-carries z_t to the data is the posterior-mean code minus z_t, divided by the time left. Training
-is plain cross-entropy. Time runs as in the paper's code (the reverse of minRF): t = 0 is noise,
-t = 1 data, z_t = t * z1 + (1 - t) * z0 with z1 = E[tokens] and z0 ~ N(0, I).
+predicts a categorical posterior over the K codes at every latent position; training is plain
+cross-entropy. Time runs as in the paper's code (the reverse of minRF): t = 0 is noise, t = 1 data.
 
     python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
     torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, one batch
-    python purrception.py --dataset=cifar10 --init_from=resume  # continue exactly where it stopped
-    python baselines.py --dataset=cifar10 --objective=cfm       # the paper's baselines, same loop
 
-Every random draw of a training step (images, dropped labels, t, noise) is a function of (seed,
-iter, image slot in the global batch), so a resume replays the run, and so does any split of the
-global batch over processes and micro-steps (README: how close, measured on a CPU). No run
-replaces a checkpoint by accident; a non-finite loss or weights stop it at the next log or save.
+Every random draw of a training step is a function of (seed, iter, image slot), so a resume, or
+any split of the batch over processes and micro-steps, replays the run.
 """
 
 import copy
@@ -45,8 +39,7 @@ from cli import UserError
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# config: defaults here, a preset per dataset below, then --key=value flags on top (cli.py; the last
-# word wins)
+# config: these defaults, then the dataset's preset below, then --key=value flags (cli.py)
 
 
 @dataclass
@@ -102,9 +95,7 @@ SOLVERS = ("euler", "dpm++2m")    # the sampler's ODE solvers (section "the samp
 RANGES = {
     "init_from": (lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
-    "lr": (lambda v: v > 0, "positive"),
-    "temperature": (lambda v: v > 0, "positive"),
-    "time_shift": (lambda v: v > 0, "positive"),
+    **{k: (lambda v: v > 0, "positive") for k in ("lr", "temperature", "time_shift")},
     "solver": (lambda v: v in SOLVERS, " or ".join(SOLVERS)),
     "cfg_interval": (lambda v: interval(v) is not None, "two times lo,hi with 0 <= lo <= hi <= 1"),
     **{k: (lambda v: v >= 1, "at least 1")
@@ -141,15 +132,13 @@ DIT_SIZES = {"B/2": dict(n_layer=12, n_head=12, n_embd=768),
 
 # Per-dataset overrides of the defaults, like nanoGPT's config files.
 PRESETS = {
-    # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one transformer token per code
-    # (patch 1). A 1.3M-parameter transformer draws every class recognisably by 1000 iters, cleaner
-    # edges by 2000; mild guidance.
+    # 2 CPU cores: 16x16 shapes -> an 8x8 grid of K=64 codes, one token per code (patch 1). 1.3M
+    # parameters draw every class recognisably by 1000 iters, cleaner edges by 2000; mild guidance.
     "shapes": dict(patch_size=1, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_iters=2000,
                    lr=3e-3, warmup_iters=50, decay_lr=True, min_lr=1e-4, ema_decay=0.995,
                    eval_interval=1000, eval_iters=5, log_interval=100, sample_steps=25,
                    cfg_scale=1.5),
-    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens). Training costs 34.6 GFLOP per
-    # image, so a 256-image iter is 8.9 TFLOP (bench.py measures ms/iter and MFU on your device).
+    # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens), 8.9 TFLOP per 256-image iter.
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
                     warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
@@ -160,9 +149,8 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# the model: a DiT over the latent grid. A 32x32 CIFAR-10 image -> 16x16 codebook indices -> (patch
-# 2) 8x8 = 64 tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits
-# (B, h, w, K) over the codebook.
+# the model: a DiT over the latent grid. A 32x32 CIFAR-10 image -> 16x16 codes -> (patch 2) 8x8 = 64
+# tokens. In: z (B, h, w, d) points in code space, t (B,), labels y (B,). Out: logits (B, h, w, K).
 
 
 def modulate(x, shift, scale):
@@ -170,10 +158,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-# Sinusoidal features of t in [0, 1], at frequencies running geometrically from f_max down to f_min
-# radians per unit of t. 'scaled' (1000 to 1) is DiT's t*1000 with periods up to 1000: the fastest
-# tells t = 0.001 from 0.002, the slowest is monotone over [0, 1]. 'official' (1 to 1e-4) is the
-# paper's code: raw t with DiT's 10000^(-i/128).
+# Sinusoidal features of t in [0, 1], at frequencies from f_max down to f_min radians per unit of t.
+# 'scaled' (1000 to 1) is DiT's t*1000: the fastest tells t = 0.001 from 0.002, the slowest is
+# monotone over [0, 1]. 'official' (1 to 1e-4) is the paper's code: raw t, DiT's 10000^(-i/128).
 TIME_FREQS = {"scaled": (1000.0, 1.0), "official": (1.0, 10000.0 ** (-127 / 128))}
 
 
@@ -282,8 +269,7 @@ def unpatchify(x, p, h, w):
 
 
 def sincos_pos_embed(n_embd, side):
-    """Fixed 2-D sin-cos positions (side*side, C): half the channels encode the row, half the column
-    (MAE, DiT)."""
+    """Fixed 2-D sin-cos positions (side*side, C): half the channels the row, half the column."""
     omega = 1.0 / 10000 ** (torch.arange(n_embd // 4) / (n_embd // 4))          # (C/4,)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     parts = [f(pos.flatten()[:, None].float() * omega)
@@ -292,17 +278,15 @@ def sincos_pos_embed(n_embd, side):
 
 
 class DiT(nn.Module):
-    """The posterior network q(c | z_t, t, y) of Purrception: a DiT over patches of the latent grid
-    that reads in_dim = d channels per position (a point in code space) and writes out_dim = K
-    logits per position."""
+    """The posterior network q(c | z_t, t, y): a DiT over patches of the latent grid, reading in_dim
+    = d channels (a point in code space) and writing out_dim = K logits per position."""
 
     def __init__(self, in_dim, out_dim, grid_size, patch_size=2, n_layer=12, n_head=6, n_embd=384,
                  num_classes=10, time_embed="scaled"):
         super().__init__()
         cli.check_transformer(n_embd, n_head, patch_size, grid_size)      # else a UserError
-        self.in_dim, self.out_dim, self.grid_size, self.patch_size = (
-            in_dim, out_dim, grid_size, patch_size)
-        self.num_classes, self.n_embd = num_classes, n_embd
+        self.in_dim, self.out_dim, self.num_classes = in_dim, out_dim, num_classes
+        self.grid_size, self.patch_size, self.n_embd = grid_size, patch_size, n_embd
         self.n_tokens = (grid_size // patch_size) ** 2                                 # T
         self.patch_embed = nn.Linear(patch_size * patch_size * in_dim, n_embd)
         self.register_buffer("pos_embed", sincos_pos_embed(n_embd, grid_size // patch_size),
@@ -353,9 +337,8 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_image(self):
-        """Training FLOPs (forward + backward) per image, nanoGPT-style: 6 per weight per token it
-        touches, plus attention's 12*L*C*T^2. The conditioning weights (t MLP, adaLN) run once per
-        image, not per token."""
+        """Training FLOPs per image, nanoGPT-style: 6 per weight per token it touches, plus
+        attention's 12*L*C*T^2; the conditioning weights (t MLP, adaLN) run once per image."""
         per_image = sum(p.numel() for n, p in self.named_parameters()
                         if "adaLN" in n or "t_embedder" in n)
         # lookups are free
@@ -380,15 +363,13 @@ class DiT(nn.Module):
 # logits' free offset so they cannot drift.
 #
 # rand_from, vfm_loss, guided, nearest_code and euler_sample are written to be copied: they need
-# only `import torch`, and any network called as model(z, t, y) -> logits (B, h, w, K) will do. With
-# chunk=N they call the section "at K = 16384" below (copy it too, with patchify and unpatchify),
-# which gives the same numbers holding about N logits at a time.
+# only `import torch` and a network model(z, t, y) -> logits (B, h, w, K). With chunk=N they call
+# the section "at K = 16384" below (copy it, patchify and unpatchify too): N logits at a time.
 
 
 def rand_from(fn, shape, generator, device):
-    """torch.rand or torch.randn from `generator` on its own device, then moved to `device`: a CPU
-    generator can drive a GPU (in pinned memory, so the copy does not wait for the GPU), and the
-    same seed gives the same numbers on a CPU and a GPU."""
+    """torch.rand or torch.randn from `generator` on its own device, then moved to `device` (pinned
+    if a CPU feeds a GPU): the same seed gives the same numbers on a CPU and a GPU."""
     on = torch.device(generator.device if generator is not None else device)
     pin = on.type == "cpu" and torch.device(device).type == "cuda"
     return fn(shape, generator=generator, device=on, pin_memory=pin).to(device, non_blocking=True)
@@ -396,10 +377,9 @@ def rand_from(fn, shape, generator, device):
 
 def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=False, t_eps=1e-3,
              z_loss=1e-5, chunk=None):
-    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d).
-    t (B,) ~ U(t_eps, 1) and noise z0 (B, h, w, d) ~ N(0, I) are drawn from `generator` unless
-    given. per_image=True: the loss (B,) and the token accuracy (B,) of each image. chunk=None
-    holds all the logits at once; a number reads them that many at a time (the same loss)."""
+    """The Purrception loss for tokens idx (B, h, w) with labels y (B,) and codebook E (K, d);
+    t (B,) and noise z0 (B, h, w, d) are drawn from `generator` unless given. per_image=True: the
+    loss (B,) and token accuracy (B,) of each image. chunk: read the logits that many at a time."""
     B = idx.shape[0]
     if t is None:
         t = t_eps + (1 - t_eps) * rand_from(torch.rand, (B,), generator, idx.device)   # (B,)
@@ -431,7 +411,7 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # bf16 autocast; the geometry (pi, mu, the update, the readout) runs in fp32, since bf16 would read
 # out other codes. Classifier-free guidance mixes logits before the temperature (the paper):
 #     logits = uncond + s * (cond - uncond)    uncond: the null label's; one forward computes both
-# Freezing mu over a step and solving the ODE exactly gives the Euler step, so Euler here is DDIM, or
+# Freezing mu over a step and solving the ODE exactly gives the Euler step, so Euler is DDIM, or
 # DPM-Solver++(1), on the data prediction mu. solver='dpm++2m' (DPM-Solver++(2M), Lu et al. 2022)
 # puts in mu's place its linear extrapolation in lambda = log(t / (1 - t)) from the step before, at
 # no extra network call:
@@ -449,8 +429,7 @@ def time_grid(steps, time_shift=1.0, device=None):
 
 
 def data_prediction(mu, mu_prev, ts, i, solver="euler"):
-    """What step i (ts[i] -> ts[i + 1]) moves towards: mu, or for dpm++2m mu extrapolated from
-    mu_prev, the step before's, linearly in lambda = log(t / (1 - t))."""
+    """What step i (ts[i] -> ts[i + 1]) moves towards: mu, or for dpm++2m its extrapolation."""
     if solver == "euler" or i == 0 or i == len(ts) - 2:
         return mu
     lam = lambda u: torch.log(u / (1 - u))
@@ -463,8 +442,7 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
     classifier-free guidance towards y and away from null_label: uncond + s * (cond - uncond); s = 1
     skips the null pass. head_input=True: the head's (input, W, b), guidance mixing the input."""
     if cfg_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs null_label, the label the network was "
-                         "trained on when the class was dropped")
+        raise ValueError("classifier-free guidance needs null_label, the dropped-class label")
     if cfg_scale != 1.0:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_label)])
     out = model(x, t.expand(len(y)), y, **({"head_input": True} if head_input else {}))
@@ -476,8 +454,7 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
 
 
 def nearest_code(z, E, chunk=None):
-    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32; chunk: about
-    that many distances at a time."""
+    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32 (chunked)."""
     with torch.autocast(z.device.type, enabled=False):
         zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
         idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
@@ -489,10 +466,9 @@ def nearest_code(z, E, chunk=None):
 def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
                  generator=None, return_trajectory=False, noise=None, chunk=None, solver="euler",
                  time_shift=1.0, cfg_interval=(0.0, 1.0)):
-    """Labels y (B,) -> code indices (B, h, w) long, for a grid of (h, w) positions (or an int
-    side), from noise (B, h, w, d) (drawn from `generator` when None), in `steps` network calls.
-    chunk: as vfm_loss. With return_trajectory, also a dict of cpu tensors, one row per step: t
-    (steps,), z and mu (steps, B, h, w, d), and the entropy (steps, B, h, w) of pi at that step."""
+    """Labels y (B,) -> code indices (B, h, w), grid (h, w) or an int side, from noise (B, h, w, d)
+    (drawn from `generator` when None) in `steps` network calls; chunk: as vfm_loss. With
+    return_trajectory, also per step (cpu): t, z and mu (steps, B, h, w, d), the entropy of pi."""
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()
     shape = (len(y), h, w, E.shape[1])
     z = (rand_from(torch.randn, shape, generator, E.device) if noise is None
@@ -517,8 +493,7 @@ def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_
         mu_prev = mu
     idx = nearest_code(z, E, chunk)                                                 # (B, h, w)
     if return_trajectory:
-        return idx, {key: torch.stack(v) for key, v in zip(("t", "z", "mu", "entropy"),
-                                                            zip(*path))}
+        return idx, dict(zip(("t", "z", "mu", "entropy"), map(torch.stack, zip(*path))))
     return idx
 
 # -----------------------------------------------------------------------------
@@ -623,11 +598,10 @@ def chunked_posterior_mean(model, z, t, y, E, temperature, cfg_scale, null_label
 
 def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", pin=False,
               t_eps=1e-3):
-    """batch_size random whole images of split ('train' or 'val') and the random numbers of their
-    training step, all from `generator`, in this order: tokens (B, h, w) and labels (B,), int64;
-    label-drop draws u (B,) ~ U(0, 1); t (B,) ~ U(t_eps, 1); the loss's noise, 'normal' N(0, I)
-    (B, h, w, d) or 'uniform' U(0, 1) (B, h, w). On the CPU; pin=True pins them, so that copies
-    to a GPU do not wait for it. Image j's numbers depend on j, not on how the batch is cut."""
+    """batch_size random whole images of split and their training step's random numbers, all from
+    `generator`, in this order: tokens (B, h, w) and labels (B,), int64; label-drop draws u (B,);
+    t (B,) ~ U(t_eps, 1); the loss's noise, 'normal' (B, h, w, d) or 'uniform' (B, h, w). On the
+    CPU (pinned if pin). Image j's numbers depend on j, not on how the batch is cut."""
     h, w = grid
     # a fresh memmap per batch: one kept open grows the resident memory as it is read
     tokens = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16,
@@ -651,15 +625,13 @@ def get_batch(split, data_dir, batch_size, grid, d, generator, noise="normal", p
 
 @dataclass(frozen=True)
 class Objective:
-    """What the training loop needs of an objective: its network, its loss and its sampler.
-    baselines.py defines the paper's baselines (CFM, CFM-endpoint, DFM) in the same shape, so one
-    loop trains them all."""
+    """What the training loop needs of an objective: its network, loss and sampler. baselines.py
+    defines the paper's baselines (CFM, CFM-endpoint, DFM) in this shape, so one loop trains all."""
     name: str
     build_model: object   # (K, d, **architecture) -> nn.Module, called as model(x, t, y)
     loss: object      # (model, idx, E, y, t=None, noise=None, generator=None, per_image=False)
-    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[,
-                      #  noise=(B, h, w, d) where it starts from noise], solver=, time_shift=,
-                      #  cfg_interval=) -> idx
+    sample: object    # (model, E, y, grid, steps, temperature, cfg_scale, null_label, gen[, noise],
+                      #  solver=, time_shift=, cfg_interval=) -> idx
     noise: str = "normal"   # the loss's noise: 'normal' N(0, I) (B, h, w, d), where the sampler
                             # starts too; 'uniform' (B, h, w): DFM's masks, no noise to start from
     tempered: bool = True   # a posterior that --temperature sharpens (not a regressed velocity)
@@ -667,8 +639,7 @@ class Objective:
     ode: bool = True        # its sampler integrates the ODE, so --solver and --time_shift apply
 
 
-# The loop's loss and sampler read the logits CHUNK at a time: K = 16384 fits, and a small K reads
-# them in one chunk.
+# The loop reads the logits CHUNK at a time: K = 16384 fits, and a small K takes one chunk.
 CHUNK = 2**22
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
                         partial(vfm_loss, chunk=CHUNK), partial(euler_sample, chunk=CHUNK),
@@ -696,10 +667,9 @@ def update_ema(ema_model, model, decay):
 @torch.no_grad()
 def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
                   objective=PURRCEPTION, micro_batch=None, n_bins=5):
-    """Val loss of `model` over eval_iters batches of batch_size images, micro_batch at a time;
-    the loss in n_bins equal bins of t (how hard each stretch of the path is); token accuracy for
-    t >= 0.9, where the posterior should be nearly certain (as the objective's loss counts it).
-    A fixed seed: the images, t and noise are the same at every eval and for any micro_batch."""
+    """Val loss of `model` over eval_iters batches of batch_size images, micro_batch at a time,
+    also in n_bins bins of t; token accuracy for t >= 0.9, where the posterior should be nearly
+    certain. A fixed seed: the same images, t and noise at every eval and for any micro_batch."""
     g, micro_batch = torch.Generator().manual_seed(1234), micro_batch or batch_size
     losses, accs, ts = [], [], []
     for _ in range(eval_iters):
@@ -717,8 +687,7 @@ def estimate_loss(model, E, data_dir, grid, batch_size, eval_iters, device, ctx,
 
 
 def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path, ctx):
-    """Write a PNG of samples from `model`, one class per row. The noise is fixed by cfg.seed, so
-    the grids of successive evals show the same samples improving."""
+    """A PNG of samples, one class per row, from noise fixed by cfg.seed: each eval's the same."""
     y = torch.arange(n_rows, device=E.device).repeat_interleave(n_cols)             # (rows*cols,)
     with ctx:
         idx = objective.sample(model, E, y, grid, cfg.sample_steps, cfg.temperature, cfg.cfg_scale,
@@ -735,9 +704,8 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
 
 
 def train(cfg, objective=PURRCEPTION):
-    """Train with cfg; returns the last eval's metrics, with 'losses': [(iter, train loss)] of each
-    log line. Bad input raises UserError before anything is written; a non-finite loss stops every
-    process with the same UserError before anything is saved."""
+    """Train with cfg -> the last eval's metrics and 'losses': [(iter, train loss)]. Bad input is a
+    UserError before anything is written; so is a non-finite loss, before anything is saved."""
     cli.check_ranges(cfg, RANGES)
     cli.check_transformer(cfg.n_embd, cfg.n_head)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -753,7 +721,7 @@ def train(cfg, objective=PURRCEPTION):
     out_dir = cfg.out_dir or os.path.join(HERE, f"out-{cfg.dataset}")
     # one writer per out_dir, the master process, from here to the end
     with cli.one_writer(out_dir) if master else nullcontext():
-        # the token folder: prepared on the spot when missing (by a lone process), then checked
+        # the token folder, prepared on the spot when missing
         data_dir, meta, tokenizer = prepare_data.open_for_training(cfg.dataset, cfg.data_dir, ddp,
                                                                    device)
         grid = (meta["grid_h"], meta["grid_w"])
@@ -771,12 +739,10 @@ def train(cfg, objective=PURRCEPTION):
         if cfg.init_from == "resume":
             ckpt = cli.load_resume(ckpt_path, cfg.max_iters, objective.name, meta, data_dir)
             model_args, start_iter = ckpt["model_args"], ckpt["iter"]      # the saved architecture
-            # and one line naming the flags that differ from its run
             cfg = cli.resumed_config(cfg, ckpt, ARCHITECTURE, PER_INVOCATION, master)
         elif os.path.exists(ckpt_path) and not cfg.overwrite:
             raise UserError(f"{ckpt_path} exists; continue it with --init_from=resume, or start "
-                            f"over with --overwrite=true (it is replaced at the first save), or "
-                            f"pick another --out_dir")
+                            f"over with --overwrite=true, or pick another --out_dir")
         torch.manual_seed(cfg.seed)              # the same initial weights on every process
         model = objective.build_model(**model_args).to(device)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -856,10 +822,8 @@ def train(cfg, objective=PURRCEPTION):
                 break
 
             # one optimizer step over grad_accum micro-steps per process. Every process draws the
-            # whole global batch (images, label drops, t, noise) from one generator seeded by
-            # (seed, iter) and each micro-step takes its own slots of it: a resume replays the same
-            # numbers, and so does any split of the global batch over processes and micro-steps.
-            # (Python hashes tuples of ints the same everywhere.)
+            # whole global batch from one generator seeded by (seed, iter) (Python hashes tuples of
+            # ints the same everywhere) and each micro-step takes its own slots of it.
             g = torch.Generator().manual_seed(hash((cfg.seed, it)))
             batch = get_batch("train", data_dir, images_per_iter, grid, E.shape[1], g,
                               objective.noise, pin)
@@ -879,8 +843,7 @@ def train(cfg, objective=PURRCEPTION):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            # EMA with a warmup ((1 + it) / (10 + it), as in TensorFlow's num_updates): early EMAs
-            # forget the init fast
+            # EMA with TensorFlow's num_updates warmup, (1 + it) / (10 + it): forgets the init fast
             update_ema(ema, raw_model, min(cfg.ema_decay, (1 + it) / (10 + it)))
             timed_iters += 1
             if it == start_iter:                 # rates leave out the start-up (compile, CUDA init)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import cli
 import purrception as pc
 from cli import UserError
-from purrception import (DiT, Objective, data_prediction, guided, nearest_code, rand_from,
-                         time_grid)
+from purrception import DiT, Objective, data_prediction, guided, rand_from, time_grid
+from vq import nearest_code
 
 
 def draw_t(B, generator, device, t_eps=1e-3):

@@ -34,6 +34,7 @@ import cli
 import prepare_data
 import vq
 from cli import UserError
+from vq import nearest_code
 
 # data/ and out-*/ live next to this file, whatever the CWD
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -362,7 +363,7 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# rand_from, vfm_loss, guided, nearest_code and euler_sample are written to be copied: they need
+# rand_from, vfm_loss, guided, euler_sample (and vq.nearest_code) are written to be copied: they need
 # only `import torch` and a network model(z, t, y) -> logits (B, h, w, K). With chunk=N they call
 # the section "at K = 16384" below (copy it, patchify and unpatchify too): N logits at a time.
 
@@ -451,15 +452,6 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
         cond, uncond = out.float().chunk(2)
         out = uncond + cfg_scale * (cond - uncond)
     return (out, *head) if head_input else out.float()
-
-
-def nearest_code(z, E, chunk=None):
-    """The readout: z (..., d) -> the index of its nearest row of E (K, d), in fp32 (chunked)."""
-    with torch.autocast(z.device.type, enabled=False):
-        zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
-        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) - 2 * zc @ E.T + E.pow(2).sum(-1))
-                         .argmin(dim=-1) for zc in zs.split(max(1, (chunk or len(zs)) // len(E)))])
-        return idx.view(z.shape[:-1])
 
 
 @torch.no_grad()

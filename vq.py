@@ -165,13 +165,16 @@ class Decoder(nn.Module):
 # current batch, so probability mass the generator must learn is never spread over unused codes.
 
 
-def nearest_code(z, E, rows=4096):
-    """z (..., d), E (K, d) -> (...) argmin_k ||z - e_k||^2, written as the official quantisers
-    write it (z^2 + e^2 - 2 z.e, so ties fall the same way), rows at a time: (rows, K)."""
-    e2 = (E ** 2).sum(dim=1)
-    out = [((zc ** 2).sum(dim=1, keepdim=True) + e2 - 2 * zc @ E.t()).argmin(dim=1)
-           for zc in z.reshape(-1, z.shape[-1]).split(rows)]
-    return torch.cat(out).reshape(z.shape[:-1])
+def nearest_code(z, E, chunk=2**24):
+    """The readout of every tokenizer and sampler: z (..., d) -> the index of its nearest row of E
+    (K, d), in fp32 whatever autocast is on, written as the official quantisers write it (z^2 + e^2
+    - 2 z.e, so ties fall the same way); about `chunk` distances at a time (None: all at once)."""
+    with torch.autocast(z.device.type, enabled=False):
+        zs, E = z.float().reshape(-1, z.shape[-1]), E.float()
+        e2 = E.pow(2).sum(-1)
+        idx = torch.cat([(zc.pow(2).sum(-1, keepdim=True) + e2 - 2 * zc @ E.T).argmin(-1)
+                         for zc in zs.split(max(1, (chunk or len(zs)) // len(E)))])
+    return idx.view(z.shape[:-1])
 
 
 class Quantizer(nn.Module):

@@ -16,18 +16,21 @@ SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare"
 
 
 def copied_names():
-    """The names the README's 'Copy this' line tells people to copy from purrception.py."""
+    """The names the README's 'Copy this' line tells people to copy."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     line = next(line for line in readme.splitlines() if line.startswith("**Copy this:**"))
     return re.findall(r"`(\w+)`", line.partition(" from ")[0])
 
 
 def pasted(names):
-    """The functions and classes of purrception.py named in `names`, pasted into a namespace that
-    holds only torch."""
-    source = open(os.path.join(ROOT, "purrception.py")).read()
-    chunks = [ast.get_source_segment(source, node, padded=True) for node in ast.parse(source).body
-              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+    """The functions and classes named in `names` (from purrception.py, and vq.py's readout),
+    pasted into a namespace that holds only torch."""
+    chunks = []
+    for file in ("purrception.py", "vq.py"):              # vq.py: nearest_code, the one readout
+        source = open(os.path.join(ROOT, file)).read()
+        chunks += [ast.get_source_segment(source, node, padded=True)
+                   for node in ast.parse(source).body
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
     assert len(chunks) == len(set(names))
     namespace = {"torch": torch}                                                 # nothing else
     exec(compile("\n\n".join(chunks), "pasted.py", "exec"), namespace)

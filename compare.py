@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 import baselines
 import cli
@@ -109,11 +108,11 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
     images = sample.generate(sampler, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250,
                              progress=True)
     sample_s = time.time() - t0
-    ref = fid.reference_stats(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
+    ref, n_ref = fid.data_reference(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
     feats = fid.inception_features(images, extractor, desc=f"[{arm} seed {seed}] sample features")
-    score, se = fid_with_error(feats, ref[:2], opt.bootstrap, seed)
+    score, se = fid_with_error(feats, (ref["mu"], ref["sigma"]), opt.bootstrap, seed)
     protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples "
-                f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {ref[2]} train images")
+                f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {n_ref} train images")
     m = sampler.ckpt["metrics"]
     return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}",
                 fid_se=f"{se:.2f}", val_loss=f"{m['val_loss']:.4f}",

@@ -29,9 +29,6 @@ from cli import UserError
 from vq import tile
 
 
-DECODE_BATCH = 50                 # images per tokenizer decode
-
-
 @dataclass
 class SampleConfig:
     out_dir: str = os.path.join(purrception.HERE, "out-shapes")   # ckpt.pt in, samples out
@@ -184,8 +181,8 @@ def generate(sampler, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, bat
             idx = sampler.objective.sample(sampler.model, sampler.E, y, sampler.grid, steps,
                                            temperature, cfg_scale, sampler.meta["num_classes"], g,
                                            **noise, **solver)
-        # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
-        out += [vq.to_uint8(sampler.tokenizer.decode(part)) for part in idx.split(DECODE_BATCH)]
+        # the decoder 50 images at a time: at 256x256 its activations outweigh the sampler's
+        out += [vq.to_uint8(sampler.tokenizer.decode(part)) for part in idx.split(50)]
     return np.concatenate(out)
 
 

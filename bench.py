@@ -227,8 +227,8 @@ def solver_error(cfg, device):
                 idx, z = solve(steps, solver=solver, time_shift=shift)
                 out[solver, shift, steps] = ((idx == ref_idx).float().mean().item(),
                                              ((z - ref_z).norm() / ref_z.norm()).item())
-            print(f"{solver}, time_shift {shift}: codes equal to 400 Euler steps / relative L2 of z "
-                  f"at 8, 16, 32, 64 network calls: " + ", ".join(
+            print(f"{solver}, time_shift {shift}: codes equal to 400 Euler steps / relative L2 of "
+                  f"z at 8, 16, 32, 64 network calls: " + ", ".join(
                       f"{out[solver, shift, n][0]:.3f} / {out[solver, shift, n][1]:.3f}"
                       for n in (8, 16, 32, 64)))
     return out

@@ -64,6 +64,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def status_bytes(key):
+    """A line of /proc/self/status (Linux) in bytes: VmRSS (resident now) or VmHWM (its peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
 def reset_peak_memory(device):
     """Start a new peak: the CUDA allocator's, or on Linux the process's peak resident set (VmHWM,
     reset by writing 5 to /proc/self/clear_refs)."""
@@ -82,9 +88,7 @@ def peak_memory(device):
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocator peak)"
     try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        return f"{kib / 2**20:.2f} GiB (process peak RSS)"
+        return f"{status_bytes('VmHWM') / 2**30:.2f} GiB (process peak RSS)"
     except (OSError, StopIteration):
         return (f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
                 "(process peak RSS so far, this mode and those before it)")
@@ -108,7 +112,6 @@ def time_steps(model, ema, opt, E, K, grid, cfg, device, ctx, n):
     sync(device)
     return (time.time() - t0) / max(n, 1)
 
-
 # -----------------------------------------------------------------------------
 # the loss's and the sampler's memory: the chunked ones (purrception.py) against the same maths on
 # the whole (B, h, w, K) fp32 tensor of logits. On Linux the peak is the process's peak resident
@@ -121,11 +124,6 @@ def logits_only(net):
     view = copy.copy(net)
     view.offers_head_input = False
     return view
-
-
-def status_bytes(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
 def peak_above_rest(fn):
@@ -150,17 +148,15 @@ def loss_memory(model, E, K, side, cfg, reps=3):
     def body(net):                            # the head's input; its weights get gradients too
         x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, head_input=True)
         return x.square().mean() + 0 * (W.sum() + b.sum())
+    loss = lambda net, chunk: pc.vfm_loss(net, idx, E, y, generator=g, chunk=chunk)
+    sampler = lambda net, chunk: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g,
+                                                 chunk=chunk)
     steps = {"network, no loss": body,
-             "whole-batch fp32 loss": lambda net: pc.vfm_loss(net, idx, E, y, generator=g,
-                                                              chunk=None),
-             "chunked, logits only": lambda net: pc.vfm_loss(logits_only(net), idx, E, y,
-                                                             generator=g, chunk=pc.CHUNK),
-             "chunked, head input": lambda net: pc.vfm_loss(net, idx, E, y, generator=g,
-                                                            chunk=pc.CHUNK),
-             "whole-batch sampler": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0,
-                                                                cfg.cfg_scale, 10, g, chunk=None),
-             "euler_sample": lambda net: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale,
-                                                         10, g, chunk=pc.CHUNK)}
+             "whole-batch fp32 loss": lambda net: loss(net, None),
+             "chunked, logits only": lambda net: loss(logits_only(net), pc.CHUNK),
+             "chunked, head input": lambda net: loss(net, pc.CHUNK),
+             "whole-batch sampler": lambda net: sampler(net, None),
+             "euler_sample": lambda net: sampler(net, pc.CHUNK)}
     out = {}
     for _ in range(reps):                         # in turns: a busy machine slows them alike
         for net, where in ((model, "whole network"), (headless, "loss alone")):
@@ -231,8 +227,8 @@ def solver_error(cfg, device):
                 idx, z = solve(steps, solver=solver, time_shift=shift)
                 out[solver, shift, steps] = ((idx == ref_idx).float().mean().item(),
                                              ((z - ref_z).norm() / ref_z.norm()).item())
-            print(f"{solver}, time_shift {shift}: codes equal to 400 Euler steps / relative L2 of z "
-                  f"at 8, 16, 32, 64 network calls: " + ", ".join(
+            print(f"{solver}, time_shift {shift}: codes equal to 400 Euler steps / relative L2 of "
+                  f"z at 8, 16, 32, 64 network calls: " + ", ".join(
                       f"{out[solver, shift, n][0]:.3f} / {out[solver, shift, n][1]:.3f}"
                       for n in (8, 16, 32, 64)))
     return out
@@ -280,16 +276,14 @@ def main(argv):
             raise cli.UserError("--loss_memory reads the peak memory from /proc/self (Linux)")
         return loss_memory(model, E, K, side, cfg)
     results = {}
-    modes = ["eager"] + (["compiled"] * cfg.compare_compile)
-    for mode in modes:
+    for mode in ["eager"] + ["compiled"] * cfg.compare_compile:
         net = copy.deepcopy(model)
         ema = copy.deepcopy(net).requires_grad_(False)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, fused=device_type == "cuda")
         stepped = torch.compile(net) if mode == "compiled" else net
         reset_peak_memory(device)
-        t0 = time.time()
-        time_steps(stepped, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_warmup)
-        warm = time.time() - t0
+        warm = cfg.bench_warmup * time_steps(stepped, ema, opt, E, K, side, cfg, device, ctx,
+                                             cfg.bench_warmup)
         dt = time_steps(stepped, ema, opt, E, K, side, cfg, device, ctx, cfg.bench_iters)
         results[mode] = dt
         mfu = f", MFU {flops / dt / peak:.1%}" if peak else ", MFU n/a (pass --peak_flops)"

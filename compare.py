@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 import baselines
 import cli
@@ -81,10 +80,9 @@ def fid_with_error(feats, ref, n_boot, seed):
     return fd(feats), float(np.std(boots))
 
 
-def run_stage(opt, objective, seed, stage, extractor, extractor_path):
+def run_stage(opt, arm, objective, seed, stage, extractor, extractor_path):
     """Train one arm to `stage` iterations (resuming from its checkpoint), then measure it -> a
     results row."""
-    arm = objective + (f"-{opt.tag}" if opt.tag else "")
     out = os.path.join(opt.out_dir, f"{arm}-s{seed}")
     ckpt_path = os.path.join(out, "ckpt.pt")
     done = cli.load_checkpoint(ckpt_path)["iter"] if os.path.exists(ckpt_path) else 0
@@ -109,11 +107,11 @@ def run_stage(opt, objective, seed, stage, extractor, extractor_path):
     images = sample.generate(sampler, labels, opt.steps, 1.0, opt.cfg_scale, seed, batch_size=250,
                              progress=True)
     sample_s = time.time() - t0
-    ref = fid.reference_stats(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
+    ref, n_ref = fid.data_reference(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
     feats = fid.inception_features(images, extractor, desc=f"[{arm} seed {seed}] sample features")
-    score, se = fid_with_error(feats, ref[:2], opt.bootstrap, seed)
+    score, se = fid_with_error(feats, (ref["mu"], ref["sigma"]), opt.bootstrap, seed)
     protocol = (f"offline {os.path.basename(extractor_path)}, {len(images)} samples "
-                f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {ref[2]} train images")
+                f"({opt.steps} steps, cfg {opt.cfg_scale}) vs {n_ref} train images")
     m = sampler.ckpt["metrics"]
     return dict(arm=arm, objective=objective, seed=seed, iter=stage, fid=f"{score:.2f}",
                 fid_se=f"{se:.2f}", val_loss=f"{m['val_loss']:.4f}",
@@ -183,15 +181,15 @@ def speedup(ours, theirs, draws=2000, seed=0):
     curves and a 68% interval from redrawing every point from N(mean, s.e.). Censored at the stages:
     '>' and '<' bounds."""
     last = max(theirs)
+    ratio = lambda r: last / r if r > 0 else math.inf if r == 0 else 0.0     # r nan: never reached
     point = iters_to_reach({i: v[0] for i, v in ours.items()}, theirs[last][0])
     rng = np.random.default_rng(seed)
     ratios = []
     for _ in range(draws):
         o = {i: rng.normal(v[0], v[1]) for i, v in ours.items()}
-        r = iters_to_reach(o, rng.normal(*theirs[last][:2]))
-        ratios.append(last / r if r > 0 else math.inf if r == 0 else 0.0)
+        ratios.append(ratio(iters_to_reach(o, rng.normal(*theirs[last][:2]))))
     lo, hi = np.percentile(ratios, [16, 84])
-    return (last / point if point > 0 else math.inf if point == 0 else 0.0), float(lo), float(hi)
+    return ratio(point), float(lo), float(hi)
 
 
 def report(opt):
@@ -231,8 +229,8 @@ def report(opt):
         ax.errorbar(its, [points[i][0] for i in its], yerr=[points[i][1] for i in its], marker="o",
                     capsize=3, label=arm, ls="--" if "-" in arm else "-")
     ax.set(xscale="log", xlabel="training iterations", ylabel="FID (lower is better)")
-    ax.set_xticks(sorted({i for p in cur.values() for i in p}),
-                  labels=map(str, sorted({i for p in cur.values() for i in p})))
+    stages = sorted({i for p in cur.values() for i in p})
+    ax.set_xticks(stages, labels=map(str, stages))
     ax.minorticks_off()
     ax.set_title("FID: " + rows[0]["protocol"] + "\nmean over seeds ± s.e.", fontsize=8)
     ax.grid(alpha=0.3)
@@ -248,8 +246,7 @@ def main(argv):
     if opt.report:
         return report(opt)
     objectives = opt.objectives.split(",")
-    for name in objectives:
-        # an unknown objective fails here, not mid-run
+    for name in objectives:               # an unknown objective fails here, not mid-run
         baselines.get_objective(name)
     try:
         seeds, stages = ([int(s) for s in opt.seeds.split(",")],
@@ -267,7 +264,7 @@ def main(argv):
                 if any(r["arm"] == arm and int(r["seed"]) == seed and int(r["iter"]) == stage
                        for r in read_rows(results)):
                     continue                                  # measured already
-                row = run_stage(opt, name, seed, stage, extractor, extractor_path)
+                row = run_stage(opt, arm, name, seed, stage, extractor, extractor_path)
                 print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, "
                       f"val loss {row['val_loss']}", flush=True)
                 add_row(results, row)

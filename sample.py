@@ -29,9 +29,6 @@ from cli import UserError
 from vq import tile
 
 
-DECODE_BATCH = 50                 # images per tokenizer decode
-
-
 @dataclass
 class SampleConfig:
     out_dir: str = os.path.join(purrception.HERE, "out-shapes")   # ckpt.pt in, samples out
@@ -184,8 +181,8 @@ def generate(sampler, labels, steps, temperature=1.0, cfg_scale=1.0, seed=0, bat
             idx = sampler.objective.sample(sampler.model, sampler.E, y, sampler.grid, steps,
                                            temperature, cfg_scale, sampler.meta["num_classes"], g,
                                            **noise, **solver)
-        # the decoder a few images at a time: at 256x256 its activations outweigh the sampler's
-        out += [vq.to_uint8(sampler.tokenizer.decode(part)) for part in idx.split(DECODE_BATCH)]
+        # the decoder 50 images at a time: at 256x256 its activations outweigh the sampler's
+        out += [vq.to_uint8(sampler.tokenizer.decode(part)) for part in idx.split(50)]
     return np.concatenate(out)
 
 
@@ -238,22 +235,19 @@ def draw_grid(sampler, opt, label, temps):
 
 @torch.no_grad()
 def posterior_path(sampler, opt, label, temperature, n):
-    """n samples with their trajectory -> (trajectory dict, final images (n, H, W, 3), a
-    function: step -> the decoded posterior mean mu_t = pi_t @ E (n, H, W, 3), the model's current
-    guess, where the velocity (mu_t - z) / (1 - t) points)."""
+    """n samples with their trajectory -> (trajectory dict, final images (n, H, W, 3), the steps
+    shown (opt.frames of them, evenly from the first to the last), a function: step -> the decoded
+    posterior mean mu_t = pi_t @ E (n, H, W, 3), the model's current guess, where the velocity
+    (mu_t - z) / (1 - t) points)."""
     C, device = sampler.meta["num_classes"], sampler.E.device
     y = torch.as_tensor(balanced_labels(n, C, label), device=device).long()
     with cli.autocast(device):
         idx, traj = sampler.objective.sample(
             sampler.model, sampler.E, y, sampler.grid, opt.steps, temperature, opt.cfg_scale, C,
             noise=sample_noise(sampler, 0, n, opt.seed), return_trajectory=True, **solve(opt))
+    shown = np.unique(np.linspace(0, opt.steps - 1, opt.frames).round().astype(int))
     mean = lambda s: vq.to_uint8(sampler.tokenizer.decode_z(traj["mu"][s].float()))
-    return traj, vq.to_uint8(sampler.tokenizer.decode(idx)), mean
-
-
-def frame_steps(opt):
-    """The steps shown: opt.frames of them, evenly from the first to the last."""
-    return np.unique(np.linspace(0, opt.steps - 1, opt.frames).round().astype(int))
+    return traj, vq.to_uint8(sampler.tokenizer.decode(idx)), shown, mean
 
 
 def save_rows(columns, texts, path):
@@ -267,11 +261,10 @@ def draw_trajectory(sampler, opt, label, temperature):
     """A row per sample: the decoded posterior mean at a few times t, then the final image; and a
     GIF of every step, lingering on the result. -> (PNG path, trajectory dict)."""
     n = opt.num_samples or 8
-    traj, final, mean = posterior_path(sampler, opt, label, temperature, n)
-    steps = frame_steps(opt)
+    traj, final, shown, mean = posterior_path(sampler, opt, label, temperature, n)
     texts = [f"{float(traj['t'][s]):.2f}" if i else f"t={float(traj['t'][s]):.2f}"
-             for i, s in enumerate(steps)] + ["final"]
-    path = save_rows([mean(s) for s in steps] + [final], texts,
+             for i, s in enumerate(shown)] + ["final"]
+    path = save_rows([mean(s) for s in shown] + [final], texts,
                      os.path.join(opt.out_dir, "trajectory.png"))
     frames = [Image.fromarray(tile(x, min(n, 8)))
               for x in [mean(s) for s in range(len(traj["mu"]))] + [final] * 15]
@@ -285,9 +278,10 @@ def draw_trajectory(sampler, opt, label, temperature):
 def draw_uncertainty(sampler, opt, label, temperature):
     """A row per sample: at a few times t, the decoded posterior mean and beside it a heatmap of
     the posterior entropy H(pi_t) per position; then the final image. -> (PNG path, trajectory)."""
-    traj, final, mean = posterior_path(sampler, opt, label, temperature, opt.num_samples or 4)
+    traj, final, shown, mean = posterior_path(sampler, opt, label, temperature,
+                                              opt.num_samples or 4)
     S, log_K, columns, texts = final.shape[1], np.log(sampler.E.shape[0]), [], []
-    for s in frame_steps(opt):
+    for s in shown:
         t = float(traj["t"][s])                                      # from 0 to 1 - dt
         H = traj["entropy"][s].float().numpy()                       # (n, h, w) nats in [0, log K]
         f = S // H.shape[-1]                                         # a token covers f x f pixels

@@ -152,8 +152,8 @@ def test_fid_with_stub_extractor(stub_fid):
     worse, _ = fid_of(other, data_dir, model_path=model_path, batch_size=16)
     assert worse > 1e-3
     os.remove(model_path)              # a cached reference is reused without the extractor
-    mu, sigma, n = fid.reference_stats(data_dir, model_path, None)
-    assert n == 64 and mu.shape == (6,) and sigma.shape == (6, 6)
+    ref, n = fid.data_reference(data_dir, model_path, None)
+    assert n == 64 and ref["mu"].shape == (6,) and ref["sigma"].shape == (6, 6)
 
 # -----------------------------------------------------------------------------
 # the ImageNet protocols: ADM's reference npz and a folder of images (the official code)
@@ -173,9 +173,9 @@ def test_fid_against_a_reference_npz_and_an_image_folder_agrees_with_the_data_fo
     model_path, data_dir, real = stub_fid
     other = np.clip(real.astype(int) // 2 + 100, 0, 255).astype(np.uint8)
     want, _ = fid_of(other, data_dir, model_path=model_path, batch_size=16)
-    mu, sigma, _ = fid.reference_stats(data_dir, model_path)
+    stats, _ = fid.data_reference(data_dir, model_path)
     ref = str(tmp_path / "VIRTUAL_fake_labeled.npz")
-    np.savez(ref, mu=mu, sigma=sigma, arr_0=real[:10])                               # ADM's layout
+    np.savez(ref, mu=stats["mu"], sigma=stats["sigma"], arr_0=real[:10])                               # ADM's layout
     same, protocol = fid_of(real, "", model_path=model_path, batch_size=16, ref_stats=ref)
     assert abs(same) < 1e-6 and f"64 samples vs the statistics in {ref}" in protocol
     got, _ = fid_of(other, "", model_path=model_path, batch_size=16, ref_stats=ref)

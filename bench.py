@@ -303,7 +303,7 @@ def main(argv):
         with ctx:
             pc.euler_sample(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
                             torch.Generator().manual_seed(0), chunk=pc.CHUNK, solver=cfg.solver,
-                            time_shift=cfg.time_shift, cfg_interval=pc.interval(cfg.cfg_interval))
+                            time_shift=cfg.time_shift, cfg_interval=cli.interval(cfg.cfg_interval))
         sync(device)
     dt = time.time() - t0
     print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.solver} on {cfg.sample_steps} steps: "

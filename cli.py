@@ -157,6 +157,15 @@ def check_ranges(cfg, rules):
             raise UserError(f"--{name}={value} is impossible: it must be {must}")
 
 
+def interval(text):
+    """'lo,hi' -> (lo, hi) with 0 <= lo <= hi <= 1, else None."""
+    try:
+        lo, hi = map(float, text.split(","))
+    except ValueError:
+        return None
+    return (lo, hi) if 0 <= lo <= hi <= 1 else None
+
+
 def split_batch(batch_size, grad_accum, world):
     """The global batch, batch_size x grad_accum images, over `world` processes -> (images per
     micro-step, micro-steps per process): n equal micro-steps, the fewest n >= grad_accum that the

@@ -98,7 +98,7 @@ RANGES = {
     "time_embed": (lambda v: v in ("scaled", "official"), "'scaled' or 'official'"),
     **{k: (lambda v: v > 0, "positive") for k in ("lr", "temperature", "time_shift")},
     "solver": (lambda v: v in SOLVERS, " or ".join(SOLVERS)),
-    "cfg_interval": (lambda v: interval(v) is not None, "two times lo,hi with 0 <= lo <= hi <= 1"),
+    "cfg_interval": (lambda v: cli.interval(v) is not None, "lo,hi with 0 <= lo <= hi <= 1"),
     **{k: (lambda v: v >= 1, "at least 1")
        for k in ("eval_interval", "eval_iters", "log_interval", "sample_steps", "grid_cols",
                  "patch_size", "n_layer", "n_head", "n_embd", "batch_size", "grad_accum")},
@@ -108,15 +108,6 @@ RANGES = {
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("class_dropout", "ema_decay", "beta1",
                                                         "beta2")},
 }
-
-
-def interval(text):
-    """'lo,hi' -> (lo, hi) with 0 <= lo <= hi <= 1, else None."""
-    try:
-        lo, hi = map(float, text.split(","))
-    except ValueError:
-        return None
-    return (lo, hi) if 0 <= lo <= hi <= 1 else None
 
 
 # The flags a resume takes from the checkpoint (its model) and those that need not match its run.
@@ -363,9 +354,10 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# rand_from, vfm_loss, guided, euler_sample (and vq.nearest_code) are written to be copied: they need
-# only `import torch` and a network model(z, t, y) -> logits (B, h, w, K). With chunk=N they call
-# the section "at K = 16384" below (copy it, patchify and unpatchify too): N logits at a time.
+# rand_from, vfm_loss, and the sampler's guided, time_grid, data_prediction and euler_sample (with
+# vq.nearest_code) are written to be copied: they need only `import torch` and a network model(z, t,
+# y) -> logits (B, h, w, K). With chunk=N they call the section "at K = 16384" below (copy it,
+# patchify and unpatchify too): N logits at a time.
 
 
 def rand_from(fn, shape, generator, device):
@@ -685,7 +677,7 @@ def sample_grid(model, objective, E, tokenizer, grid, n_rows, n_cols, cfg, path,
         idx = objective.sample(model, E, y, grid, cfg.sample_steps, cfg.temperature, cfg.cfg_scale,
                                model.num_classes, torch.Generator().manual_seed(cfg.seed),
                                solver=cfg.solver, time_shift=cfg.time_shift,
-                               cfg_interval=interval(cfg.cfg_interval))
+                               cfg_interval=cli.interval(cfg.cfg_interval))
     images = vq.to_uint8(tokenizer.decode(idx))                                     # (N, H, W, 3)
     # 64+ pixel cells
     canvas = Image.fromarray(vq.tile(images, n_cols, scale=max(2, 64 // images.shape[1])))

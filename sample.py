@@ -147,7 +147,7 @@ def sampler_from_flags(opt, device, temperatures=(), verbose=True):
 def solve(opt):
     """The sampler's solver settings in opt -> the keywords of Objective.sample."""
     return dict(solver=opt.solver, time_shift=opt.time_shift,
-                cfg_interval=purrception.interval(opt.cfg_interval))
+                cfg_interval=cli.interval(opt.cfg_interval))
 
 
 def describe(opt):

@@ -369,7 +369,8 @@ def file_sha1(path):
 
 def save_pointer(path, released, image_size):
     """A data folder's tokenizer when it is a file brought from elsewhere (a released one): where
-    that file is, its sha1, and the image size the folder feeds it. vqgan.load_tokenizer follows it."""
+    that file is, its sha1, and the image size the folder feeds it (vqgan.load_tokenizer follows
+    it)."""
     ckpt = {"released": os.path.abspath(released), "sha1": file_sha1(released),
             "image_size": image_size}
     cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)

@@ -16,10 +16,10 @@ SCRIPTS = ("purrception", "baselines", "sample", "prepare_data", "vq", "compare"
 
 
 def copied_names():
-    """The names the README's 'Copy this' line tells people to copy."""
+    """The names the README's 'Copy this' paragraph tells people to copy (before 'Pasted')."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    line = next(line for line in readme.splitlines() if line.startswith("**Copy this:**"))
-    return re.findall(r"`(\w+)`", line.partition(" from ")[0])
+    text = readme.split("**Copy this:**")[1].split("Pasted")[0]
+    return re.findall(r"`(\w+)`", text)
 
 
 def pasted(names):

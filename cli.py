@@ -313,9 +313,22 @@ def diverged(what, it, ckpt_path, lr):
                      f"{lr:g}), more --warmup_iters or a smaller --grad_clip")
 
 
+def same_tokenizer(ckpt, ckpt_path, meta, data_dir):
+    """A checkpoint's codes index the codebook it was trained with: a data folder whose tokenizer is
+    another file is refused, naming the folder the run used (checkpoints that predate the record
+    pass)."""
+    trained, here = ckpt.get("tokenizer_sha1"), meta.get("tokenizer_sha1")
+    if trained and here and trained != here:
+        run_dir = ckpt["config"].get("data_dir", "")
+        raise UserError(f"{ckpt_path} was trained with the tokenizer of {run_dir} (sha1 "
+                        f"{trained[:12]}), but {data_dir} holds another (sha1 {here[:12]}), whose "
+                        f"codes mean other images; pass --data_dir={run_dir}")
+
+
 def load_resume(ckpt_path, max_iters, objective, meta, data_dir):
     """The checkpoint a --init_from=resume run continues, checked: iters left, objective, K, d."""
     ckpt = load_checkpoint(ckpt_path, "drop --init_from=resume to start from scratch")
+    same_tokenizer(ckpt, ckpt_path, meta, data_dir)
     args, it = ckpt["model_args"], ckpt["iter"]
     if it >= max_iters:
         raise UserError(f"{ckpt_path} is already at iter {it}: --max_iters={max_iters} leaves "

@@ -796,6 +796,7 @@ def train(cfg, objective=PURRCEPTION):
                     ckpt = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
                             "optimizer": optimizer.state_dict(), "iter": it,
                             "objective": objective.name, "model_args": model_args,
+                            "tokenizer_sha1": meta.get("tokenizer_sha1"),
                             "config": asdict(cfg), "metrics": metrics, "rng": rng}
                     cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), ckpt_path)
                     cli.write_json(asdict(cfg), os.path.join(out_dir, "config.json"))

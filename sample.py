@@ -87,6 +87,7 @@ def load_sampler(ckpt_path, data_dir="", device="cpu"):
                                      prepare_data.data_path(run_config["dataset"]))
                          if os.path.exists(os.path.join(d, "meta.json"))), run_config["data_dir"])
     meta, tokenizer = prepare_data.open_folder(data_dir, device, check=False)
+    cli.same_tokenizer(ckpt, ckpt_path, meta, data_dir)
     E, a = tokenizer.codebook.to(device), ckpt["model_args"]
     # the generator's outputs index its own codebook: another tokenizer decodes them to noise
     if (tuple(E.shape), meta["num_classes"]) != ((a["K"], a["d"]), a["num_classes"]):

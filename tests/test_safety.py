@@ -219,6 +219,37 @@ def test_a_foreign_tokenizer_with_the_same_K_is_refused_by_training_resume_and_s
         sample.main([f"--out_dir={out}", "--steps=2"])
 
 
+def test_a_checkpoint_refuses_a_folder_whose_tokenizer_is_another_and_names_its_own(data_dir,
+                                                                                  tmp_path):
+    """Another folder with the same images, K, d and classes but another tokenizer (a consistent
+    folder: its tokens and meta.json are its tokenizer's) is refused by sample.py and by a resume,
+    in one line naming the run's folder, whose hint works typed back in; a checkpoint from before
+    the record still samples."""
+    data, other, out = tmp_path / "data", tmp_path / "other", tmp_path / "out"
+    for folder, seed in ((data, 0), (other, 1)):
+        shutil.copytree(data_dir, folder)
+        torch.manual_seed(seed)
+        vq.save_vq(vq.VQVAE(vq.VQConfig(image_size=8, ch=8, n_res=1, codebook_size=K,
+                                        code_dim=4)), str(folder / "vq.pt"))
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["tokenizer_sha1"] = vq.file_sha1(str(folder / "vq.pt"))
+        (folder / "meta.json").write_text(json.dumps(meta))
+    train(tiny_config(data, out, max_iters=3))
+    before = files(out)
+    for attempt in (lambda: sample.main([f"--out_dir={out}", "--steps=2", f"--data_dir={other}"]),
+                    lambda: train(tiny_config(other, out, max_iters=6, init_from="resume"))):
+        with pytest.raises(UserError, match=f"was trained with the tokenizer of {data} .*"
+                                            f"but {other} holds another") as e:
+            attempt()
+        assert "\n" not in str(e.value) and str(e.value).endswith(f"--data_dir={data}")
+    assert files(out) == before
+    sample.main([f"--out_dir={out}", "--steps=2", f"--data_dir={data}"])       # the hint, typed
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["tokenizer_sha1"]                                       # a checkpoint from before
+    torch.save(ckpt, out / "ckpt.pt")
+    sample.main([f"--out_dir={out}", "--steps=2", f"--data_dir={other}"])
+
+
 def test_the_tokenizer_hash_is_computed_once_per_file_version(tmp_path):
     path = tmp_path / "t.bin"
     path.write_bytes(b"a" * 1000)

@@ -152,10 +152,11 @@ def _download(url, path):
                         f"--data_dir=PATH/TO/cifar-10-python.tar.gz`") from None
 
 
-def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
+def load_cifar10(data_dir=None, md5=None, log=print):
     """-> train images (50000, 32, 32, 3) uint8, train labels, val images (10000, ...), val labels,
     class names. data_dir: None (download into data/cifar10/), the tarball, a folder holding it, or
     the extracted folder."""
+    md5 = CIFAR10_MD5 if md5 is None else md5
     folder = data_dir or data_path("cifar10")
     tarball = os.path.join(folder, "cifar-10-python.tar.gz")
     if data_dir is None and not os.path.exists(tarball):

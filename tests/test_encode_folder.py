@@ -18,22 +18,9 @@ import encode_folder as ef
 import prepare_data as pd
 import vqgan
 from cli import UserError
-from conftest import ROOT
+from conftest import MODES, ROOT, make_folder
 
-MODES = ("RGB", "L", "P", "CMYK", "RGBA")                 # CMYK and L as JPEG, the others as PNG
 TOKEN_FILES = ("train.bin", "val.bin", "train_labels.bin", "val_labels.bin")
-
-
-def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        for i in range(per_class):
-            w, h = (int(v) for v in rng.integers(18, 70, 2))
-            mode = MODES[i % len(MODES)]
-            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-            os.makedirs(root / c, exist_ok=True)
-            im.save(root / c / f"{i:03d}.{'jpg' if mode in ('L', 'CMYK') else 'png'}")
-    return root
 
 
 @pytest.fixture(scope="module")

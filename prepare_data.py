@@ -12,11 +12,9 @@ It writes data/NAME/ next to this file, in three steps, each skipped when its ou
 Tokens are redone when vq.pt was retrained (`python vq.py`); --force redoes all three.
 Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.codebook_size=512.
 
-An image folder of any size through a tokenizer file (LlamaGen's, LDM's) is encode_folder.py's
-job; it writes the same folder, and shares this file's image loading, splitting and writing.
-
-The checks of a data folder live here too, beside the code that writes it (open_folder,
-open_for_training): sizes, token and label ranges, meta.json and the tokenizer's hash.
+An image folder of any size through a tokenizer file is encode_folder.py's job (the same folder,
+this file's image reading and writing). The checks of a data folder live here, beside the code
+that writes it: open_folder, open_for_training.
 """
 
 import hashlib
@@ -318,17 +316,13 @@ def write_file(path, parts, size=None):
 
 def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
     """uint8 (N, H, W, 3) images -> uint16 (N, h*w) code indices written to `path`; -> (h, w)."""
-    t0, grid = time.time(), []
-
-    def parts():
-        for i in cli.progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            idx = model.encode(np.array(images[i:i + batch_size]))     # (b, h, w) int64
-            grid[:] = idx.shape[1:]
-            yield idx.reshape(len(idx), -1).numpy().astype(np.uint16).tobytes()
-    write_file(path, parts())
+    t0, grid = time.time(), model.cfg.grid
+    batches = cli.progress(range(0, len(images), batch_size), desc=desc, unit="batch")
+    write_file(path, (model.encode(np.array(images[i:i + batch_size])).reshape(-1, grid * grid)
+                      .numpy().astype(np.uint16).tobytes() for i in batches))   # (b, h*w)
     dt = time.time() - t0
     log(f"{desc}: {len(images)} images in {dt:.1f}s ({len(images) / dt:.0f} images/s)")
-    return tuple(grid)
+    return grid, grid
 
 
 # -----------------------------------------------------------------------------
@@ -402,7 +396,6 @@ def make_images(dataset, data_dir, image_size, seed, folder, p, log):
         resize = lambda ims: np.stack([np.asarray(Image.fromarray(im).resize(
             (image_size, image_size), Image.Resampling.BICUBIC)) for im in ims])
         train_x, val_x = resize(train_x), resize(val_x)
-    os.makedirs(folder, exist_ok=True)
     for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
         write_file(p[f"{split}_images.u8"], [np.asarray(x, np.uint8).tobytes()])
         write_file(p[f"{split}_labels.bin"], [np.asarray(y, np.uint16).tobytes()])
@@ -460,23 +453,22 @@ def remove(*paths):
         os.remove(path)
 
 
-def check_writable(folder, instead="pass --name=OTHER"):
-    """Refuse in one line, before any image is read, when folder (or, where it is still to be
-    made, the folder above it: data/) cannot be written."""
+def check_writable(folder):
+    """One line, before any image is read, when folder (or where it is to be made: data/) is
+    read-only."""
     where = os.path.abspath(folder)
     while not os.path.exists(where):
         where = os.path.dirname(where)
     if not os.access(where, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {where} (read-only for this user); make it writable"
-                        + f", or {instead}" * (where == os.path.abspath(folder)))
+                        + ", or pass --name=OTHER" * (where == os.path.abspath(folder)))
 
 
 def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None,
             log=print):
-    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json, source.json), skipping what
-    exists, as its only writer (cli.one_writer); -> the folder. image_size=0: 16 for shapes, else
-    32. Every setting, and the folder's files against them, is checked before anything is
-    written; a stop (SIGTERM, Ctrl-C) keeps the steps done, and the same call continues."""
+    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json, source.json) as its only
+    writer, skipping what exists; -> the folder. image_size=0: 16 for shapes, else 32. Settings
+    and the folder are checked before anything is written; after a stop, the same call goes on."""
     name, image_size = name or dataset, image_size or (16 if dataset == "shapes" else 32)
     cfg, train_kw, settings, asked = check_settings(dataset, data_dir, image_size, seed,
                                                     vq_overrides)
@@ -523,10 +515,9 @@ def remake_command(data_dir, meta=None, force=False):
     source.json (written by every prepare_data.py and encode_folder.py run), else from
     meta.json; ROOT stands for an image folder that neither records. The tokens of a tokenizer
     file (source.json's tokenizer, meta.json's released_tokenizer) are encode_folder.py's."""
-    source = os.path.join(data_dir, SOURCE)
     try:
-        args = cli.read_json(source) if os.path.exists(source) else {}
-    except UserError:
+        args = cli.read_json(os.path.join(data_dir, SOURCE))
+    except UserError:                         # none, or damaged
         args = {}
     if not args:
         name, meta = os.path.basename(os.path.normpath(data_dir)), meta or {}
@@ -576,20 +567,17 @@ def load_meta(data_dir):
     need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
             "val_count", "tokenizer")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
-        meta = meta if isinstance(meta, dict) else {}
         raise UserError(f"{data_dir} is only half prepared; finish it with "
-                        f"{remake(data_dir, meta)}")
+                        f"{remake(data_dir, meta if isinstance(meta, dict) else {})}")
     for split in ("train", "val"):
         n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
         for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
             path = os.path.join(data_dir, name)
             have = os.path.getsize(path) if os.path.exists(path) else None
             if have != size:
-                raise UserError(
-                    f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
-                                  f"meta.json says {size}")
-                    + f"; it is damaged: make the folder again with "
-                      f"{remake(data_dir, meta, force=True)}")
+                state = "is missing" if have is None else f"holds {have} bytes, not {size}"
+                raise UserError(f"{path} {state} (meta.json's count); it is damaged: make the "
+                                f"folder again with {remake(data_dir, meta, force=True)}")
     return meta
 
 
@@ -599,20 +587,17 @@ def check_tokens(data_dir, meta):
     for split in ("train", "val"):
         for name, limit in ((f"{split}.bin", meta["codebook_size"]),
                             (f"{split}_labels.bin", meta["num_classes"])):
-            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
-                      .max(initial=0))
-            if top >= limit:
-                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
-                                f"< {limit}: the tokens and meta.json disagree; make the folder "
-                                f"again with {remake(data_dir, meta, force=True)}")
+            path = os.path.join(data_dir, name)
+            if (top := int(np.memmap(path, np.uint16, mode="r").max(initial=0))) >= limit:
+                raise UserError(f"{path} holds {top}, but meta.json allows < {limit}: the tokens "
+                                f"and meta.json disagree; make the folder again with "
+                                f"{remake(data_dir, meta, force=True)}")
 
 
 def open_folder(data_dir, device="cpu", check=True):
-    """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
-    files (and, with check, every token against K) and the tokenizer checked, not trusted, to be
-    the file that made the tokens: the images' size, the downsampling factor, K, d and the grid,
-    then its sha1 against meta.json's tokenizer_sha1. A UserError naming the file and the command
-    to re-run otherwise."""
+    """A token folder -> (meta, tokenizer on device): meta.json checked against the token files
+    (with check, every token against K), the tokenizer checked to be the file that made them (the
+    images' size, downsampling, K, d, grid, then sha1). Else one line with a command that works."""
     meta = load_meta(data_dir)
     if check:
         check_tokens(data_dir, meta)
@@ -691,8 +676,8 @@ def main(argv):
     dataset = next((a.partition("=")[2] for a in argv if a.startswith("--dataset=")), None)
     if any(a.startswith("--tokenizer") for a in argv):   # the same folder, through the file
         words = [a for a in argv if not a.startswith(("--dataset=", "--vq.", "--help", "-h"))]
-        if not any(a.startswith("--name=") for a in argv):
-            words.insert(0, f"--name={dataset or 'imagefolder'}")
+        words[:0] = [] if any(a.startswith("--name=") for a in argv) else [
+            f"--name={dataset or 'imagefolder'}"]
         raise UserError(f"a tokenizer file encodes an image folder with encode_folder.py: run "
                         f"`{cli.command('encode_folder.py', *words)}`")
     vq_help = {**cli.field_comments(vq.VQConfig), **cli.field_comments(vq.TrainConfig)}
@@ -711,12 +696,3 @@ def main(argv):
 if __name__ == "__main__":
     cli.run(main)
 
-
-# Expected output of `python prepare_data.py --dataset=shapes` (2-core CPU, 1 torch thread):
-#   wrote 20000 train and 2000 val 16x16 images to .../data/shapes in 1.0s
-#   vq: 0.06M parameters, 8x8 tokens, K=64, d=8, 1000 iters of batch 64
-#   vq iter 1000: val psnr 29.75 dB, codebook usage 100.0%, perplexity 47, 0.4 min
-#   tokenize train: 20000 images in 0.9s (21967 images/s)
-#   tokenize val: 2000 images in 0.1s (20320 images/s)
-#   wrote .../data/shapes: 20000 train / 2000 val images as 8x8 tokens in [0, 64)
-#   done in 27s: .../data/shapes

@@ -1,6 +1,6 @@
-"""Tests that a data folder loses nothing: SIGTERM and Ctrl-C during prepare_data.py, two runs on one
-folder, read-only folders, images read as a viewer shows them, and hints that work when typed.
-CPU, tiny tokenizers, no network; the command lines run as subprocesses with data/ under tmp_path."""
+"""Tests that a data folder loses nothing: SIGTERM and Ctrl-C during prepare_data.py, two runs on
+one folder, read-only folders, images read as a viewer shows them, and hints that work when
+typed. CPU, tiny tokenizers, no network; command lines run as subprocesses, data/ in tmp_path."""
 
 import json
 import os
@@ -106,8 +106,8 @@ def test_two_runs_on_one_folder_the_second_is_refused_and_the_first_ends_intact(
         second = prepare(tmp_path, "--seed=1")
         assert second.returncode == 2, second.stderr
         line = second.stderr.strip()
-        assert "\n" not in line and line.startswith(f"error: {tmp_path / 'shapes'} is in use by "), \
-            line
+        assert "\n" not in line, line
+        assert line.startswith(f"error: {tmp_path / 'shapes'} is in use by "), line
         assert f"(pid {first.pid} on " in line and "--name=OTHER" in line, line
     finally:
         go.touch()

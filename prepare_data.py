@@ -575,9 +575,10 @@ def load_meta(data_dir):
             path = os.path.join(data_dir, name)
             have = os.path.getsize(path) if os.path.exists(path) else None
             if have != size:
-                state = "is missing" if have is None else f"holds {have} bytes, not {size}"
-                raise UserError(f"{path} {state} (meta.json's count); it is damaged: make the "
-                                f"folder again with {remake(data_dir, meta, force=True)}")
+                state = "is missing" if have is None else f"holds {have} bytes where meta.json " \
+                                                           f"says {size}"
+                raise UserError(f"{path} {state}; it is damaged: make the folder again with "
+                                f"{remake(data_dir, meta, force=True)}")
     return meta
 
 

@@ -677,8 +677,8 @@ def main(argv):
     dataset = next((a.partition("=")[2] for a in argv if a.startswith("--dataset=")), None)
     if any(a.startswith("--tokenizer") for a in argv):   # the same folder, through the file
         words = [a for a in argv if not a.startswith(("--dataset=", "--vq.", "--help", "-h"))]
-        words[:0] = [] if any(a.startswith("--name=") for a in argv) else [
-            f"--name={dataset or 'imagefolder'}"]
+        if not any(a.startswith("--name=") for a in argv):
+            words.insert(0, f"--name={dataset or 'imagefolder'}")
         raise UserError(f"a tokenizer file encodes an image folder with encode_folder.py: run "
                         f"`{cli.command('encode_folder.py', *words)}`")
     vq_help = {**cli.field_comments(vq.VQConfig), **cli.field_comments(vq.TrainConfig)}

@@ -19,12 +19,15 @@ process's. KEY hashes all the tokens depend on (the tokenizer file, the image si
 chunk and batch sizes), so other settings never mix with a run's chunks.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -34,8 +37,8 @@ import cli
 import vq
 import vqgan
 from cli import UserError
-from prepare_data import (FILES, TOKEN_FILES, data_path, load_image, record_source,
-                          split_imagefolder, write_file)
+from prepare_data import (FILES, TOKEN_FILES, check_writable, data_path, load_image,
+                          record_source, remove, split_imagefolder, write_file)
 
 
 @dataclass
@@ -81,11 +84,13 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def end_with_parent(worker_id):
-    """Linux: a decoding worker ends when the process that started it does, even after a kill -9
-    (which leaves the loader no chance to stop it)."""
+    """A decoding worker leaves SIGINT (Ctrl-C, sent to every process of the terminal) to the
+    process that started it, ends at SIGTERM, and (Linux) ends when that process does, even after
+    a kill -9 (which leaves the loader no chance to stop it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         import ctypes
-        import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):       # another OS: the loader's own checks remain
         pass
@@ -95,8 +100,9 @@ def end_with_parent(worker_id):
 
 
 def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size, workers,
-                 skip_unreadable, rank=0, world=1, log=print):
-    """Encode this process's missing chunks of files [(file, label)] into workdir."""
+                 skip_unreadable, rank=0, world=1, all_chunks=0, log=print):
+    """Encode this process's missing chunks of files [(file, label)] into workdir (all_chunks:
+    of both splits, for the line a stop ends with)."""
     n_chunks = -(-len(files) // chunk)
     todo = [c for c in range(rank, n_chunks, world)
             if not os.path.exists(os.path.join(workdir, f"{split}.{c:06d}.npz"))]
@@ -129,11 +135,19 @@ def stream_split(model, files, workdir, split, image_size, *, chunk, batch_size,
             np.savez(buffer, **arrays)
             write_file(os.path.join(workdir, f"{split}.{last // chunk:06d}.npz"),
                        [buffer.getvalue()])
+            note_chunks(workdir, all_chunks)
             tokens, labels, skipped = [], [], []
     if n:
         dt = time.time() - t0
         log(f"tokenize {split}: {n} images in {dt:.1f}s ({n / dt:.2f} images/s, "
             f"{workers} decoding workers)")
+
+
+def note_chunks(workdir, all_chunks):
+    """cli.stop_note: how many chunks a stop keeps."""
+    done = sum(f.endswith(".npz") and ".tmp-" not in f for f in os.listdir(workdir))
+    cli.stop_note = (f"{done} of {all_chunks} chunks in {workdir} are kept; the same command "
+                     f"resumes")
 
 
 def read_chunks(workdir, split, n):
@@ -164,7 +178,8 @@ def check_space(folder, nbytes, largest):
            if limit is not None and limit < largest else "")
     if why:
         raise UserError(f"the tokens need {size(nbytes)} in {folder} (the largest file "
-                        f"{size(largest)}), but {why}; make room and run again")
+                        f"{size(largest)}), but {why}; " + ("make room" if free < nbytes else
+                        "raise the limit (ulimit -f unlimited)") + " and run again")
 
 
 def all_agree(ok, world, device):
@@ -176,6 +191,32 @@ def all_agree(ok, world, device):
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
+
+def together(step, world, device, why):
+    """step() on every process; a UserError on any stops all of them (why: the others' line)."""
+    error = None
+    try:
+        step()
+    except UserError as e:                    # the others must not wait for this process forever
+        error = e
+    if not all_agree(error is None, world, device):
+        raise error or UserError(why)
+
+
+@contextlib.contextmanager
+def only_writer(folder, workdir, rank, world, device):
+    """The block runs with process 0 as folder's only writer (cli.one_writer: a second run is
+    refused in one line; what a killed run left half-written is removed, in workdir too)."""
+    with contextlib.ExitStack() as stack:
+        def hold():
+            if rank == 0:
+                stack.enter_context(cli.one_writer(folder, "pass --name=OTHER"))
+                if os.path.isdir(workdir):
+                    remove(*(os.path.join(workdir, f) for f in os.listdir(workdir)
+                             if ".tmp-" in f))
+        together(hold, world, device, f"process 0 could not take {folder} (its error is above)")
+        yield
+
 # -----------------------------------------------------------------------------
 # stream_folder: the folder, checked, encoded chunk by chunk, then assembled
 
@@ -183,8 +224,11 @@ def all_agree(ok, world, device):
 def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, seed=0, workers=4,
                   batch_size=64, chunk=1024, skip_unreadable=False, device="", rank=0, world=1,
                   log=print):
-    """An image folder -> data/NAME/{train,val}.bin and _labels.bin and meta.json, streamed
-    through the tokenizer file (vqgan.load_tokenizer: vq.py's own, LlamaGen's, LDM's). -> the folder."""
+    """An image folder -> data/NAME/{train,val}.bin and _labels.bin, meta.json and source.json,
+    streamed through the tokenizer file (vqgan.load_tokenizer: vq.py's own, LlamaGen's, LDM's),
+    with process 0 the folder's only writer. -> the folder."""
+    folder = data_path(name)
+    check_writable(folder)
     classes, train, val = split_imagefolder(data_dir, seed)
     if not os.path.isfile(tokenizer):
         raise UserError(f"no tokenizer file at {tokenizer}; pass --tokenizer=FILE: LlamaGen's, "
@@ -200,97 +244,111 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     K, L = model.cfg.codebook_size, model.cfg.grid ** 2
     if K > 65536:
         raise UserError(f"the tokenizer {tokenizer} has K={K} codes: more than uint16 tokens hold")
-    folder, sha1 = data_path(name), vq.file_sha1(tokenizer)
-    p = {f: os.path.join(folder, f) for f in FILES}
-    meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
-    made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
-            "released_sha1": meta.get("released_sha1")}
-    asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
-    if made == asked and "tokenizer" in meta and not force and all(
-            os.path.exists(p[f]) for f in TOKEN_FILES):
-        if rank == 0:
-            remove_chunks(folder, None, log)   # left by a run stopped after its last write
-        log(f"{folder}: tokens exist, skipping")
-        return folder
-    if meta and made != asked and not force:     # (made == asked: a run stopped while finishing)
-        diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
-                f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
-                for k, v in made.items() if v != asked[k]]
-        raise UserError(f"{folder} was made with {', '.join(diff) or 'other settings'}; pass "
-                        f"--force to redo it (its files are replaced only when the new ones "
-                        f"are complete), or --name=OTHER")
+    sha1, p = vq.file_sha1(tokenizer), {f: os.path.join(folder, f) for f in FILES}
     splits, key = {"train": train, "val": val}, hashlib.sha1(
         json.dumps([sha1, image_size, chunk, batch_size, skip_unreadable]).encode())
     for split, files in splits.items():           # the file list, without one big string
         for path, label in files:
             key.update(f"{split}\0{path}\0{label}\n".encode())
     workdir = os.path.join(folder, f".tokens-{key.hexdigest()[:12]}")
-    os.makedirs(workdir, exist_ok=True)
-    if rank == 0:                             # chunks of other settings can never be used
-        remove_chunks(folder, workdir, log)
-    done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
-    total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
-    check_space(folder, 2 * total - done, 2 * L * len(train))
-    log(f"tokenizing {len(train)} train and {len(val)} val images of {len(classes)} classes from "
-        f"{data_dir} with {tokenizer} (K={K}, {model.cfg.grid}x{model.cfg.grid} grid) on "
-        f"{device}, {world} process{'es' * (world > 1)}")
-    error = None
-    try:
-        for split, files in splits.items():
-            stream_split(model, files, workdir, split, image_size, chunk=chunk,
-                         batch_size=batch_size, workers=workers, skip_unreadable=skip_unreadable,
-                         rank=rank, world=world, log=log)
-    except UserError as e:                    # the others must not wait for this process forever
-        error = e
-    if not all_agree(error is None, world, device):
-        raise error or UserError("another process stopped (its error is above); fix it and run "
-                                 "the same command again: it resumes")
-    if rank != 0:
-        return folder
-
-    # every chunk is on disk: the new files are assembled beside the old ones (FILE.new), and
-    # replace them only once all are written; until meta.json is, the folder reads as half made
-    counts, unreadable, staged = {}, [], []
-    try:
-        for split, files in (("val", val), ("train", train)):
-            n = -(-len(files) // chunk)
-            labels = np.concatenate([y for _, y, _ in read_chunks(workdir, split, n)])
-            unreadable += [files[i][0] for _, _, s in read_chunks(workdir, split, n) for i in s]
-            staged += [p[f"{split}.bin"], p[f"{split}_labels.bin"]]
-            chunks = read_chunks(workdir, split, n)
-            write_file(p[f"{split}.bin"] + ".new", (t.tobytes() for t, _, _ in chunks),
-                       2 * L * len(labels))
-            write_file(p[f"{split}_labels.bin"] + ".new", [labels.tobytes()])
-            counts[split] = len(labels)
-        staged.append(p["vq.pt"])              # data/NAME/vq.pt stands for the tokenizer file
-        vq.save_pointer(p["vq.pt"] + ".new", tokenizer, image_size)
-    except UserError as e:
-        for f in (f + ".new" for f in staged if os.path.exists(f + ".new")):
-            os.remove(f)
-        raise UserError(f"{e} ({folder}'s own files are as they were, and the same command "
-                        f"resumes from the chunks on disk)") from None
-    if "tokenizer" in meta:
-        cli.write_json({k: v for k, v in meta.items() if k != "tokenizer"}, p["meta.json"])
-    for f in staged:
-        os.replace(f + ".new", f)
-    meta = {"dataset": "imagefolder", "image_size": image_size, "seed": seed,
-            "num_classes": len(classes), "class_names": classes, "train_count": counts["train"],
-            "val_count": counts["val"], "grid_h": model.cfg.grid, "grid_w": model.cfg.grid,
-            "codebook_size": K, "code_dim": int(model.codebook.shape[1]), "tokenizer": "vq.pt",
-            "tokenizer_sha1": vq.file_sha1(p["vq.pt"]), "released_tokenizer":
-            os.path.abspath(tokenizer), "released_sha1": sha1,
-            "tokenizer_config": asdict(model.cfg), "preprocessing": "ADM centre crop",
-            "unreadable_skipped": len(unreadable)}
-    cli.write_json(meta, p["meta.json"])
-    shutil.rmtree(workdir)
-    for stale in ("train_images.u8", "val_images.u8", "vq_recon.png"):   # of prepare_data.py's
-        if os.path.exists(p[stale]):
-            os.remove(p[stale])
-    if unreadable:
-        log(f"skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
-    log(f"wrote {folder}: {counts['train']} train / {counts['val']} val images as "
-        f"{model.cfg.grid}x{model.cfg.grid} tokens in [0, {K})")
+    with only_writer(folder, workdir, rank, world, device):
+        meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
+        made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
+                "released_sha1": meta.get("released_sha1")}
+        asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
+        if made == asked and "tokenizer" in meta and not force and all(
+                os.path.exists(p[f]) for f in TOKEN_FILES):
+            if rank == 0:
+                remove_chunks(folder, None, log)   # left by a run stopped after its last write
+            log(f"{folder}: tokens exist, skipping")
+            return folder
+        if meta and made != asked and not force:  # (made == asked: a run stopped while finishing)
+            diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
+                    f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
+                    for k, v in made.items() if v != asked[k]]
+            raise UserError(f"{folder} was made with {', '.join(diff) or 'other settings'}; pass "
+                            f"--force to redo it (its files are replaced only when the new ones "
+                            f"are complete), or --name=OTHER")
+        os.makedirs(workdir, exist_ok=True)
+        if rank == 0:                             # chunks of other settings can never be used
+            remove_chunks(folder, workdir, log)
+        done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
+        total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
+        check_space(folder, 2 * total - done, 2 * L * len(train))
+        log(f"tokenizing {len(train)} train and {len(val)} val images of {len(classes)} classes "
+            f"from {data_dir} with {tokenizer} (K={K}, {model.cfg.grid}x{model.cfg.grid} grid) on "
+            f"{device}, {world} process{'es' * (world > 1)}")
+        n_chunks = {split: -(-len(files) // chunk) for split, files in splits.items()}
+        note_chunks(workdir, sum(n_chunks.values()))
+        def encode():
+            for split, files in splits.items():
+                stream_split(model, files, workdir, split, image_size, chunk=chunk,
+                             batch_size=batch_size, workers=workers,
+                             skip_unreadable=skip_unreadable, rank=rank, world=world,
+                             all_chunks=sum(n_chunks.values()), log=log)
+        together(encode, world, device, "another process stopped (its error is above); fix it "
+                                        "and run the same command again: it resumes")
+        if rank == 0:
+            counts, unreadable = assemble(workdir, splits, n_chunks, L, p, tokenizer, image_size)
+            meta = {"dataset": "imagefolder", "image_size": image_size, "seed": seed,
+                    "num_classes": len(classes), "class_names": classes,
+                    "train_count": counts["train"], "val_count": counts["val"],
+                    "grid_h": model.cfg.grid, "grid_w": model.cfg.grid, "codebook_size": K,
+                    "code_dim": int(model.codebook.shape[1]), "tokenizer": "vq.pt",
+                    "tokenizer_sha1": vq.file_sha1(p["vq.pt"]),
+                    "released_tokenizer": os.path.abspath(tokenizer), "released_sha1": sha1,
+                    "tokenizer_config": asdict(model.cfg), "preprocessing": "ADM centre crop",
+                    "unreadable_skipped": len(unreadable)}
+            cli.write_json(meta, p["meta.json"])
+            shutil.rmtree(workdir)
+            remove(p["train_images.u8"], p["val_images.u8"], p["vq_recon.png"])  # prepare_data's
+            record_source(folder, data_dir=data_dir, name=name, tokenizer=tokenizer,
+                          image_size=image_size, seed=seed, skip_unreadable=skip_unreadable,
+                          workers=workers, batch_size=batch_size, chunk=chunk)
+            if unreadable:
+                log(f"skipped {len(unreadable)} unreadable images, e.g. {unreadable[0]}")
+            log(f"wrote {folder}: {counts['train']} train / {counts['val']} val images as "
+                f"{model.cfg.grid}x{model.cfg.grid} tokens in [0, {K})")
     return folder
+
+
+def staged(path):
+    """A name beside path for its next version, in cli.atomic_save's pattern for temporaries
+    (cli.one_writer removes those a killed writer left)."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def assemble(workdir, splits, n_chunks, L, p, tokenizer, image_size):
+    """Every chunk is on disk: the token files are assembled beside the old ones (under
+    atomic_save's temporary names, removed on any failure or stop) and replace them only once
+    all are written; until meta.json is rewritten, the folder reads as half made.
+    -> ({split: images}, [unreadable files])."""
+    cli.stop_note = (f"the chunks in {workdir} are kept; the same command assembles the token "
+                     f"files from them")
+    new = {f: staged(p[f]) for f in ("train.bin", "train_labels.bin", "val.bin",
+                                     "val_labels.bin", "vq.pt")}
+    counts, unreadable = {}, []
+    try:
+        for split, files in (("val", splits["val"]), ("train", splits["train"])):
+            chunks = lambda: read_chunks(workdir, split, n_chunks[split])
+            labels = np.concatenate([y for _, y, _ in chunks()])
+            unreadable += [files[i][0] for _, _, s in chunks() for i in s]
+            write_file(new[f"{split}.bin"], (t.tobytes() for t, _, _ in chunks()),
+                       2 * L * len(labels))
+            write_file(new[f"{split}_labels.bin"], [labels.tobytes()])
+            counts[split] = len(labels)
+        vq.save_pointer(new["vq.pt"], tokenizer, image_size)   # vq.pt: the tokenizer file
+        meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
+        if "tokenizer" in meta:
+            cli.write_json({k: v for k, v in meta.items() if k != "tokenizer"}, p["meta.json"])
+        for f, tmp in new.items():
+            os.replace(tmp, p[f])
+    except UserError as e:
+        raise UserError(f"{e} ({os.path.dirname(workdir)}'s own files are as they were, and the "
+                        f"same command resumes from the chunks on disk)") from None
+    finally:
+        remove(*new.values())
+    return counts, unreadable
 
 # -----------------------------------------------------------------------------
 # command line: one process, or one a GPU under torchrun
@@ -310,7 +368,6 @@ def main(argv):
                            chunk=opt.chunk, skip_unreadable=opt.skip_unreadable, device=device,
                            rank=rank, world=world, log=print if rank == 0 else lambda *a: None)
     if rank == 0:
-        record_source(folder, opt)
         print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 

@@ -12,11 +12,9 @@ It writes data/NAME/ next to this file, in three steps, each skipped when its ou
 Tokens are redone when vq.pt was retrained (`python vq.py`); --force redoes all three.
 Tokenizer settings pass through as --vq.KEY=VALUE (vq.py's options), e.g. --vq.codebook_size=512.
 
-An image folder of any size through a tokenizer file (LlamaGen's, LDM's) is encode_folder.py's
-job; it writes the same folder, and shares this file's image loading, splitting and writing.
-
-The checks of a data folder live here too, beside the code that writes it (open_folder,
-open_for_training): sizes, token and label ranges, meta.json and the tokenizer's hash.
+An image folder of any size through a tokenizer file is encode_folder.py's job (the same folder,
+this file's image reading and writing). The checks of a data folder live here, beside the code
+that writes it: open_folder, open_for_training.
 """
 
 import hashlib
@@ -27,12 +25,13 @@ import pickle
 import shlex
 import tarfile
 import time
+import unicodedata
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 import cli
 import vq
@@ -43,6 +42,7 @@ DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = ("cifar10", "imagefolder", "shapes")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"      # published on the CIFAR-10 page
+CIFAR10_DIR = "cifar-10-batches-py"                    # the tarball's folder
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 SHAPES_COUNTS = (20000, 2000)      # train, val: enough for a small generator to learn the classes
 IMAGE_FILES = ("train_images.u8", "val_images.u8", "train_labels.bin", "val_labels.bin")
@@ -137,25 +137,24 @@ class ArrayUnpickler(pickle.Unpickler):
 
 
 def _download(url, path):
-    tmp = path + ".part"
-    try:
+    def write(tmp):
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             mib = -(-int(r.headers.get("Content-Length") or 0) >> 20) or None
             for chunk in cli.progress(iter(lambda: r.read(1 << 20), b""), mib, "download", "MiB"):
                 f.write(chunk)
+    try:
+        cli.atomic_save(write, path)
     except OSError as e:                      # URLError, timeouts and HTTP errors are OSErrors
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"could not download {url} ({e}); fetch it another way, then run "
                         f"`{cli.command('prepare_data.py', '--dataset=cifar10')} "
                         f"--data_dir=PATH/TO/cifar-10-python.tar.gz`") from None
-    os.replace(tmp, path)
 
 
-def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
+def load_cifar10(data_dir=None, md5=None, log=print):
     """-> train images (50000, 32, 32, 3) uint8, train labels, val images (10000, ...), val labels,
     class names. data_dir: None (download into data/cifar10/), the tarball, a folder holding it, or
     the extracted folder."""
+    md5 = CIFAR10_MD5 if md5 is None else md5
     folder = data_dir or data_path("cifar10")
     tarball = os.path.join(folder, "cifar-10-python.tar.gz")
     if data_dir is None and not os.path.exists(tarball):
@@ -163,7 +162,7 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
         log(f"downloading {CIFAR10_URL} -> {tarball}")
         _download(CIFAR10_URL, tarball)
     found = lambda p: os.path.isfile(p) or os.path.isfile(os.path.join(p, "batches.meta"))
-    path = next(filter(found, (tarball, os.path.join(folder, "cifar-10-batches-py"), folder)), None)
+    path = next(filter(found, (tarball, os.path.join(folder, CIFAR10_DIR), folder)), None)
     if path is None:
         raise UserError(f"no CIFAR-10 at {data_dir}: expected cifar-10-python.tar.gz or an "
                         f"extracted cifar-10-batches-py")
@@ -195,10 +194,10 @@ def load_cifar10(data_dir=None, md5=CIFAR10_MD5, log=print):
 # -----------------------------------------------------------------------------
 # image folders: ROOT/<class>/*.png|jpg (10% of each class held out), or ROOT/train|val|test/<class>
 #
-# Every image goes through ADM's centre crop (guided-diffusion's center_crop_arr, which LlamaGen
-# uses for ImageNet too): halve with a box filter while the short side is at least twice the
-# target, then bicubic to the target, then crop the centre square. Greyscale, CMYK and palette
-# files become RGB first.
+# Every image is read as a viewer shows it (its EXIF orientation applied; greyscale, CMYK, palette
+# and 16-bit files as 8-bit RGB), then goes through ADM's centre crop (guided-diffusion's
+# center_crop_arr, which LlamaGen uses for ImageNet too): halve with a box filter while the short
+# side is at least twice the target, then bicubic to the target, then crop the centre square.
 
 
 def center_crop(im, image_size):
@@ -212,35 +211,47 @@ def center_crop(im, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
+def to_rgb(im):
+    """A PIL image of any mode -> 8-bit RGB. Integer modes wider than 8 bits (I;16*, I) are scaled
+    from 16 bits (65535 -> 255), floats (F) from [0, 1]: PIL's own convert clips them (white)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        x = np.asarray(im, np.float64) * (255 if im.mode == "F" else 1 / 257)
+        im = Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def load_image(path, image_size):
-    """Any image file -> uint8 (S, S, 3): RGB, ADM's centre crop."""
+    """Any image file -> uint8 (S, S, 3): upright (EXIF), RGB, ADM's centre crop."""
     with Image.open(path) as im:
-        return np.ascontiguousarray(center_crop(im.convert("RGB"), image_size))
+        return np.ascontiguousarray(center_crop(to_rgb(ImageOps.exif_transpose(im)), image_size))
 
 
 def _scan(folder, classes=None):
-    """-> class names (sorted folder names, or the given ones), [(file, label)] of each image. A
-    class folder without images is an error when the classes are read here (not for a val split)."""
-    found = sorted(d for d in os.listdir(folder)
-                   if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    """-> class names (sorted folder names in Unicode NFC, as typed: macOS stores NFD, or the given
+    ones), [(file, label)] of each image. A class folder without images is an error when the
+    classes are read here (not for a val split)."""
+    names = {unicodedata.normalize("NFC", d): d for d in os.listdir(folder)
+             if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")}
+    found = sorted(names)
     if set(found) - set(classes or found):
         raise UserError(f"{folder} has classes {sorted(set(found) - set(classes))} that the train "
                         f"split does not have")
-    files, counts = [], {}
+    files, counts, ext = [], {}, "/".join(IMAGE_EXTS)
+    is_image = lambda f: f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")
     for label, c in enumerate(classes or found):
-        walk = sorted(os.walk(os.path.join(folder, c))) if c in found else []
-        mine = [(os.path.join(d, f), label) for d, _, fs in walk for f in sorted(fs)
-                if f.lower().endswith(IMAGE_EXTS) and not f.startswith(".")]
+        walk = sorted(os.walk(os.path.join(folder, names[c]))) if c in names else []
+        mine = [(os.path.join(d, f), label) for d, _, fs in walk for f in sorted(fs) if is_image(f)]
         files += mine
         counts[c] = len(mine)
+    if not files and any(map(is_image, os.listdir(folder))):
+        raise UserError(f"{folder} holds its images directly, not in <class> folders; sort them "
+                        f"into {folder}/<class>/ (ImageNet's val: valprep.sh does it)")
     if not files:
-        raise UserError(f"no {'/'.join(IMAGE_EXTS)} images in {folder}/<class>/; expected "
-                        f"ROOT/<class>/*.png|jpg")
+        raise UserError(f"no {ext} images in {folder}/<class>/; expected ROOT/<class>/*.png|jpg")
     empty = [c for c, n in counts.items() if n == 0]
     if classes is None and empty:             # a class the generator could never learn
-        raise UserError(f"the class folder {os.path.join(folder, empty[0])} has no "
-                        f"{'/'.join(IMAGE_EXTS)} images ({len(empty)} such); add images or "
-                        f"remove it")
+        raise UserError(f"the class folder {os.path.join(folder, names[empty[0]])} has no {ext} "
+                        f"images ({len(empty)} such); add images or remove it")
     return found if classes is None else classes, files
 
 
@@ -305,17 +316,13 @@ def write_file(path, parts, size=None):
 
 def tokenize(model, images, path, batch_size=1000, desc="tokenize", log=print):
     """uint8 (N, H, W, 3) images -> uint16 (N, h*w) code indices written to `path`; -> (h, w)."""
-    t0, grid = time.time(), []
-
-    def parts():
-        for i in cli.progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            idx = model.encode(np.array(images[i:i + batch_size]))     # (b, h, w) int64
-            grid[:] = idx.shape[1:]
-            yield idx.reshape(len(idx), -1).numpy().astype(np.uint16).tobytes()
-    write_file(path, parts())
+    t0, grid = time.time(), model.cfg.grid
+    batches = cli.progress(range(0, len(images), batch_size), desc=desc, unit="batch")
+    write_file(path, (model.encode(np.array(images[i:i + batch_size])).reshape(-1, grid * grid)
+                      .numpy().astype(np.uint16).tobytes() for i in batches))   # (b, h*w)
     dt = time.time() - t0
     log(f"{desc}: {len(images)} images in {dt:.1f}s ({len(images) / dt:.0f} images/s)")
-    return tuple(grid)
+    return grid, grid
 
 
 # -----------------------------------------------------------------------------
@@ -331,6 +338,8 @@ def check_settings(dataset, data_dir, image_size, seed, vq_overrides):
     if dataset == "imagefolder" and not data_dir:
         raise UserError("--dataset=imagefolder needs --data_dir=ROOT, a folder of "
                         "ROOT/<class>/*.png|jpg")
+    if data_dir and not os.path.exists(data_dir):
+        raise UserError(f"--data_dir={data_dir} does not exist")
     opts, asked = vq_options(dataset), dict(vq_overrides or {})
     for key in (k for k in asked if k not in opts):
         hint = next((f" (did you mean {k!r}?)" for k in opts if k[:4] == key[:4]), "")
@@ -387,7 +396,6 @@ def make_images(dataset, data_dir, image_size, seed, folder, p, log):
         resize = lambda ims: np.stack([np.asarray(Image.fromarray(im).resize(
             (image_size, image_size), Image.Resampling.BICUBIC)) for im in ims])
         train_x, val_x = resize(train_x), resize(val_x)
-    os.makedirs(folder, exist_ok=True)
     for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
         write_file(p[f"{split}_images.u8"], [np.asarray(x, np.uint8).tobytes()])
         write_file(p[f"{split}_labels.bin"], [np.asarray(y, np.uint16).tobytes()])
@@ -400,16 +408,22 @@ def make_images(dataset, data_dir, image_size, seed, folder, p, log):
     return meta
 
 
+PARTIAL = ("vq_partial.pt", "vq_partial_recon.png")    # the tokenizer as it trains
+
+
 def make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, name, log):
-    """Step 2: vq.pt, trained under another name, so an interruption leaves no half-trained
-    vq.pt. -> the tokenizer."""
+    """Step 2: vq.pt, trained under another name (PARTIAL), so an interruption leaves no
+    half-trained vq.pt. -> the tokenizer."""
     log(f"training the tokenizer: {asdict(cfg)} {train_kw}")
-    partial = os.path.join(folder, "vq_partial.pt")
-    vq.train_vq(train_u8, np.array(val_u8), cfg, partial, device=device, log=log,
-                trained_on=name, **train_kw)
-    os.replace(partial, p["vq.pt"])
-    if os.path.exists(os.path.join(folder, "vq_partial_recon.png")):
-        os.replace(os.path.join(folder, "vq_partial_recon.png"), p["vq_recon.png"])
+    partial, recon = (os.path.join(folder, f) for f in PARTIAL)
+    try:
+        vq.train_vq(train_u8, np.array(val_u8), cfg, partial, device=device, log=log,
+                    trained_on=name, **train_kw)
+        os.replace(partial, p["vq.pt"])
+        if os.path.exists(recon):
+            os.replace(recon, p["vq_recon.png"])
+    finally:
+        remove(partial, recon)
     meta["vq_train"] = train_kw
     cli.write_json(meta, p["meta.json"])
     return vqgan.load_tokenizer(p["vq.pt"])
@@ -421,7 +435,7 @@ def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
     sha1 = vq.file_sha1(p["vq.pt"])
     if meta.get("tokenizer_sha1") == sha1 and all(os.path.exists(p[f]) for f in TOKEN_FILES):
         log(f"{folder}: tokens exist, skipping")
-        return
+        return False
     model.to(device)
     h, w = tokenize(model, train_u8, p["train.bin"], desc="tokenize train", log=log)
     tokenize(model, val_u8, p["val.bin"], desc="tokenize val", log=log)
@@ -431,37 +445,63 @@ def make_tokens(model, train_u8, val_u8, device, folder, p, meta, log):
     cli.write_json(meta, p["meta.json"])
     log(f"wrote {folder}: {meta['train_count']} train / {meta['val_count']} val images as {h}x{w} "
         f"tokens in [0, {K})")
+    return True
+
+
+def remove(*paths):
+    for path in filter(os.path.exists, paths):
+        os.remove(path)
+
+
+def check_writable(folder):
+    """One line, before any image is read, when folder (or where it is to be made: data/) is
+    read-only."""
+    where = os.path.abspath(folder)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {where} (read-only for this user); make it writable"
+                        + ", or pass --name=OTHER" * (where == os.path.abspath(folder)))
 
 
 def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0, vq_overrides=None,
             log=print):
-    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json), skipping what exists;
-    -> the folder. image_size=0: 16 for shapes, else 32. Every setting, and the folder's files
-    against them, is checked before anything is written."""
+    """Make data/NAME/ (images, labels, tokenizer, tokens, meta.json, source.json) as its only
+    writer, skipping what exists; -> the folder. image_size=0: 16 for shapes, else 32. Settings
+    and the folder are checked before anything is written; after a stop, the same call goes on."""
     name, image_size = name or dataset, image_size or (16 if dataset == "shapes" else 32)
     cfg, train_kw, settings, asked = check_settings(dataset, data_dir, image_size, seed,
                                                     vq_overrides)
-    folder = data_path(name)
+    folder, note = data_path(name), cli.stop_note
+    check_writable(folder)
     p = {f: os.path.join(folder, f) for f in FILES}
-    if force:
-        for f in filter(os.path.exists, p.values()):
-            os.remove(f)
-    meta, model = check_folder(folder, p, dataset, image_size, cfg, train_kw, asked, name)
-
-    if meta.get("class_names") and all(os.path.exists(p[f]) for f in IMAGE_FILES):
-        log(f"{folder}: images exist ({meta['train_count']} train, {meta['val_count']} val), "
-            f"skipping")
-    else:
-        meta = make_images(dataset, data_dir, image_size, seed, folder, p, log)
-    train_u8, val_u8 = (np.memmap(p[f"{s}_images.u8"], np.uint8, "r").reshape(
-        -1, image_size, image_size, 3) for s in ("train", "val"))
-    device = cli.pick_device(settings["device"])
-    if model is not None:
-        log(f"{folder}: tokenizer vq.pt exists, skipping its training")
-    else:
-        model = make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, name, log)
-    make_tokens(model, train_u8, val_u8, device, folder, p, meta, log)
+    kept = lambda what: setattr(cli, "stop_note", f"{what} in {folder} are kept; the same "
+                                                  f"command continues")
+    with cli.one_writer(folder, "pass --name=OTHER"):
+        remove(*(os.path.join(folder, f) for f in PARTIAL), *(p.values() if force else ()))
+        meta, model = check_folder(folder, p, dataset, image_size, cfg, train_kw, asked, name)
+        made = not (meta.get("class_names") and all(os.path.exists(p[f]) for f in IMAGE_FILES))
+        if made:
+            meta = make_images(dataset, data_dir, image_size, seed, folder, p, log)
+        else:
+            log(f"{folder}: images exist ({meta['train_count']} train, {meta['val_count']} val), "
+                f"skipping")
+        kept("the images")
+        train_u8, val_u8 = (np.memmap(p[f"{s}_images.u8"], np.uint8, "r").reshape(
+            -1, image_size, image_size, 3) for s in ("train", "val"))
+        device = cli.pick_device(settings["device"])
+        if model is not None:
+            log(f"{folder}: tokenizer vq.pt exists, skipping its training")
+        else:
+            model = make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, name,
+                                   log)
+        kept("the images and the tokenizer")
+        if make_tokens(model, train_u8, val_u8, device, folder, p, meta, log) or made:
+            record_source(folder, dataset=dataset, data_dir=data_dir, name=name,
+                          image_size=image_size, seed=seed, vq=dict(vq_overrides or {}))
+    cli.stop_note = note
     return folder
+
 
 # -----------------------------------------------------------------------------
 # the checks of a token folder, for every reader of one (purrception.py, sample.py, bench.py)
@@ -475,10 +515,9 @@ def remake_command(data_dir, meta=None, force=False):
     source.json (written by every prepare_data.py and encode_folder.py run), else from
     meta.json; ROOT stands for an image folder that neither records. The tokens of a tokenizer
     file (source.json's tokenizer, meta.json's released_tokenizer) are encode_folder.py's."""
-    source = os.path.join(data_dir, SOURCE)
     try:
-        args = cli.read_json(source) if os.path.exists(source) else {}
-    except UserError:
+        args = cli.read_json(os.path.join(data_dir, SOURCE))
+    except UserError:                         # none, or damaged
         args = {}
     if not args:
         name, meta = os.path.basename(os.path.normpath(data_dir)), meta or {}
@@ -509,13 +548,12 @@ def remake(data_dir, meta=None, force=False):
     return f"`{command}` (it writes {made}: pass --data_dir={made})"
 
 
-def record_source(folder, opt, vq_overrides=()):
+def record_source(folder, **args):
     """source.json: the arguments that made folder, with absolute paths, for remake_command."""
-    args = {k: v for k, v in asdict(opt).items() if k != "force"}
     for key in ("data_dir", "tokenizer"):
         if args.get(key):
             args[key] = os.path.abspath(args[key])
-    cli.write_json({**args, "vq": dict(vq_overrides)}, os.path.join(folder, SOURCE))
+    cli.write_json(args, os.path.join(folder, SOURCE))
 
 
 def load_meta(data_dir):
@@ -529,20 +567,18 @@ def load_meta(data_dir):
     need = ("grid_h", "grid_w", "codebook_size", "code_dim", "num_classes", "train_count",
             "val_count", "tokenizer")
     if not isinstance(meta, dict) or not all(k in meta for k in need):
-        meta = meta if isinstance(meta, dict) else {}
         raise UserError(f"{data_dir} is only half prepared; finish it with "
-                        f"{remake(data_dir, meta)}")
+                        f"{remake(data_dir, meta if isinstance(meta, dict) else {})}")
     for split in ("train", "val"):
         n, hw = meta[f"{split}_count"], meta["grid_h"] * meta["grid_w"]
         for name, size in ((f"{split}.bin", n * hw * 2), (f"{split}_labels.bin", n * 2)):
             path = os.path.join(data_dir, name)
             have = os.path.getsize(path) if os.path.exists(path) else None
             if have != size:
-                raise UserError(
-                    f"{path} " + ("is missing" if have is None else f"holds {have} bytes where "
-                                  f"meta.json says {size}")
-                    + f"; it is damaged: make the folder again with "
-                      f"{remake(data_dir, meta, force=True)}")
+                state = "is missing" if have is None else f"holds {have} bytes where meta.json " \
+                                                           f"says {size}"
+                raise UserError(f"{path} {state}; it is damaged: make the folder again with "
+                                f"{remake(data_dir, meta, force=True)}")
     return meta
 
 
@@ -552,20 +588,17 @@ def check_tokens(data_dir, meta):
     for split in ("train", "val"):
         for name, limit in ((f"{split}.bin", meta["codebook_size"]),
                             (f"{split}_labels.bin", meta["num_classes"])):
-            top = int(np.memmap(os.path.join(data_dir, name), dtype=np.uint16, mode="r")
-                      .max(initial=0))
-            if top >= limit:
-                raise UserError(f"{os.path.join(data_dir, name)} holds {top}, but meta.json allows "
-                                f"< {limit}: the tokens and meta.json disagree; make the folder "
-                                f"again with {remake(data_dir, meta, force=True)}")
+            path = os.path.join(data_dir, name)
+            if (top := int(np.memmap(path, np.uint16, mode="r").max(initial=0))) >= limit:
+                raise UserError(f"{path} holds {top}, but meta.json allows < {limit}: the tokens "
+                                f"and meta.json disagree; make the folder again with "
+                                f"{remake(data_dir, meta, force=True)}")
 
 
 def open_folder(data_dir, device="cpu", check=True):
-    """A token folder -> (meta, tokenizer on device), with meta.json checked against the token
-    files (and, with check, every token against K) and the tokenizer checked, not trusted, to be
-    the file that made the tokens: the images' size, the downsampling factor, K, d and the grid,
-    then its sha1 against meta.json's tokenizer_sha1. A UserError naming the file and the command
-    to re-run otherwise."""
+    """A token folder -> (meta, tokenizer on device): meta.json checked against the token files
+    (with check, every token against K), the tokenizer checked to be the file that made them (the
+    images' size, downsampling, K, d, grid, then sha1). Else one line with a command that works."""
     meta = load_meta(data_dir)
     if check:
         check_tokens(data_dir, meta)
@@ -575,14 +608,14 @@ def open_folder(data_dir, device="cpu", check=True):
         raise UserError(f"no tokenizer at {path}; make it again and re-tokenize with "
                         f"{remake(data_dir, meta, force=streamed)}")
     tokenizer = vqgan.load_tokenizer(path, device)
-    command, made = remake_command(data_dir, meta)
-    again = (f"`rm {shlex.quote(path)} && {command}`" if not streamed and os.path.isdir(made)
-             and os.path.samefile(made, data_dir) else remake(data_dir, meta, force=streamed))
-    redo = f"put the tokenizer that made them back, or make another and retokenize: {again}"
-    c, made = tokenizer.cfg, meta.get("vq_config", {})
+    command, made = remake_command(data_dir, meta, force=streamed)
+    here = not streamed and os.path.isdir(made) and os.path.samefile(made, data_dir)
+    fresh = f"`rm {shlex.quote(path)} && {command}`" if here else remake(data_dir, meta, streamed)
+    redo = f"put the tokenizer that made them back, or make another and retokenize: {fresh}"
+    c, trained = tokenizer.cfg, meta.get("vq_config", {})
     have = (getattr(c, "image_size", None), getattr(c, "downsample", None))
     px = meta.get("image_size", have[0])
-    want = (px, made.get("downsample", px // meta["grid_h"] if px else have[1]))
+    want = (px, trained.get("downsample", px // meta["grid_h"] if px else have[1]))
     if have != want:
         raise UserError(f"the tokenizer {path} reads {have[0]}px images downsampled {have[1]}x, "
                         f"but the tokens in {data_dir} were made from {want[0]}px images "
@@ -593,9 +626,12 @@ def open_folder(data_dir, device="cpu", check=True):
                         f"the tokens were made with K={meta['codebook_size']}, d={meta['code_dim']}"
                         f", a {meta['grid_h']}-grid; {redo}")
     if meta.get("tokenizer_sha1") and vq.file_sha1(path) != meta["tokenizer_sha1"]:
+        # prepare_data.py retokenizes with a vq.pt trained on this folder's images (`python vq.py`)
+        own = here and vq.read_vq(path).get("trained_on") in (None, "", os.path.basename(made))
         raise UserError(f"the tokenizer {path} is not the file that made the tokens in {data_dir} "
-                        f"(its sha1 is not meta.json's tokenizer_sha1); put that one back, or "
-                        f"retokenize with this one: {remake(data_dir, meta, force=streamed)}")
+                        f"(its sha1 is not meta.json's tokenizer_sha1); " + (
+                            f"put that one back, or retokenize with this one: `{command}`" if own
+                            else redo))
     return meta, tokenizer
 
 
@@ -605,9 +641,14 @@ def open_for_training(dataset, data_dir="", launched=False, device="cpu"):
     device), checked by open_folder. The grid must be square (the DiT's)."""
     folder = data_dir or data_path(dataset)
     if not os.path.exists(os.path.join(folder, "meta.json")):
+        hint = remake(folder, {"dataset": dataset})
+        if data_dir and (os.path.isfile(data_dir) or any(os.path.exists(os.path.join(
+                data_dir, f)) for f in ("cifar-10-python.tar.gz", CIFAR10_DIR, "batches.meta"))):
+            typed = cli.command("prepare_data.py", "--dataset=cifar10",
+                                f"--data_dir={os.path.abspath(data_dir)}")     # CIFAR-10 itself
+            hint = f"`{typed}` (it writes {data_path('cifar10')}: pass that as --data_dir)"
         if data_dir or launched or dataset not in ("shapes", "cifar10"):
-            raise UserError(f"no prepared tokens in {folder}; run "
-                            f"{remake(folder, {'dataset': dataset})}"
+            raise UserError(f"no prepared tokens in {folder}; run {hint}"
                             + (" once before torchrun" if launched else ""))
         print(f"no prepared data in {folder}: preparing it now (prepare_data.prepare('{dataset}'))")
         prepare(dataset)
@@ -650,19 +691,9 @@ def main(argv):
     cli.pick_device(extra.get("vq.", {}).get("device", ""), "--vq.device")   # before any write
     folder = prepare(opt.dataset, opt.name or None, opt.data_dir or None, opt.force,
                      opt.image_size, opt.seed, extra.get("vq.", {}))
-    record_source(folder, opt, extra.get("vq.", {}))
     print(f"done in {time.time() - t0:.0f}s: {folder}")
 
 
 if __name__ == "__main__":
     cli.run(main)
 
-
-# Expected output of `python prepare_data.py --dataset=shapes` (2-core CPU, 1 torch thread):
-#   wrote 20000 train and 2000 val 16x16 images to .../data/shapes in 1.0s
-#   vq: 0.06M parameters, 8x8 tokens, K=64, d=8, 1000 iters of batch 64
-#   vq iter 1000: val psnr 29.75 dB, codebook usage 100.0%, perplexity 47, 0.4 min
-#   tokenize train: 20000 images in 0.9s (21967 images/s)
-#   tokenize val: 2000 images in 0.1s (20320 images/s)
-#   wrote .../data/shapes: 20000 train / 2000 val images as 8x8 tokens in [0, 64)
-#   done in 27s: .../data/shapes

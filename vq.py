@@ -325,7 +325,16 @@ def save_vq(model, path, metrics=None, trained_on=""):
     images by mistake."""
     ckpt = {"model": model.state_dict(), "vq_config": asdict(model.cfg), "metrics": metrics or {},
             "trained_on": trained_on}
-    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
+    save_torch(ckpt, path)
+
+
+def save_torch(obj, path):
+    """torch.save through cli.atomic_save, into an open file: the archive inside is then named
+    'archive', not after the temporary file, so the same tokenizer is the same bytes."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    cli.atomic_save(write, path)
 
 
 def read_vq(path):
@@ -373,7 +382,7 @@ def save_pointer(path, released, image_size):
     it)."""
     ckpt = {"released": os.path.abspath(released), "sha1": file_sha1(released),
             "image_size": image_size}
-    cli.atomic_save(lambda tmp: torch.save(ckpt, tmp), path)
+    save_torch(ckpt, path)
 
 
 # -----------------------------------------------------------------------------
@@ -460,12 +469,12 @@ def train_vq(train_u8, val_u8, cfg, out_path, *, max_iters=1200, batch_size=128,
         opt.step()
         if it % eval_interval == 0 or it == max_iters:
             metrics, recon_u8 = evaluate(model, val_u8)
-            metrics.update(iter=it, minutes=(time.time() - t0) / 60)
+            metrics["iter"] = it            # no clock time: the same run, the same bytes
             log(f"vq iter {it}: val psnr {metrics['psnr']:.2f} dB, codebook usage "
                 f"{metrics['usage']:.1%}, perplexity {metrics['perplexity']:.0f}, "
-                f"{metrics['minutes']:.1f} min")
+                f"{(time.time() - t0) / 60:.1f} min")
+            save_vq(model, out_path, metrics, trained_on)     # the picture only of a saved one
             save_pairs(val_u8, recon_u8, os.path.splitext(out_path)[0] + "_recon.png")
-            save_vq(model, out_path, metrics, trained_on)
     return model.eval()
 
 # -----------------------------------------------------------------------------

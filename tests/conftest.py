@@ -3,6 +3,7 @@ CPU only, no network, no downloaded data."""
 
 import collections
 import copy
+import ctypes
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the scripts live here
 sys.path.insert(0, ROOT)
@@ -196,3 +198,39 @@ class TinyInception(torch.nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+
+# -----------------------------------------------------------------------------
+# image folders and read-only folders
+
+
+MODES = ("RGB", "L", "P", "CMYK", "RGBA")                 # CMYK and L as JPEG, the others as PNG
+
+
+def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
+    """root/<class>/NNN.png|jpg: random images of random sizes, in every one of MODES."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(18, 70, 2))
+            mode = MODES[i % len(MODES)]
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            os.makedirs(root / c, exist_ok=True)
+            im.save(root / c / f"{i:03d}.{'jpg' if mode in ('L', 'CMYK') else 'png'}")
+    return root
+
+
+def as_ordinary_user():
+    """A preexec_fn for subprocess: root keeps no right to write into a read-only folder (the
+    capabilities CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH are dropped), as an ordinary user has
+    none; None for an ordinary user."""
+    if os.geteuid() != 0:
+        return None
+
+    def drop():
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):                         # PR_CAPBSET_DROP = 24
+            if libc.prctl(24, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "cannot drop root's override of permissions")
+    return drop

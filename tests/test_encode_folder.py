@@ -4,6 +4,7 @@ training reads it. CPU, a tiny tokenizer file in LlamaGen's layout, no network."
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -18,22 +19,9 @@ import encode_folder as ef
 import prepare_data as pd
 import vqgan
 from cli import UserError
-from conftest import ROOT
+from conftest import MODES, ROOT, make_folder
 
-MODES = ("RGB", "L", "P", "CMYK", "RGBA")                 # CMYK and L as JPEG, the others as PNG
 TOKEN_FILES = ("train.bin", "val.bin", "train_labels.bin", "val_labels.bin")
-
-
-def make_folder(root, per_class=10, classes=("n01", "n02", "n03"), seed=0):
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        for i in range(per_class):
-            w, h = (int(v) for v in rng.integers(18, 70, 2))
-            mode = MODES[i % len(MODES)]
-            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-            os.makedirs(root / c, exist_ok=True)
-            im.save(root / c / f"{i:03d}.{'jpg' if mode in ('L', 'CMYK') else 'png'}")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +123,8 @@ def test_streaming_memory_does_not_grow_with_the_images(streamed, tmp_path, monk
 
 def runner(tmp_path):
     """A script that runs encode_folder.py's command line with data/ under tmp_path. SLOW makes
-    every batch take that many seconds. With FSIZE (a file-size limit) it runs twice: as it is,
+    every batch take that many seconds; STOP_AFTER=N sends SIGINT to its process group (Ctrl-C)
+    once N chunks are written. With FSIZE (a file-size limit) it runs twice: as it is,
     then with the space check off, so that the write itself meets the limit; each error line is
     followed by its exit status."""
     script = tmp_path / "run_encode.py"
@@ -146,6 +135,13 @@ pd.DATA_ROOT = os.environ["DATA_ROOT"]
 if os.environ.get("SLOW"):
     encode = vqgan.VQGAN.encode
     vqgan.VQGAN.encode = lambda *a, **k: (time.sleep(float(os.environ["SLOW"])), encode(*a, **k))[1]
+if os.environ.get("STOP_AFTER"):      # Ctrl-C, to every process of the group, after N chunks
+    note = ef.note_chunks
+    def note_chunks(workdir, *a):
+        note(workdir, *a)
+        if len(os.listdir(workdir)) == int(os.environ["STOP_AFTER"]):
+            os.killpg(0, 2)
+    ef.note_chunks = note_chunks
 if not os.environ.get("FSIZE"):
     cli.run(ef.main, sys.argv[1:])
     sys.exit()
@@ -183,6 +179,27 @@ def test_kill_9_while_tokenizing_then_the_same_command_resumes_to_the_same_bytes
     ef.main(args)                                          # the same command, in this process
     assert "resuming" in capsys.readouterr().out
     same_tokens(tmp_path / "k", ref)
+
+
+def test_ctrl_c_while_tokenizing_keeps_the_chunks_in_one_line_and_the_same_command_resumes(
+        streamed, tmp_path):
+    base, root, ref = streamed
+    env = {**os.environ, "DATA_ROOT": str(tmp_path), "STOP_AFTER": "2", "OMP_NUM_THREADS": "1"}
+    args = stream_args(base, root, "c")
+    args[args.index("--workers=0")] = "--workers=2"             # the workers get Ctrl-C too
+    r = subprocess.run([sys.executable, runner(tmp_path), *args], env=env, capture_output=True,
+                       text=True, timeout=120, start_new_session=True)
+    assert r.returncode == -2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and re.match(r"stopped by SIGINT: 2 of 8 chunks in .*\.tokens-\w+ "
+                                          r"are kept; the same command resumes$", line), line
+    left = [f for _, _, fs in os.walk(tmp_path / "c") for f in fs]
+    assert sorted(left) == ["train.000000.npz", "train.000001.npz"], left
+    del env["STOP_AFTER"]
+    r = subprocess.run([sys.executable, runner(tmp_path), *args], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    same_tokens(tmp_path / "c", ref)
 
 
 def test_two_torchrun_processes_write_the_bytes_of_one(streamed, tmp_path):

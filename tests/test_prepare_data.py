@@ -5,7 +5,9 @@ import io
 import json
 import os
 import pickle
+import shlex
 import subprocess
+import unicodedata
 import sys
 import tarfile
 
@@ -131,6 +133,25 @@ def test_imagefolder_train_and_test_layout(tmp_path):
     assert np.array_equal(vy, [0, 0, 1, 1]) and (vx[vy == 1] == 255).all()
 
 
+def test_class_names_are_nfc_whatever_the_file_system_stores(tmp_path):
+    nfd = unicodedata.normalize("NFD", "café")                       # as macOS names a folder
+    for split, n in (("train", 3), ("val", 1)):
+        for c in (nfd, "tea"):
+            for i in range(n):
+                save(str(tmp_path / split / c / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+    classes, train, val = pd.split_imagefolder(str(tmp_path))
+    assert classes == ["café", "tea"] and classes[0] == unicodedata.normalize("NFC", "café")
+    assert len(train) == 6 and sorted(y for _, y in val) == [0, 1]
+
+
+def test_a_flat_val_folder_names_valprep(tmp_path):
+    save(str(tmp_path / "train" / "n01" / "a.JPEG"), np.zeros((8, 8, 3), np.uint8))
+    save(str(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match=r"val holds its images directly, not in <class> folders; "
+                                        r"sort them into .*val/<class>/ .*valprep.sh"):
+        pd.split_imagefolder(str(tmp_path))
+
+
 def test_imagefolder_bad_input(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         pd.load_imagefolder(str(tmp_path / "missing"), 16)
@@ -191,7 +212,30 @@ def test_cifar10_offline_names_the_url_and_data_dir(data_root, monkeypatch):
     with pytest.raises(UserError, match="--data_dir") as e:
         pd.load_cifar10(None, log=lambda *a: None)
     assert "http://127.0.0.1:9/cifar-10-python.tar.gz" in str(e.value)
-    assert not os.path.exists(data_root / "cifar10" / "cifar-10-python.tar.gz.part")
+    assert not os.listdir(data_root / "cifar10")                  # no part of a download left
+    os.rmdir(data_root / "cifar10")
+    with pytest.raises(UserError, match="could not download"):
+        pd.prepare("cifar10", log=lambda *a: None)
+    assert not os.path.exists(data_root / "cifar10")              # no empty folder left
+
+
+def test_a_cifar10_tarball_given_to_training_suggests_a_command_that_keeps_it(data_root,
+                                                                            monkeypatch):
+    tarball = data_root.parent / "dl" / "cifar-10-python.tar.gz"
+    os.makedirs(tarball.parent)
+    make_cifar_tarball(str(tarball))
+    monkeypatch.setattr(pd, "CIFAR10_MD5", hashlib.md5(tarball.read_bytes()).hexdigest())
+    monkeypatch.setattr(vq, "PRESETS", {"cifar10": {**vq.PRESETS.get("cifar10", {}), **TINY_VQ}})
+    for given in (tarball, tarball.parent):
+        with pytest.raises(UserError, match="no prepared tokens") as e:
+            pd.open_for_training("cifar10", str(given))
+        command = str(e.value).split("`")[1]
+        assert command == cli.command("prepare_data.py", "--dataset=cifar10",
+                                      f"--data_dir={given}")
+        assert f"it writes {data_root / 'cifar10'}: pass that as --data_dir" in str(e.value)
+    pd.main(shlex.split(command)[2:])                              # typed: it keeps the tarball
+    assert pd.open_for_training("cifar10", str(data_root / "cifar10"))[1]["train_count"] == 15
+    assert not os.path.exists(data_root / "cifar10" / "cifar-10-python.tar.gz")
 
 # -----------------------------------------------------------------------------
 # prepare(): the files it writes, skipping, --force, and refusals

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import fields, replace
 
@@ -371,6 +372,7 @@ def atomic_save(write, path, size=None):
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException as e:
+        traceback.clear_frames(e.__traceback__)   # the writer's open file goes, and so its space
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -427,8 +429,9 @@ def _no_space(path, size, written):
     where = (f"the file-size limit (ulimit -f) is {mb(limit)} MB" if capped
              else f"{mb(free)} MB free")
     kept = f"the previous {os.path.basename(path)} is intact" if old else "no file was replaced"
-    return (f"no space left on device writing {path}: {need} needed, {where}; {kept}; free some "
-            f"space and run it again")
+    fix = "raise the limit (ulimit -f unlimited)" if capped else "free some space"
+    return (f"no space left on device writing {path}: {need} needed, {where}; {kept}; {fix} and "
+            f"run it again")
 
 
 def write_json(obj, path):

@@ -14,6 +14,7 @@ differ). Time runs from t = 0 (noise) to 1 (data). Many samples, their npz and F
 
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -101,7 +102,10 @@ def load_sampler(ckpt_path, data_dir="", device="cpu"):
 
 def parse_label(class_label, meta):
     """'all' -> None; an index or a class name -> that index; 'none' or -1 -> the null class."""
-    names, C = list(meta["class_names"]), meta["num_classes"]
+    # names as typed on any system: macOS writes folder names decomposed (NFD)
+    nfc = lambda text: unicodedata.normalize("NFC", text)
+    names, class_label = [nfc(n) for n in meta["class_names"]], nfc(class_label)
+    C = meta["num_classes"]
     if class_label in ("all", "none", "-1"):
         return None if class_label == "all" else C
     if class_label.isdigit() and int(class_label) >= C:

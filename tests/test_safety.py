@@ -143,7 +143,8 @@ def test_a_checkpoint_write_over_a_file_size_limit_is_one_line_and_keeps_the_old
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert r.stderr.startswith(f"error: no space left on device writing {out}/ckpt.pt: ")
     assert (f": about {len(before['ckpt.pt']) / 1e6:.1f} MB needed, the file-size limit (ulimit -f) is "
-            f"{limit / 1e6:.1f} MB; the previous ckpt.pt is intact; free some space and run it again\n") in r.stderr
+            f"{limit / 1e6:.1f} MB; the previous ckpt.pt is intact; raise the limit (ulimit -f "
+            f"unlimited) and run it again\n") in r.stderr
     after = files(out)
     assert after["ckpt.pt"] == before["ckpt.pt"] and not temporaries(out)
     assert "samples_000006.png" in after                                            # what fitted was written
@@ -277,10 +278,9 @@ def test_a_damaged_folder_and_a_foreign_tokenizer_get_hints_that_work_typed_back
     with pytest.raises(UserError) as e:
         pd.open_folder(str(data_root / "shapes"))
     assert "is not the file that made the tokens" in str(e.value)
-    assert "`python " in str(e.value) and "--vq.codebook_size=16" in str(e.value)    # the folder's own settings
-    with pytest.raises(UserError, match="vq.pt was trained for other images .other, 16px.; remove it, or pass "
-                                        "--force"):
-        type_in(str(e.value))                                                        # further: which file, why
+    assert "`rm " in str(e.value) and "--vq.codebook_size=16" in str(e.value)   # its own settings
+    type_in(str(e.value))                                          # typed as printed, it works
+    pd.open_folder(str(data_root / "shapes"))
 
 
 def test_a_deleted_meta_json_of_an_image_folder_names_its_source_and_the_command_rebuilds_it(data_root,

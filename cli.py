@@ -454,6 +454,49 @@ def read_json(path, what="file"):
                         f"it and prepare the folder again") from None
 
 
+def cache_dir():
+    """Where downloaded files live: $PURRCEPTION_CACHE, else $XDG_CACHE_HOME/purrception, else
+    ~/.cache/purrception."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("PURRCEPTION_CACHE") or os.path.join(xdg, "purrception")
+
+
+def fetch(url, name, hub=None, check=None):
+    """The published file at url -> its path, cache_dir()/name, downloaded on first use: through
+    huggingface_hub when it is installed and the file is on the Hub (hub: (repo, filename)), else by
+    the standard library into a temporary that is renamed only when whole (the size the server
+    announced; then check(tmp), True for the expected layout), so a cut download never counts.
+    Offline: one line naming the URL and where to put the file by hand."""
+    path = os.path.join(cache_dir(), name)
+    if os.path.exists(path):
+        return path
+    if hub is not None:
+        with contextlib.suppress(ImportError):
+            from huggingface_hub import hf_hub_download
+            return hf_hub_download(*hub)                    # the Hub's own cache and checks
+    import http.client
+    import urllib.request
+
+    def download(tmp):
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0)
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+        if total and os.path.getsize(tmp) != total:
+            raise OSError(f"it stopped at {os.path.getsize(tmp)} of {total} bytes")
+        if check is not None and not check(tmp):
+            raise UserError(f"{url} did not give the published {name} (its layout is another): "
+                            f"download it by hand and put it at {path}")
+    print(f"downloading {url} to {path}")
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        atomic_save(download, path)
+    except (OSError, http.client.HTTPException) as e:
+        raise UserError(f"cannot download {url} ({e}); download it by hand and put it at {path} "
+                        f"(or set PURRCEPTION_CACHE to the folder that holds {name})") from None
+    return path
+
+
 LOCK_FILE = "run.lock"
 
 

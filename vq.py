@@ -346,11 +346,17 @@ def read_vq(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                       # truncated, foreign, or pickled objects
-        pickled = " (it holds pickled Python objects: keep its state dict alone)" * (
-            "weights_only" in str(e).lower() or "unsupported global" in str(e).lower())
-        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}{pickled}): "
-                            f"not a torch file, or one cut short (fetch or prepare it again)"
-                            f"{kinds}") from None
+        if "unsupported global" in str(e).lower():
+            # never unpickled here: objects in a pickle run code. The user may, once, knowingly.
+            weights = os.path.splitext(path)[0] + "_weights.pt"
+            raise cli.UserError(
+                f"{path} holds pickled Python objects besides its weights (a Lightning file), "
+                f"which are never unpickled here; if you trust the file, keep its state dict alone "
+                f"once with `python -c \"import torch; torch.save({{'state_dict': torch.load("
+                f"'{path}', weights_only=False)['state_dict']}}, '{weights}')\"` and pass "
+                f"{weights}") from None
+        raise cli.UserError(f"cannot read the tokenizer {path} ({type(e).__name__}): not a torch "
+                            f"file, or one cut short (fetch or prepare it again){kinds}") from None
     if not isinstance(ckpt, dict) or not (isinstance(ckpt.get("released"), str) or any(
             isinstance(ckpt.get(k), dict) for k in ("vq_config", "model", "state_dict"))):
         raise cli.UserError(f"{path} is not a tokenizer file{kinds}")

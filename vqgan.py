@@ -17,6 +17,8 @@ reads any tokenizer file, this family's or vq.py's own, telling the files apart 
 """
 
 import os
+import shutil
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -323,9 +325,50 @@ def load_vqgan(ckpt):
 # any tokenizer file
 
 
+# The released tokenizers by name (--tokenizer=NAME): the published files, downloaded once into
+# cli.cache_dir(). LDM's comes as a zip whose model.ckpt is a Lightning file.
+LLAMAGEN = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+RELEASED = {
+    "llamagen-vq8": (LLAMAGEN + "vq_ds8_c2i.pt", ("FoundationVision/LlamaGen", "vq_ds8_c2i.pt")),
+    "llamagen-vq16": (LLAMAGEN + "vq_ds16_c2i.pt", ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt")),
+    "ldm-vqf8": ("https://ommer-lab.com/files/latent-diffusion/vq-f8.zip", None),
+}
+
+
+def is_tokenizer_file(path):
+    try:
+        return bool(vq.read_vq(path))
+    except cli.UserError:
+        return False
+
+
+def tokenizer_file(name):
+    """A tokenizer file's path: as given, or for a name in RELEASED the published file, fetched on
+    first use (its layout checked before it counts; LDM's model.ckpt taken out of its zip)."""
+    if name not in RELEASED:
+        return name
+    url, hub = RELEASED[name]
+    if not url.endswith(".zip"):
+        return cli.fetch(url, os.path.basename(url), hub, check=is_tokenizer_file)
+    ckpt = os.path.join(cli.cache_dir(), f"{name}.ckpt")
+    if not os.path.exists(ckpt):
+        is_zip_with_ckpt = lambda path: zipfile.is_zipfile(path) and any(
+            n.endswith("model.ckpt") for n in zipfile.ZipFile(path).namelist())
+
+        def extract(tmp):
+            with zipfile.ZipFile(cli.fetch(url, os.path.basename(url), None, is_zip_with_ckpt)) as z:
+                member = next(n for n in z.namelist() if n.endswith("model.ckpt"))
+                with z.open(member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        cli.atomic_save(extract, ckpt)
+    return ckpt
+
+
 def load_tokenizer(path, device="cpu"):
     """Any tokenizer file (vq.py's own, LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or a save_pointer to
-    one) -> its model, in eval mode on device; the architecture comes from the file."""
+    one), or a name in RELEASED -> its model, in eval mode on device; the architecture comes from
+    the file."""
+    path = tokenizer_file(path)
     ckpt = vq.read_vq(path)
     if "released" in ckpt:                       # a data folder's pointer (prepare_data.py)
         target = ckpt["released"]

@@ -19,7 +19,7 @@ from conftest import released_file
 def test_released_layouts_load_strictly_and_keep_the_interface(tmp_path, family, shape):
     path = str(tmp_path / "released.pt")
     sd = released_file(path, family, **shape)
-    model = vqgan.load_tokenizer(path)                      # the architecture comes from the tensors alone
+    model = vqgan.load_tokenizer(path)              # the architecture comes from the tensors alone
     names = {"z": "z_channels", "K": "codebook_size", "d": "code_dim"}
     want = {"ch": 32, "ch_mult": (1, 2), "codebook_size": 64,
             **{names.get(k, k): v for k, v in shape.items()}}
@@ -73,3 +73,96 @@ def test_foreign_and_truncated_files_are_one_line(tmp_path):
     open(path, "r+b").truncate(os.path.getsize(path) // 2)
     with pytest.raises(UserError, match="cannot read the tokenizer .*x.pt.*LDM"):
         vqgan.load_tokenizer(path)
+
+# -----------------------------------------------------------------------------
+# the released files by name, fetched once, from a server on 127.0.0.1 (never the internet)
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on 127.0.0.1 serving `files` {path: bytes}; cut=True sends half a file with
+    the whole length announced, then closes."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = Handler.files.get(self.path)
+            if body is None:
+                return self.send_error(404)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2] if Handler.cut else body)
+
+        def log_message(self, *args):
+            pass
+    Handler.files, Handler.cut = {}, False
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield Handler, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_cut_halfway_never_counts_and_the_next_completes(server, tmp_path, monkeypatch):
+    handler, root = server
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PURRCEPTION_CACHE", str(cache))
+    released_file(tmp_path / "vq_ds8_c2i.pt", "llamagen")
+    handler.files["/vq_ds8_c2i.pt"] = (tmp_path / "vq_ds8_c2i.pt").read_bytes()
+    monkeypatch.setitem(vqgan.RELEASED, "llamagen-vq8", (f"{root}/vq_ds8_c2i.pt", None))
+    handler.cut = True
+    with pytest.raises(UserError, match=f"cannot download {root}/vq_ds8_c2i.pt .*stopped at .*; "
+                                        f"download it by hand and put it at {cache}/vq_ds8_c2i.pt"):
+        vqgan.load_tokenizer("llamagen-vq8")
+    assert os.listdir(cache) == []                                   # no file, no temporary
+    handler.cut = False
+    model = vqgan.load_tokenizer("llamagen-vq8")
+    assert os.listdir(cache) == ["vq_ds8_c2i.pt"]
+    handler.files.clear()                                            # from now on, offline
+    again = vqgan.load_tokenizer("llamagen-vq8")                     # the cached file, once
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+
+
+def test_a_download_of_the_wrong_layout_never_counts_and_offline_is_one_line(server, tmp_path,
+                                                                            monkeypatch):
+    handler, root = server
+    monkeypatch.setenv("PURRCEPTION_CACHE", str(tmp_path / "cache"))
+    handler.files["/vq_ds16_c2i.pt"] = b"<html>a login page</html>"
+    monkeypatch.setitem(vqgan.RELEASED, "llamagen-vq16", (f"{root}/vq_ds16_c2i.pt", None))
+    with pytest.raises(UserError, match=f"{root}/vq_ds16_c2i.pt did not give the published "
+                                        f"vq_ds16_c2i.pt .its layout is another."):
+        vqgan.load_tokenizer("llamagen-vq16")
+    assert os.listdir(tmp_path / "cache") == []
+    handler.files.clear()
+    with pytest.raises(UserError, match=f"cannot download {root}/vq_ds16_c2i.pt .*put it at") as e:
+        vqgan.load_tokenizer("llamagen-vq16")
+    assert "\n" not in str(e.value)
+
+
+def test_ldms_zip_is_fetched_and_its_lightning_file_never_unpickled_unless_asked(server, tmp_path,
+                                                                                 monkeypatch):
+    import argparse
+    import io
+    import subprocess
+    import sys
+    import zipfile
+    handler, root = server
+    monkeypatch.setenv("PURRCEPTION_CACHE", str(tmp_path / "cache"))
+    sd = released_file(tmp_path / "sd.pt", "ldm")
+    lightning = io.BytesIO()                   # a Lightning file: weights and pickled objects
+    torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(embed_dim=4)}, lightning)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("vq-f8/model.ckpt", lightning.getvalue())
+    handler.files["/vq-f8.zip"] = archive.getvalue()
+    monkeypatch.setitem(vqgan.RELEASED, "ldm-vqf8", (f"{root}/vq-f8.zip", None))
+    with pytest.raises(UserError, match="pickled Python objects .* never unpickled here") as e:
+        vqgan.load_tokenizer("ldm-vqf8")
+    command = str(e.value).split("`")[1]
+    assert command.startswith("python -c ")
+    subprocess.run([sys.executable, "-c", command.split('"')[1]], check=True)     # asked, once
+    model = vqgan.load_tokenizer(str(e.value).rsplit(" ", 1)[1])
+    assert model.codebook.shape == sd["quantize.embedding.weight"].shape

@@ -355,8 +355,10 @@ def tokenizer_file(name):
         is_zip_with_ckpt = lambda path: zipfile.is_zipfile(path) and any(
             n.endswith("model.ckpt") for n in zipfile.ZipFile(path).namelist())
 
+        archive = cli.fetch(url, os.path.basename(url), None, is_zip_with_ckpt)
+
         def extract(tmp):
-            with zipfile.ZipFile(cli.fetch(url, os.path.basename(url), None, is_zip_with_ckpt)) as z:
+            with zipfile.ZipFile(archive) as z:
                 member = next(n for n in z.namelist() if n.endswith("model.ckpt"))
                 with z.open(member) as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)

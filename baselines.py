@@ -75,7 +75,7 @@ def cfm_endpoint_loss(model, idx, E, y, t=None, noise=None, generator=None, per_
     return cfm_loss(model, idx, E, y, t, noise, generator, per_image, endpoint=True)
 
 
-# Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as euler_sample, then the
+# Sampling: Euler from z ~ N(0, I) at t = 0 to t = 1 on the same grid as sample_ode, then the
 # nearest code. Guidance mixes the outputs, out_uncond + s * (out_cond - out_uncond). There is no
 # posterior, so no temperature.
 
@@ -86,7 +86,7 @@ def cfm_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_la
                cfg_interval=(0.0, 1.0)):
     """Labels y (B,) -> code indices (B, h, w), by steps on the regressed velocity (or endpoint),
     from noise (B, h, w, d) (drawn from `generator` when None); solver, time_shift and
-    cfg_interval as euler_sample's, on the data prediction z + (1 - t) v (or the endpoint)."""
+    cfg_interval as sample_ode's, on the data prediction z + (1 - t) v (or the endpoint)."""
     if temperature != 1.0:
         raise ValueError("CFM has no posterior to sharpen: sample it at temperature 1")
     (h, w), E = (grid, grid) if isinstance(grid, int) else grid, E.float()

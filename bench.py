@@ -149,20 +149,20 @@ def loss_memory(model, E, K, side, cfg, reps=3):
         x, W, b = net(torch.randn(B, side, side, E.shape[1]), torch.rand(B), y, head_input=True)
         return x.square().mean() + 0 * (W.sum() + b.sum())
     loss = lambda net, chunk: pc.vfm_loss(net, idx, E, y, generator=g, chunk=chunk)
-    sampler = lambda net, chunk: pc.euler_sample(net, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g,
+    sampler = lambda net, chunk: pc.sample_ode(net, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g,
                                                  chunk=chunk)
     steps = {"network, no loss": body,
              "whole-batch fp32 loss": lambda net: loss(net, None),
              "chunked, logits only": lambda net: loss(logits_only(net), pc.CHUNK),
              "chunked, head input": lambda net: loss(net, pc.CHUNK),
              "whole-batch sampler": lambda net: sampler(net, None),
-             "euler_sample": lambda net: sampler(net, pc.CHUNK)}
+             "sample_ode": lambda net: sampler(net, pc.CHUNK)}
     out = {}
     for _ in range(reps):                         # in turns: a busy machine slows them alike
         for net, where in ((model, "whole network"), (headless, "loss alone")):
             for name, fn in steps.items():
                 net.zero_grad(set_to_none=True)   # as the training loop does: .grad made anew
-                train = "sampler" not in name and name != "euler_sample"
+                train = "sampler" not in name and name != "sample_ode"
                 dt, peak = peak_above_rest((lambda: fn(net).backward()) if train
                                            else lambda: fn(net))
                 best = out.get((where, name), (dt, peak))
@@ -215,7 +215,7 @@ def solver_error(cfg, device):
     noise = sample.sample_noise(sampler, 0, len(y), cfg.seed)
 
     def solve(steps, **solver):                # the final codes and z (the last step's mu)
-        idx, path = pc.euler_sample(sampler.model, sampler.E, y, sampler.grid, steps,
+        idx, path = pc.sample_ode(sampler.model, sampler.E, y, sampler.grid, steps,
                                     trained["temperature"], trained["cfg_scale"], C, noise=noise,
                                     return_trajectory=True, chunk=pc.CHUNK, **solver)
         return idx, path["mu"][-1]
@@ -301,7 +301,7 @@ def main(argv):
         sync(device)
         t0 = time.time()
         with ctx:
-            pc.euler_sample(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
+            pc.sample_ode(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
                             torch.Generator().manual_seed(0), chunk=pc.CHUNK, solver=cfg.solver,
                             time_shift=cfg.time_shift, cfg_interval=cli.interval(cfg.cfg_interval))
         sync(device)

@@ -354,7 +354,7 @@ class DiT(nn.Module):
 # each position's posterior over codes, and pi @ E is then that mean. The z-loss (PaLM) pins the
 # logits' free offset so they cannot drift.
 #
-# rand_from, vfm_loss, and the sampler's guided, time_grid, data_prediction and euler_sample (with
+# rand_from, vfm_loss, and the sampler's guided, time_grid, data_prediction and sample_ode (with
 # vq.nearest_code) are written to be copied: they need only `import torch` and a network model(z, t,
 # y) -> logits (B, h, w, K). With chunk=N they call the section "at K = 16384" below (copy it,
 # patchify and unpatchify too): N logits at a time.
@@ -447,7 +447,7 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
 
 
 @torch.no_grad()
-def euler_sample(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
+def sample_ode(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
                  generator=None, return_trajectory=False, noise=None, chunk=None, solver="euler",
                  time_shift=1.0, cfg_interval=(0.0, 1.0)):
     """Labels y (B,) -> code indices (B, h, w), grid (h, w) or an int side, from noise (B, h, w, d)
@@ -559,7 +559,7 @@ def chunked_loss(model, zt, t, y, idx, K, z_loss, chunk):
 
 def chunked_posterior_mean(model, z, t, y, E, temperature, cfg_scale, null_label, chunk,
                            entropy=False):
-    """euler_sample's mu = softmax(guided logits / tau) @ E at z (B, h, w, d) -> mu (B, h, w, d)
+    """sample_ode's mu = softmax(guided logits / tau) @ E at z (B, h, w, d) -> mu (B, h, w, d)
     and, when asked, the entropy of pi (B, h, w) (else None)."""
     (B, h, w, d), K = z.shape, len(E)
     head = getattr(getattr(model, "module", model), "offers_head_input", False)
@@ -626,7 +626,7 @@ class Objective:
 # The loop reads the logits CHUNK at a time: K = 16384 fits, and a small K takes one chunk.
 CHUNK = 2**22
 PURRCEPTION = Objective("purrception", lambda K, d, **arch: DiT(in_dim=d, out_dim=K, **arch),
-                        partial(vfm_loss, chunk=CHUNK), partial(euler_sample, chunk=CHUNK),
+                        partial(vfm_loss, chunk=CHUNK), partial(sample_ode, chunk=CHUNK),
                         shows_posterior=True)
 
 

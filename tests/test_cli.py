@@ -60,19 +60,19 @@ class Toy(torch.nn.Module):                                       # not this pro
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_the_copied_functions_run_alone_with_only_torch_on_a_foreign_network(chunk):
     names = copied_names()
-    assert {"vfm_loss", "euler_sample"} <= set(names)
+    assert {"vfm_loss", "sample_ode"} <= set(names)
     namespace = pasted(names + (large_k_section() if chunk else []))
     K, d, C = 12, 3, 4
     E, net = torch.randn(K, d), Toy(d, K, C)
     idx, y = torch.randint(0, K, (6, 3, 5)), torch.randint(0, C, (6,))         # a non-square grid
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     same_draws = lambda: torch.Generator().manual_seed(0)                    # the same t and noise
-    vfm_loss, euler_sample = namespace["vfm_loss"], namespace["euler_sample"]
+    vfm_loss, sample_ode = namespace["vfm_loss"], namespace["sample_ode"]
     loss = vfm_loss(net, idx, E, y, generator=same_draws(), chunk=chunk)
     loss.backward()
     opt.step()
     assert vfm_loss(net, idx, E, y, generator=same_draws(), chunk=chunk) < loss   # a step down
-    out = euler_sample(net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C,
+    out = sample_ode(net, E, y, (3, 5), 4, temperature=0.9, cfg_scale=2.0, null_label=C,
                        chunk=chunk)
     assert out.shape == (6, 3, 5) and out.dtype == torch.long and 0 <= out.min() and out.max() < K
 

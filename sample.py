@@ -25,6 +25,7 @@ import baselines
 import cli
 import prepare_data
 import purrception
+import token_folder
 import vq
 from cli import UserError
 from vq import tile
@@ -87,7 +88,7 @@ def load_sampler(ckpt_path, data_dir="", device="cpu"):
         data_dir = next((d for d in (run_config["data_dir"],
                                      prepare_data.data_path(run_config["dataset"]))
                          if os.path.exists(os.path.join(d, "meta.json"))), run_config["data_dir"])
-    meta, tokenizer = prepare_data.open_folder(data_dir, device, check=False)
+    meta, tokenizer = token_folder.open_folder(data_dir, device, check=False)
     cli.same_tokenizer(ckpt, ckpt_path, meta, data_dir)
     E, a = tokenizer.codebook.to(device), ckpt["model_args"]
     # the generator's outputs index its own codebook: another tokenizer decodes them to noise

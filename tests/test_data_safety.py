@@ -16,6 +16,7 @@ from PIL import Image
 
 import encode_folder as ef
 import prepare_data as pd
+import token_folder as tf
 import vq
 from cli import UserError
 from conftest import ROOT, as_ordinary_user, make_folder, released_file
@@ -233,13 +234,13 @@ def test_every_remedy_of_a_tokenizer_mismatch_works_when_typed(tmp_path, monkeyp
     for case, damage in cases.items():
         damage()
         with pytest.raises(UserError) as e:
-            pd.open_folder(str(folder))
+            tf.open_folder(str(folder))
         assert "\n" not in str(e.value)
         commands = type_in(str(e.value))
         assert (case == "retrained here") == ("retokenize with this one" in str(e.value)), e.value
         assert commands[-1].startswith(f"rm {tokenizer} && ") == (case in (
             "another size", "another K", "another folder's")), (case, e.value)
-        meta, model = pd.open_folder(str(folder))               # what training reads: accepted
+        meta, model = tf.open_folder(str(folder))               # what training reads: accepted
         assert meta["tokenizer_sha1"] == vq.file_sha1(tokenizer), case
     capsys.readouterr()
     # a folder encoded from a tokenizer file, whose pointer to that file is gone or replaced
@@ -255,8 +256,8 @@ def test_every_remedy_of_a_tokenizer_mismatch_works_when_typed(tmp_path, monkeyp
     for case, damage in cases.items():
         damage()
         with pytest.raises(UserError, match="encode_folder.py .*--force") as e:
-            pd.open_folder(str(streamed))
+            tf.open_folder(str(streamed))
         type_in(str(e.value))
-        meta, _ = pd.open_folder(str(streamed))
+        meta, _ = tf.open_folder(str(streamed))
         assert meta["released_tokenizer"] == str(tmp_path / "tok0.pt"), case
     assert json.load(open(streamed / "source.json"))["name"] == "streamed"

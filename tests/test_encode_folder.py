@@ -17,6 +17,7 @@ from PIL import Image
 import cli
 import encode_folder as ef
 import prepare_data as pd
+import token_folder as tf
 import vqgan
 from cli import UserError
 from conftest import MODES, ROOT, make_folder
@@ -84,7 +85,7 @@ def test_streamed_tokens_are_the_tokenizers_codes_of_every_file(streamed):
         assert np.array_equal(np.fromfile(folder / f"{split}_labels.bin", np.uint16),
                               [y for _, y in files])
     assert [f for f in os.listdir(folder) if f.startswith(".")] == []       # chunks cleaned up
-    meta2, tokenizer = pd.open_folder(str(folder))                 # what training reads
+    meta2, tokenizer = tf.open_folder(str(folder))                 # what training reads
     assert tokenizer.cfg.grid == meta2["grid_h"] == 8
 
 
@@ -307,7 +308,7 @@ def test_a_damaged_streamed_folder_names_encode_folder_and_the_hint_rebuilds_it(
     train_bin.write_bytes(train_bin.read_bytes()[:-2])
     with pytest.raises(UserError, match="damaged: make the folder again with `python "
                                         ".*encode_folder.py .*--force`$") as e:
-        pd.open_folder(str(tmp_path / "d"))
+        tf.open_folder(str(tmp_path / "d"))
     typed(str(e.value))
     same_tokens(tmp_path / "d", ref)
     with pytest.raises(UserError, match="holds the tokens of .*tok.pt, made by `python "

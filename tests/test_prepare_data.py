@@ -17,6 +17,7 @@ from PIL import Image
 
 import cli
 import prepare_data as pd
+import token_folder as tf
 import vq
 import vqgan
 from cli import UserError
@@ -228,13 +229,13 @@ def test_a_cifar10_tarball_given_to_training_suggests_a_command_that_keeps_it(da
     monkeypatch.setattr(vq, "PRESETS", {"cifar10": {**vq.PRESETS.get("cifar10", {}), **TINY_VQ}})
     for given in (tarball, tarball.parent):
         with pytest.raises(UserError, match="no prepared tokens") as e:
-            pd.open_for_training("cifar10", str(given))
+            tf.open_for_training("cifar10", str(given))
         command = str(e.value).split("`")[1]
         assert command == cli.command("prepare_data.py", "--dataset=cifar10",
                                       f"--data_dir={given}")
         assert f"it writes {data_root / 'cifar10'}: pass that as --data_dir" in str(e.value)
     pd.main(shlex.split(command)[2:])                              # typed: it keeps the tarball
-    assert pd.open_for_training("cifar10", str(data_root / "cifar10"))[1]["train_count"] == 15
+    assert tf.open_for_training("cifar10", str(data_root / "cifar10"))[1]["train_count"] == 15
     assert not os.path.exists(data_root / "cifar10" / "cifar-10-python.tar.gz")
 
 # -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import prepare_data as pd
 import purrception
 import sample
 import sample_ddp
+import token_folder as tf
 import vq
 from cli import UserError
 from conftest import K, ROOT, tiny_config
@@ -270,17 +271,17 @@ def test_a_damaged_folder_and_a_foreign_tokenizer_get_hints_that_work_typed_back
     with pytest.raises(UserError, match="train.bin holds .* bytes where meta.json says .*; it is damaged: make the "
                                         "folder again with `python .*prepare_data.py --dataset=shapes --vq.ch=8 .*"
                                         "--force`$") as e:
-        pd.open_folder(str(data_root / "shapes"))
+        tf.open_folder(str(data_root / "shapes"))
     type_in(str(e.value))
-    pd.open_folder(str(data_root / "shapes"))                                        # whole again
+    tf.open_folder(str(data_root / "shapes"))                                        # whole again
     pd.main(["--dataset=shapes", "--name=other", "--seed=1", *TINY_VQ])
     shutil.copy(data_root / "other" / "vq.pt", data_root / "shapes" / "vq.pt")
     with pytest.raises(UserError) as e:
-        pd.open_folder(str(data_root / "shapes"))
+        tf.open_folder(str(data_root / "shapes"))
     assert "is not the file that made the tokens" in str(e.value)
     assert "`rm " in str(e.value) and "--vq.codebook_size=16" in str(e.value)   # its own settings
     type_in(str(e.value))                                          # typed as printed, it works
-    pd.open_folder(str(data_root / "shapes"))
+    tf.open_folder(str(data_root / "shapes"))
 
 
 def test_a_deleted_meta_json_of_an_image_folder_names_its_source_and_the_command_rebuilds_it(data_root,
@@ -298,7 +299,7 @@ def test_a_deleted_meta_json_of_an_image_folder_names_its_source_and_the_command
     hint = str(e.value)
     assert shlex.quote(f"--data_dir={root}") in hint and "--dataset=imagefolder" in hint and "--name=pets" in hint
     type_in(hint)
-    meta, _ = pd.open_folder(str(data_root / "pets"))                                # whole again
+    meta, _ = tf.open_folder(str(data_root / "pets"))                                # whole again
     assert meta["class_names"] == ["cat", "dog"]
 
 

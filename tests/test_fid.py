@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import fid
+import vq
+from cli import UserError
 from conftest import StubExtractor, TinyInception
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit's own API
@@ -335,3 +337,41 @@ def test_torch_fidelity_gives_all_five_with_its_named_inception(stub_fid, fake_t
     assert "torch-fidelity Inception (inception-v3-compat), 32 samples vs 64 train images" in (
         scores["protocol"])
     assert os.path.exists(os.path.join(data_dir, "fid_stats_inception-v3-compat_cpu_64.npz"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_tokenizers_psnr_and_rfid_are_against_the_same_images(stub_fid, tmp_path, capsys):
+    model_path, data_dir, real = stub_fid
+    torch.manual_seed(0)
+    tokenizer = vq.VQVAE(vq.VQConfig(image_size=16, downsample=2, ch=8, n_res=1, codebook_size=16,
+                                     code_dim=4))
+    vq.save_vq(tokenizer, str(tmp_path / "vq.pt"))
+    real[:40].tofile(os.path.join(data_dir, "val_images.u8"))
+    scores = fid.main([f"--tokenizer={tmp_path / 'vq.pt'}", f"--data_dir={data_dir}",
+                       f"--fid_model={model_path}", "--num_images=24", "--batch_size=8"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"PSNR {scores['psnr']:.2f} dB (") and "24 images" in out
+    assert "vs the same 24 real images" in out and scores["fid"] > 0
+    # against themselves, exact reconstructions would score 0: the reference is those images
+    same = fid.compute_fid(real[:24], "", model_path, ref_images=real[:24], batch_size=8)
+    assert abs(same["fid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_extractor_is_loaded_before_any_sampling_and_adm_s_batch_is_fetched_by_name(
+        stub_fid, tmp_path, monkeypatch):
+    model_path, data_dir, real = stub_fid
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not torchscript")
+    for bad in (str(junk), str(tmp_path)):               # a foreign file, a folder: one line each
+        with pytest.raises(UserError, match="is not a TorchScript file|no feature extractor at"):
+            fid.check_reference(data_dir, bad)
+    ref = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    model = fid.load_extractor(model_path)
+    feats = fid.inception_features(real, model, 16)
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), arr_0=real)
+    monkeypatch.setenv("PURRCEPTION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(fid.REFERENCES, "adm-imagenet256", ref.as_uri())    # a local file's URL
+    scores = fid.compute_fid(real, "", model_path, batch_size=16, ref_stats="adm-imagenet256")
+    assert abs(scores["fid"]) < 1e-6
+    assert os.listdir(tmp_path / "cache") == ["VIRTUAL_imagenet256_labeled.npz"]

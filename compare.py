@@ -181,6 +181,27 @@ def nfe_report(opt):
         print(f"| {arm} | {cfg} | {solver} | {shift} | " + " | ".join(
             f"{points[n][0]:.1f} ± {points[n][1]:.1f}" if n in points else "" for n in nfes)
             + f" | {reach:.0f} |")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return series
+    panels = sorted({(arm, cfg) for arm, cfg, _, _ in series})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (arm, cfg) in zip(axes[0], panels):
+        for (a, c, solver, shift), points in series.items():
+            if (a, c) == (arm, cfg):
+                n = sorted(points)
+                ax.errorbar(n, [points[i][0] for i in n], yerr=[points[i][1] for i in n],
+                            marker="o", capsize=2, ls="-" if shift == "1" else "--",
+                            label=f"{solver}, time_shift {shift}")
+        ax.set(xscale="log", xlabel="network calls", ylabel="FID", title=f"{arm}, cfg {cfg}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(opt.out_dir, "nfe.png"), dpi=110)
+    print(f"wrote {os.path.join(opt.out_dir, 'nfe.png')}")
     return series
 
 

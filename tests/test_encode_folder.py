@@ -73,7 +73,8 @@ def test_adm_center_crop_box_halves_then_bicubic_then_crops():
 def test_streamed_tokens_are_the_tokenizers_codes_of_every_file(streamed):
     base, root, folder = streamed
     meta = json.load(open(folder / "meta.json"))
-    model = vqgan.load_tokenizer(str(folder / "vq.pt"))                      # the folder's pointer to tok.pt
+    # the folder's pointer to tok.pt
+    model = vqgan.load_tokenizer(str(folder / "vq.pt"))
     assert meta["released_tokenizer"] == str(base / "tok.pt") and model.cfg.image_size == 16
     classes, train, val = pd.split_imagefolder(str(root))
     assert meta["class_names"] == classes == ["n01", "n02", "n03"]

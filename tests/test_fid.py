@@ -177,7 +177,8 @@ def test_fid_against_a_reference_npz_and_an_image_folder_agrees_with_the_data_fo
     want, _ = fid_of(other, data_dir, model_path=model_path, batch_size=16)
     stats, _ = fid.data_reference(data_dir, model_path)
     ref = str(tmp_path / "VIRTUAL_fake_labeled.npz")
-    np.savez(ref, mu=stats["mu"], sigma=stats["sigma"], arr_0=real[:10])                               # ADM's layout
+    # ADM's layout
+    np.savez(ref, mu=stats["mu"], sigma=stats["sigma"], arr_0=real[:10])
     same, protocol = fid_of(real, "", model_path=model_path, batch_size=16, ref_stats=ref)
     assert abs(same) < 1e-6 and f"64 samples vs the statistics in {ref}" in protocol
     got, _ = fid_of(other, "", model_path=model_path, batch_size=16, ref_stats=ref)

@@ -1,4 +1,5 @@
-"""Tests for purrception.py: CPU, tiny models, a fake token folder in tmp_path, no network. Whole file < 1 minute."""
+"""Tests for purrception.py: CPU, tiny models, a fake token folder in tmp_path, no network. Whole
+file < 1 minute."""
 
 import importlib
 import json
@@ -26,13 +27,15 @@ from conftest import (D, GRID, K, NUM_CLASSES, ROOT, codebook, logits_only, tiny
 
 
 class GaussianPosterior(torch.nn.Module):
-    """The exact q(k | z_t, y) of the path z_t = t e_k + (1 - t) z0 when the data is code k with prior p(k | y):
-    z_t | k ~ N(t e_k, (1 - t)^2 I), so  log q_k = log p(k | y) - ||z - t e_k||^2 / (2 (1 - t)^2) + const.
+    """The exact q(k | z_t, y) of the path z_t = t e_k + (1 - t) z0 when the data is code k with
+    prior p(k | y): z_t | k ~ N(t e_k, (1 - t)^2 I), so
+        log q_k = log p(k | y) - ||z - t e_k||^2 / (2 (1 - t)^2) + const.
     Row num_classes of `probs` is the null class. Records the batch size of every call."""
 
     def __init__(self, E, probs, grid_size=2):
         super().__init__()
-        self.E, self.log_p, self.grid_size, self.num_classes = E, probs.log(), grid_size, probs.shape[0] - 1
+        self.E, self.log_p = E, probs.log()
+        self.grid_size, self.num_classes = grid_size, probs.shape[0] - 1
         self.calls = []
 
     def forward(self, z, t, y):
@@ -50,16 +53,20 @@ class FixedLogits(GaussianPosterior):
         return self.log_p[y][:, None, None, :].expand(*z.shape[:3], -1).clamp(min=-1e4)
 
 
-SQUARE = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])                         # 4 unit codes in d = 2
-PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.4, 0.15, 0.2, 0.25]])   # y = 0, 1, null
+# 4 unit codes in d = 2
+SQUARE = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
+# y = 0, 1, null
+PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1], [0.4, 0.15, 0.2, 0.25]])
 
 
 def test_sampler_reproduces_code_frequencies_with_the_exact_posterior():
     model = GaussianPosterior(SQUARE, PROBS)
     for label in (0, 1):
         y = torch.full((1000,), label)
-        idx = sample_ode(model, SQUARE, y, 2, steps=50, generator=torch.Generator().manual_seed(label))
-        freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()      # 4000 positions
+        idx = sample_ode(model, SQUARE, y, 2, steps=50,
+                         generator=torch.Generator().manual_seed(label))
+        # 4000 positions
+        freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()
         assert torch.allclose(freq, PROBS[label], atol=0.03), (label, freq)
 
 
@@ -72,30 +79,37 @@ def test_one_hot_oracle_lands_exactly_on_its_code(steps):
                              return_trajectory=True)
     assert idx.tolist() == [[[2, 2], [2, 2]], [[1, 1], [1, 1]]] * 2
     assert traj["z"].shape == (steps, 4, 2, 2, 2) and traj["entropy"].shape == (steps, 4, 2, 2)
-    assert torch.allclose(traj["mu"][-1], SQUARE[idx])                              # the last step lands on mu
-    assert torch.allclose(traj["t"], torch.linspace(0, 1, steps + 1)[:-1]) and traj["entropy"].abs().max() < 1e-6
+    # the last step lands on mu
+    assert torch.allclose(traj["mu"][-1], SQUARE[idx])
+    assert torch.allclose(traj["t"], torch.linspace(0, 1, steps + 1)[:-1])
+    assert traj["entropy"].abs().max() < 1e-6
 
 
 def test_low_temperature_picks_the_most_likely_code():
     model = FixedLogits(SQUARE, PROBS)
     idx = sample_ode(model, SQUARE, torch.zeros(64, dtype=torch.long), 2, 10, temperature=1e-3,
                        generator=torch.Generator().manual_seed(0))
-    assert (idx == 3).all()                                                          # argmax of PROBS[0]
+    # argmax of PROBS[0]
+    assert (idx == 3).all()
 
 
 def test_cfg_scale_one_is_the_conditional_pass_and_guidance_is_one_batched_forward():
     y = torch.tensor([0, 1, 1, 0])
     plain = GaussianPosterior(SQUARE, PROBS)
-    other_null = GaussianPosterior(SQUARE, torch.cat([PROBS[:2], torch.tensor([[0.97, 0.01, 0.01, 0.01]])]))
-    a = sample_ode(plain, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
-    b = sample_ode(other_null, SQUARE, y, 2, 8, cfg_scale=1.0, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and plain.calls == [4] * 8                              # no unconditional pass at s=1
-    # s = 3 with logits fixed at cond = log[.4 .35 .25 0], uncond = log[.6 .2 .2 0]: cond's argmax is code 0,
-    # uncond + 3 (cond - uncond) has its argmax at code 1
+    other_null = GaussianPosterior(SQUARE,
+                                   torch.cat([PROBS[:2], torch.tensor([[0.97, 0.01, 0.01, 0.01]])]))
+    a = sample_ode(plain, SQUARE, y, 2, 8, cfg_scale=1.0,
+                   generator=torch.Generator().manual_seed(3))
+    b = sample_ode(other_null, SQUARE, y, 2, 8, cfg_scale=1.0,
+                   generator=torch.Generator().manual_seed(3))
+    # no unconditional pass at s=1
+    assert torch.equal(a, b) and plain.calls == [4] * 8
+    # s = 3 with logits fixed at cond = log[.4 .35 .25 0], uncond = log[.6 .2 .2 0]: cond's argmax
+    # is code 0, uncond + 3 (cond - uncond) has its argmax at code 1
     probs = torch.tensor([[0.4, 0.35, 0.25, 0.0], [1, 0, 0, 0], [0.6, 0.2, 0.2, 0.0]])
     model = FixedLogits(SQUARE, probs)
-    idx = sample_ode(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 5, temperature=1e-3, cfg_scale=3.0,
-                       null_label=2)
+    idx = sample_ode(model, SQUARE, torch.zeros(4, dtype=torch.long), 2, 5, temperature=1e-3,
+                     cfg_scale=3.0, null_label=2)
     assert (idx == 1).all() and model.calls == [8] * 5
 
 class GaussianDataMean(torch.nn.Module):
@@ -170,20 +184,25 @@ def test_forward_shape_and_uniform_posterior_at_init(patch_size):
     model = tiny_model(patch_size)
     z = torch.randn(3, GRID, GRID, D)
     logits = model(z, torch.rand(3), torch.tensor([0, 2, NUM_CLASSES]))
-    assert logits.shape == (3, GRID, GRID, K) and (logits == 0).all()               # zero-init output layer
+    # zero-init output layer
+    assert logits.shape == (3, GRID, GRID, K) and (logits == 0).all()
 
 
 def test_patches_map_back_to_their_own_positions():
     model = tiny_model()
-    for p in model.parameters():                                                     # leave the zero init behind
+    # leave the zero init behind
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     z = torch.randn(2, GRID, GRID, D)
     t, y = torch.rand(2), torch.tensor([0, 1])
     z2 = z.clone()
-    z2[:, 0, 0] += 1.0                                                               # touch the top-left patch only
+    # touch the top-left patch only
+    z2[:, 0, 0] += 1.0
     changed = (model(z2, t, y) - model(z, t, y)).abs().amax(dim=(0, 3)) > 0          # (h, w)
-    assert changed.all()                                                             # attention mixes everything...
-    model.blocks = torch.nn.ModuleList()                                             # ... without it, only the patch
+    # attention mixes everything...
+    assert changed.all()
+    # ... without it, only the patch
+    model.blocks = torch.nn.ModuleList()
     changed = (model(z2, t, y) - model(z, t, y)).abs().amax(dim=(0, 3)) > 0
     assert changed[:2, :2].all() and changed.sum() == 4
 
@@ -202,7 +221,8 @@ def test_loss_drops_when_overfitting_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(50):
-        loss = vfm_loss(model, idx, E, y, generator=torch.Generator().manual_seed(0))   # same t and noise
+        # same t and noise
+        loss = vfm_loss(model, idx, E, y, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -244,10 +264,13 @@ def test_get_batch_returns_whole_images_with_their_labels(data_dir):
     idx, y, u, t, z = get_batch("train", str(data_dir), 16, (GRID, GRID), D, g)
     assert idx.shape == (16, GRID, GRID) and idx.dtype == y.dtype == torch.int64
     ix = torch.randint(len(labels), (16,), generator=torch.Generator().manual_seed(0)).numpy()
-    assert np.array_equal(idx.reshape(16, -1).numpy(), tokens[ix]) and np.array_equal(y.numpy(), labels[ix])
+    assert np.array_equal(idx.reshape(16, -1).numpy(), tokens[ix])
+    assert np.array_equal(y.numpy(), labels[ix])
     assert u.shape == t.shape == (16,) and z.shape == (16, GRID, GRID, D) and t.min() >= 1e-3
-    # the uniform noise of DFM's masks has one number per position, and the draws before it are the same
-    *rest, u_dfm = get_batch("train", str(data_dir), 16, (GRID, GRID), D, torch.Generator().manual_seed(0), "uniform")
+    # the uniform noise of DFM's masks has one number per position, and the draws before it are
+    # the same
+    *rest, u_dfm = get_batch("train", str(data_dir), 16, (GRID, GRID), D,
+                             torch.Generator().manual_seed(0), "uniform")
     assert u_dfm.shape == (16, GRID, GRID) and 0 <= u_dfm.min() and u_dfm.max() < 1
     assert all(torch.equal(a, b) for a, b in zip(rest, (idx, y, u, t)))
 
@@ -256,12 +279,16 @@ def test_get_batch_returns_whole_images_with_their_labels(data_dir):
 
 
 def test_parse_args_types_presets_and_precedence():
-    cfg = parse_args(["--lr=1", "--compile=false", "--dataset=cifar10", "--max_iters=2e3", "--n_layer=3"],
-                     Config(), PRESETS)
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.compile is False and cfg.dataset == "cifar10"
-    assert cfg.max_iters == 2000 and cfg.n_layer == 3                                # flags beat the preset
-    assert cfg.n_embd == PRESETS["cifar10"]["n_embd"] and cfg.batch_size == PRESETS["cifar10"]["batch_size"]
-    assert parse_args(["--compile=true"], Config()).compile is True and parse_args(["--compile"], Config()).compile
+    cfg = parse_args(["--lr=1", "--compile=false", "--dataset=cifar10", "--max_iters=2e3",
+                      "--n_layer=3"], Config(), PRESETS)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.compile is False and cfg.dataset == "cifar10"
+    # flags beat the preset
+    assert cfg.max_iters == 2000 and cfg.n_layer == 3
+    assert cfg.n_embd == PRESETS["cifar10"]["n_embd"]
+    assert cfg.batch_size == PRESETS["cifar10"]["batch_size"]
+    assert parse_args(["--compile=true"], Config()).compile is True
+    assert parse_args(["--compile"], Config()).compile
 
 
 @pytest.mark.parametrize("argv, message", [(["--batchsize=8"], "did you mean --batch_size"),
@@ -280,9 +307,10 @@ def test_import_does_not_parse_argv(monkeypatch):
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"), f"--data_dir={tmp_path}"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "purrception.py"),
+                        f"--data_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: no prepared tokens") and r.stderr.count("\n") == 1
 
 # -----------------------------------------------------------------------------
 # training: smoke, exact resume, DDP
@@ -294,14 +322,19 @@ def load(path):
 
 def test_train_smoke_writes_a_portable_checkpoint_and_grids(data_dir, tmp_path):
     metrics = train(tiny_config(data_dir, tmp_path, max_iters=3))
-    assert math.isfinite(metrics["val_loss"]) and len(metrics["val_loss_by_t"]) == 5 and len(metrics["losses"]) == 3
-    ckpt = load(tmp_path / "ckpt.pt")                                                # weights_only=True works
-    assert ckpt["iter"] == 3 and {"model", "ema", "optimizer", "model_args", "config", "rng", "objective"} <= set(ckpt)
+    assert math.isfinite(metrics["val_loss"])
+    assert len(metrics["val_loss_by_t"]) == 5 and len(metrics["losses"]) == 3
+    # weights_only=True works
+    ckpt = load(tmp_path / "ckpt.pt")
+    assert ckpt["iter"] == 3
+    assert {"model", "ema", "optimizer", "model_args", "config", "rng", "objective"} <= set(ckpt)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     assert json.load(open(tmp_path / "config.json"))["max_iters"] == 3
-    assert not (tmp_path / "samples_000000.png").exists() and (tmp_path / "samples_000003.png").exists()
+    assert not (tmp_path / "samples_000000.png").exists()
+    assert (tmp_path / "samples_000003.png").exists()
     model = sample.load_sampler(str(tmp_path / "ckpt.pt")).model
-    assert all(torch.equal(p, ckpt["ema"][n]) for n, p in model.state_dict().items()) and not model.training
+    assert all(torch.equal(p, ckpt["ema"][n]) for n, p in model.state_dict().items())
+    assert not model.training
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -317,11 +350,13 @@ def test_resume_continues_exactly(data_dir, tmp_path):
 
 
 # One torchrun of two gloo processes runs two trainings (one process group, torch imported once):
-# 1. 8 images an iter: one process runs them in one micro-step (the default split), two processes 4 each. Every
-#    process draws the same 8 images, labels, t and noise and takes its slots, so the logged losses agree. The
-#    gradients do not agree bit for bit: one process sums 8 images' gradients in one pass, DDP sums two sums of 4
-#    and halves, so the last bits differ and the weights drift apart by float rounding (the tolerance below).
-# 2. rank 1's loss turns NaN from its 3rd step on, rank 0's never: both stop with the same line, and no hang.
+# 1. 8 images an iter: one process runs them in one micro-step (the default split), two processes
+#    4 each. Every process draws the same 8 images, labels, t and noise and takes its slots, so the
+#    logged losses agree. The gradients do not agree bit for bit: one process sums 8 images'
+#    gradients in one pass, DDP sums two sums of 4 and halves, so the last bits differ and the
+#    weights drift apart by float rounding (the tolerance below).
+# 2. rank 1's loss turns NaN from its 3rd step on, rank 0's never: both stop with the same line,
+#    and no hang.
 TWO_RUNS = """import os, sys
 sys.path.insert(0, {root!r})
 import dataclasses, cli, purrception as pc
@@ -337,23 +372,29 @@ cli.run(lambda argv: pc.train(poisoned, dataclasses.replace(pc.PURRCEPTION, loss
 
 
 def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_dir, tmp_path):
-    kw = dict(batch_size=8, grad_accum=1, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1, log_interval=1)
+    kw = dict(batch_size=8, grad_accum=1, max_iters=4, eval_interval=4, eval_iters=1, grid_cols=1,
+              log_interval=1)
     single = train(tiny_config(data_dir, tmp_path / "single", **kw))
     flags = lambda cfg: " ".join(f"--{k}={v}" for k, v in vars(cfg).items())
-    poisoned = tiny_config(data_dir, tmp_path / "nan", max_iters=20, eval_interval=2, log_interval=3,
-                           eval_iters=1, grid_cols=1)
+    poisoned = tiny_config(data_dir, tmp_path / "nan", max_iters=20, eval_interval=2,
+                           log_interval=3, eval_iters=1, grid_cols=1)
     script = tmp_path / "two_runs.py"
     script.write_text(TWO_RUNS.format(root=ROOT))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), flags(tiny_config(data_dir, tmp_path / "ddp", **kw)), flags(poisoned)],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script),
+                        flags(tiny_config(data_dir, tmp_path / "ddp", **kw)), flags(poisoned)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=120)
     # 1. the same losses (the mean over both processes) and the weights up to rounding
-    assert "2 processes" in r.stdout and "8 images per iter = 4 x 1 micro-steps x 2" in r.stdout, r.stderr[-2000:]
+    assert "2 processes" in r.stdout, r.stderr[-2000:]
+    assert "8 images per iter = 4 x 1 micro-steps x 2" in r.stdout, r.stderr[-2000:]
     logged = [line.split(",")[0] for line in r.stdout.splitlines() if line.startswith("iter ")]
     assert logged[:4] == [f"iter {i}: loss {loss:.4f}" for i, loss in single["losses"]]
     a, b = load(tmp_path / "single" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
-    for key in ("model", "ema"):        # each tensor within 1e-4 of its largest entry (measured: 2.4e-5 here)
-        assert all((a[key][n] - b[key][n]).abs().max() <= 1e-4 * a[key][n].abs().max() for n in a[key]), key
+    # each tensor within 1e-4 of its largest entry (measured: 2.4e-5 here)
+    for key in ("model", "ema"):
+        assert all((a[key][n] - b[key][n]).abs().max() <= 1e-4 * a[key][n].abs().max()
+                   for n in a[key]), key
     # 2. one line, the same on both, and the last good checkpoint untouched
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], r.stderr[-2000:]
@@ -363,26 +404,33 @@ def test_two_processes_replay_one_and_stop_together_on_a_non_finite_loss(data_di
 
 def test_the_global_batch_is_split_over_the_processes():
     split = cli.split_batch
-    assert split(32, 1, 1) == (32, 1) and split(256, 1, 8) == (32, 1)          # the preset's batch, shared
-    assert split(4, 2, 2) == (4, 1) and split(16, 4, 2) == (16, 2)              # whole micro-steps each
-    assert split(2, 3, 2) == (1, 3) and split(8, 3, 2) == (6, 2)                # finer ones where they must
-    with pytest.raises(UserError, match=r"global batch of 256 images .* does not split over 3 processes; "
-                                        r"keep it on --nproc_per_node=2"):
+    # the preset's batch, shared
+    assert split(32, 1, 1) == (32, 1) and split(256, 1, 8) == (32, 1)
+    # whole micro-steps each
+    assert split(4, 2, 2) == (4, 1) and split(16, 4, 2) == (16, 2)
+    # finer ones where they must
+    assert split(2, 3, 2) == (1, 3) and split(8, 3, 2) == (6, 2)
+    with pytest.raises(UserError, match=r"global batch of 256 images .* does not split over "
+                                        r"3 processes; keep it on --nproc_per_node=2"):
         split(256, 1, 3)
 
 
 def test_get_lr_warms_up_then_holds_or_follows_the_cosine_to_min_lr():
     lr = lambda it, decay: purrception.get_lr(it, 1.0, 0.1, 10, decay)
-    assert lr(0, 0) == pytest.approx(1 / 11) and lr(9, 0) == pytest.approx(10 / 11)   # linear, never 0
-    assert lr(10, 0) == lr(500, 0) == 1.0                                              # constant (the paper)
-    assert lr(10, 110) == 1.0 and lr(60, 110) == pytest.approx(0.55)                   # cosine: start, middle
-    assert lr(110, 110) == pytest.approx(0.1) and lr(10**6, 110) == pytest.approx(0.1)  # end, and after
+    # linear, never 0
+    assert lr(0, 0) == pytest.approx(1 / 11) and lr(9, 0) == pytest.approx(10 / 11)
+    # constant (the paper)
+    assert lr(10, 0) == lr(500, 0) == 1.0
+    # cosine: start, middle
+    assert lr(10, 110) == 1.0 and lr(60, 110) == pytest.approx(0.55)
+    # end, and after
+    assert lr(110, 110) == pytest.approx(0.1) and lr(10**6, 110) == pytest.approx(0.1)
 
 
 def hand_count(C, L, T, p, d, K, freq_dim=256):
-    """Training FLOPs per image of a DiT counted layer by layer: 6 per weight per token for the patch embedding,
-    each block's qkv, proj, fc and fc2 and the final linear; 6 per weight once per image for the t MLP and the
-    adaLN maps; 12 L C T^2 for attention's two T x T products."""
+    """Training FLOPs per image of a DiT counted layer by layer: 6 per weight per token for the
+    patch embedding, each block's qkv, proj, fc and fc2 and the final linear; 6 per weight once per
+    image for the t MLP and the adaLN maps; 12 L C T^2 for attention's two T x T products."""
     per_token = (p * p * d * C + C) + L * ((3 * C * C + 3 * C) + (C * C + C) + (4 * C * C + 4 * C)
                                            + (4 * C * C + C)) + (C * p * p * K + p * p * K)
     per_image = (freq_dim * C + C + C * C + C) + L * (6 * C * C + 6 * C) + (2 * C * C + 2 * C)
@@ -395,17 +443,19 @@ def hand_count(C, L, T, p, d, K, freq_dim=256):
     (1024, 24, 16, 16384, 32, 587.68),       # DiT-L/2
     (1152, 28, 16, 16384, 32, 828.21)])      # DiT-XL/2
 def test_flops_per_image_matches_a_count_by_hand(n_embd, n_layer, n_head, K, grid, gflop):
-    with torch.device("meta"):                                                        # shapes only, no memory
-        model = DiT(in_dim=8, out_dim=K, grid_size=grid, patch_size=2, n_layer=n_layer, n_head=n_head,
-                    n_embd=n_embd, num_classes=1000)
+    # shapes only, no memory
+    with torch.device("meta"):
+        model = DiT(in_dim=8, out_dim=K, grid_size=grid, patch_size=2, n_layer=n_layer,
+                    n_head=n_head, n_embd=n_embd, num_classes=1000)
     flops = model.flops_per_image()
     assert flops == hand_count(n_embd, n_layer, (grid // 2) ** 2, 2, 8, K)
     assert round(flops / 1e9, 2) == gflop
 
 
 def test_peak_flops_know_the_pcie_and_nvl_parts(monkeypatch):
-    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-                       ("NVIDIA H800", 989e12), ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H800", 989e12),
+                       ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
                        ("NVIDIA GeForce RTX 4090", 0.0)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
         assert cli.device_peak_flops("cuda:0") == peak, name
@@ -416,9 +466,11 @@ def test_peak_flops_know_the_pcie_and_nvl_parts(monkeypatch):
 
 
 def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
-    K_, d = 1024, 8                                                                  # CIFAR-10's codebook shape
+    # CIFAR-10's codebook shape
+    K_, d = 1024, 8
     E = F.normalize(torch.randn(K_, d, generator=torch.Generator().manual_seed(0)), dim=1)
-    fixed = torch.randn(16, 4, 4, K_, generator=torch.Generator().manual_seed(1)) * 3  # a fixed network output
+    # a fixed network output
+    fixed = torch.randn(16, 4, 4, K_, generator=torch.Generator().manual_seed(1)) * 3
 
     class Fixed(torch.nn.Module):
         def forward(self, z, t, y):
@@ -431,17 +483,21 @@ def test_sampler_under_bf16_autocast_reads_out_the_fp32_codes():
             under = sample_ode(Fixed(), E, y, 4, 10, generator=g(), solver=solver)
         assert torch.equal(plain, under), solver
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = torch.randn(4096, d)                                                     # the readout alone
+        # the readout alone
+        z = torch.randn(4096, d)
         mixed = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
     exact = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ E.T + E.pow(2).sum(-1)).argmin(-1)
-    assert not torch.equal(mixed, exact)             # what bf16 would have done: the test can tell the difference
+    # what bf16 would have done: the test can tell the difference
+    assert not torch.equal(mixed, exact)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_tokenizer_training_step_never_waits_for_the_gpu():
-    model = vq.VQVAE(vq.VQConfig(image_size=16, ch=8, n_res=1, codebook_size=16, code_dim=4)).cuda().train()
+    model = vq.VQVAE(vq.VQConfig(image_size=16, ch=8, n_res=1, codebook_size=16,
+                                 code_dim=4)).cuda().train()
     x = torch.rand(8, 3, 16, 16, device="cuda") * 2 - 1
-    model(x)                                              # the first step reads the init flag and runs k-means
+    # the first step reads the init flag and runs k-means
+    model(x)
     torch.cuda.set_sync_debug_mode("error")               # any host wait from here on raises
     try:
         for _ in range(3):
@@ -462,23 +518,26 @@ def test_fused_ema_equals_the_per_tensor_update():
     before = {n: p.detach().clone() for n, p in ema.named_parameters()}
     purrception.update_ema(ema, a, 0.99)
     assert all(torch.equal(p, reference[n]) for n, p in ema.named_parameters())
-    assert not any(torch.equal(p, before[n]) for n, p in ema.named_parameters())     # every tensor moved
+    # every tensor moved
+    assert not any(torch.equal(p, before[n]) for n, p in ema.named_parameters())
 
 
 def test_compile_trains_like_eager_and_saves_plain_keys(data_dir, tmp_path):
     eager = train(tiny_config(data_dir, tmp_path / "eager", max_iters=3, eval_interval=3))
-    compiled = train(tiny_config(data_dir, tmp_path / "compiled", max_iters=3, eval_interval=3, compile=True))
+    compiled = train(tiny_config(data_dir, tmp_path / "compiled", max_iters=3, eval_interval=3,
+                                 compile=True))
     for (i, a), (j, b) in zip(eager["losses"], compiled["losses"]):
         assert i == j and abs(a - b) < 1e-3 * abs(a), (a, b)
     ckpt = load(tmp_path / "compiled" / "ckpt.pt")
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]) and ckpt["model"].keys() == \
-        load(tmp_path / "eager" / "ckpt.pt")["model"].keys()
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["model"].keys() == load(tmp_path / "eager" / "ckpt.pt")["model"].keys()
 
 
 def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_iters=10**9, eval_interval=10**9, log_interval=10**6)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "purrception.py"),
-                             *[f"--{k}={v}" for k, v in vars(cfg).items()]], stdout=subprocess.PIPE, text=True,
+                             *[f"--{k}={v}" for k, v in vars(cfg).items()]],
+                            stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         lines = [proc.stdout.readline() for _ in range(5)]
@@ -486,9 +545,11 @@ def test_a_gpu_sized_run_on_a_cpu_says_what_it_would_cost(data_dir, tmp_path):
         proc.kill()
         proc.wait()
     note = next(line for line in lines if line.startswith("note:"))
-    assert "one iter takes" in note and "would take" in note and "'CIFAR-10 on a CPU' recipe" in note
+    assert "one iter takes" in note and "would take" in note
+    assert "'CIFAR-10 on a CPU' recipe" in note
     first = next(line for line in lines if line.startswith("iter 0:"))
-    assert "loss" in first and "ms/iter" not in first and "ETA" not in first        # start-up is not a rate
+    # start-up is not a rate
+    assert "loss" in first and "ms/iter" not in first and "ETA" not in first
 
 # -----------------------------------------------------------------------------
 # the paper's model sizes
@@ -511,7 +572,8 @@ def test_paper_sizes_have_the_official_parameter_counts(size, millions):
 
 def trained_like_model(patch_size, K_):
     model = tiny_model(patch_size, K_)
-    for p in model.parameters():                                                      # away from the zero init
+    # away from the zero init
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     return model
 
@@ -521,7 +583,8 @@ def test_chunked_loss_equals_the_plain_loss_with_its_gradients(patch_size, head)
     K_ = 40
     model, E = trained_like_model(patch_size, K_), codebook(K_)
     idx, y = torch.randint(0, K_, (3, GRID, GRID)), torch.tensor([0, 2, NUM_CLASSES])
-    g = lambda: torch.Generator().manual_seed(1)                     # the same t and noise each time
+    # the same t and noise each time
+    g = lambda: torch.Generator().manual_seed(1)
     ref = vfm_loss(model, idx, E, y, generator=g(), chunk=None)      # all logits at once, fp32
     want = torch.autograd.grad(ref, list(model.parameters()))
     net = model if head else logits_only(model)

@@ -36,8 +36,10 @@ def shown_commands(text):
     X.py named, whether it exists or not."""
     lines = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
-        lines += [re.sub(r"(^|\s)#.*", "", line) for line in block.replace("\\\n", " ").splitlines()]
-    lines += re.findall(r"`((?:python|torchrun)\s[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines += [re.sub(r"(^|\s)#.*", "", line)
+                  for line in block.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"`((?:python|torchrun)\s[^`]*)`",
+                        re.sub(r"```.*?```", "", text, flags=re.S))
     commands = []
     for line in lines:
         for part in re.split(r"\s(?:\||&&|;|>)\s", line):
@@ -67,10 +69,11 @@ def test_shown_commands_are_found():
 
 
 def test_commands_on_several_machines_and_after_variables_are_found():
-    commands = shown_commands("```\ntorchrun --nnodes=2 --nproc_per_node=8 --node_rank=1 "
-                              "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 purrception.py --lr=1\n"
-                              "$ OMP_NUM_THREADS=1 python nowhere.py --a=1\npython -c 'import x.py'\n"
-                              "pip install torch\n```")
+    commands = shown_commands(
+        "```\ntorchrun --nnodes=2 --nproc_per_node=8 --node_rank=1 "
+        "--rdzv_backend=c10d --rdzv_endpoint=HOST:29500 purrception.py --lr=1\n"
+        "$ OMP_NUM_THREADS=1 python nowhere.py --a=1\npython -c 'import x.py'\n"
+        "pip install torch\n```")
     assert commands == [("purrception", ["--lr=1"]), ("nowhere", ["--a=1"])]
 
 

@@ -1,8 +1,7 @@
-"""Nothing lost, nothing run: divergence, mistaken starts, damaged files and crafted data end in one line with
-nothing on disk changed. CPU, tiny data, seconds."""
+"""Nothing lost, nothing run: divergence, mistaken starts, damaged files and crafted data end in one
+line with nothing on disk changed. CPU, tiny data, seconds."""
 
 import io
-import json
 import os
 import pickle
 import shutil
@@ -18,7 +17,6 @@ import torch
 
 import cli
 import prepare_data as pd
-import purrception
 import sample
 import vq
 from cli import UserError
@@ -28,16 +26,18 @@ from conftest import K, ROOT, tiny_config
 
 
 def snapshot(folder):
-    """Every file under folder with its bytes: 'nothing on disk changed' is snapshot(before) == snapshot(after)."""
+    """Every file under folder with its bytes: 'nothing on disk changed' is
+    snapshot(before) == snapshot(after)."""
     out = {}
     for root, _, files in os.walk(folder):
         for f in files:
-            out[os.path.relpath(os.path.join(root, f), folder)] = open(os.path.join(root, f), "rb").read()
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
     return out
 
 
 @pytest.fixture
-def run_dir(data_dir, tmp_path):  # noqa: F811 (the fixture)
+def run_dir(data_dir, tmp_path):
     """A copy of the fake token folder and a finished 3-iteration run in tmp_path/out."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -51,27 +51,30 @@ def run_dir(data_dir, tmp_path):  # noqa: F811 (the fixture)
 def test_a_diverging_run_stops_within_a_log_interval_and_keeps_the_last_good_checkpoint(run_dir):
     data, out = run_dir
     before = snapshot(out)
-    with pytest.raises(UserError, match=r"at iter \d+: training diverged, the last good checkpoint .* untouched; "
-                                        r"try a lower --lr"):
-        train(tiny_config(data, out, lr=1e6, max_iters=60, eval_interval=3, log_interval=5, init_from="resume",
-                          grad_clip=0.0, warmup_iters=0))
-    assert snapshot(out) == before                                                   # nothing replaced
+    with pytest.raises(UserError, match=r"at iter \d+: training diverged, the last good checkpoint "
+                                        r".* untouched; try a lower --lr"):
+        train(tiny_config(data, out, lr=1e6, max_iters=60, eval_interval=3, log_interval=5,
+                          init_from="resume", grad_clip=0.0, warmup_iters=0))
+    # nothing replaced
+    assert snapshot(out) == before
     assert cli.load_checkpoint(str(out / "ckpt.pt"))["iter"] == 3            # and it still loads
 
 
 def test_a_start_from_scratch_never_replaces_a_checkpoint_by_accident(run_dir):
     data, out = run_dir
     before = snapshot(out)
-    with pytest.raises(UserError, match="ckpt.pt exists; continue it with --init_from=resume, or start over with "
-                                        "--overwrite=true"):
+    with pytest.raises(UserError, match="ckpt.pt exists; continue it with --init_from=resume, or "
+                                        "start over with --overwrite=true"):
         train(tiny_config(data, out, max_iters=6))
-    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:-3])              # and a start that fails
+    # and a start that fails
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:-3])
     with pytest.raises(UserError, match="val.bin holds .* bytes where meta.json says"):
         train(tiny_config(data, out, max_iters=6, overwrite=True))
-    assert snapshot(out) == before                                                   # ckpt.pt and config.json
+    # ckpt.pt and config.json
+    assert snapshot(out) == before
 
 
-def test_impossible_flags_fail_before_anything_is_written(data_dir, tmp_path):  # noqa: F811
+def test_impossible_flags_fail_before_anything_is_written(data_dir, tmp_path):
     for flag, value in (("n_layer", 0), ("batch_size", -1), ("batch_size", 0), ("sample_steps", 0),
                         ("init_from", "latest"), ("ema_decay", 1.0), ("temperature", 0.0)):
         with pytest.raises(UserError, match=f"--{flag}={value} is impossible"):
@@ -82,13 +85,15 @@ def test_impossible_flags_fail_before_anything_is_written(data_dir, tmp_path):  
 # damaged or mismatched files: one line naming the file
 
 
-def test_damaged_token_folders_are_named(data_dir, tmp_path):  # noqa: F811
+def test_damaged_token_folders_are_named(data_dir, tmp_path):
     cases = {
         "train.bin": (lambda p: p.write_bytes(p.read_bytes()[:-2]), "train.bin holds .* bytes"),
         "meta.json": (lambda p: p.write_text(p.read_text()[:40]), "meta.json is not valid JSON"),
-        "train_labels.bin": (lambda p: p.write_bytes(np.full(64, 7, np.uint16).tobytes()), "holds 7, but meta.json"),
-        "vq.pt": (lambda p: vq.save_vq(vq.VQVAE(vq.VQConfig(image_size=8, ch=8, n_res=1, codebook_size=2 * K,
-                                                            code_dim=4)), str(p)), f"has K={2 * K}"),
+        "train_labels.bin": (lambda p: p.write_bytes(np.full(64, 7, np.uint16).tobytes()),
+                             "holds 7, but meta.json"),
+        "vq.pt": (lambda p: vq.save_vq(vq.VQVAE(vq.VQConfig(image_size=8, ch=8, n_res=1,
+                                                            codebook_size=2 * K, code_dim=4)),
+                                       str(p)), f"has K={2 * K}"),
     }
     for name, (damage, message) in cases.items():
         data = tmp_path / name
@@ -128,11 +133,13 @@ def test_meta_json_cut_short_is_one_line_everywhere(run_dir, tmp_path, monkeypat
 def test_prepare_refuses_a_tokenizer_trained_for_other_images(tmp_path, monkeypatch):
     monkeypatch.setattr(pd, "DATA_ROOT", str(tmp_path))
     monkeypatch.setattr(pd, "SHAPES_COUNTS", (64, 16))
-    tiny = dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8, eval_interval=3)
+    tiny = dict(ch=16, n_res=1, codebook_size=16, code_dim=4, max_iters=3, batch_size=8,
+                eval_interval=3)
     quiet = lambda *a: None
     pd.prepare("shapes", vq_overrides=tiny, log=quiet)
     pd.prepare("shapes", name="other", seed=1, vq_overrides=tiny, log=quiet)
-    shutil.copy(tmp_path / "other" / "vq.pt", tmp_path / "shapes" / "vq.pt")       # a foreign tokenizer
+    # a foreign tokenizer
+    shutil.copy(tmp_path / "other" / "vq.pt", tmp_path / "shapes" / "vq.pt")
     before = snapshot(tmp_path / "shapes")
     with pytest.raises(UserError, match="vq.pt was trained for other images .other, 16px."):
         pd.prepare("shapes", vq_overrides=tiny, log=quiet)
@@ -160,15 +167,18 @@ def test_a_crafted_cifar_batch_does_not_execute(tmp_path):
     with pytest.raises(UserError, match="not a complete CIFAR-10 python copy .*(posix|nt).system"):
         pd.load_cifar10(str(folder))
     assert not os.path.exists(MARKER)
-    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tar:                          # the tarball path: md5 first
+    # the tarball path: md5 first
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     with pytest.raises(UserError, match="md5"):
         pd.load_cifar10(str(tmp_path / "t.tar.gz"))
     assert not os.path.exists(MARKER)
 
 
-def test_long_work_prints_progress_lines_with_rate_and_eta_when_not_a_terminal(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)                                  # a line per step, for the test
+def test_long_work_prints_progress_lines_with_rate_and_eta_when_not_a_terminal(capsys, monkeypatch,
+                                                                              tmp_path):
+    # a line per step, for the test
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
     images = pd.make_shapes(32, 16)[0]
     cfg = vq.VQConfig(image_size=16, ch=8, n_res=1, codebook_size=8, code_dim=4)
     model = vq.train_vq(images, images[:8], cfg, str(tmp_path / "vq.pt"), max_iters=3, batch_size=8,
@@ -178,10 +188,11 @@ def test_long_work_prints_progress_lines_with_rate_and_eta_when_not_a_terminal(c
     assert "vq: 1/3 iter (" in out and "iter/s, ETA" in out and "tokenize: 2/4 batch (" in out
 
 # -----------------------------------------------------------------------------
-# kill -9 at any moment loses at most one eval interval, and the resumed run is the uninterrupted one
+# kill -9 at any moment loses at most one eval interval, and the resumed run is
+# the uninterrupted one
 
 
-def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_path):  # noqa: F811
+def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "killed", max_iters=80, eval_interval=4, log_interval=4)
     flags = [f"--{k}={v}" for k, v in vars(cfg).items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -191,22 +202,28 @@ def test_kill_9_during_training_then_resume_finishes_the_same_run(data_dir, tmp_
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.1)                                                                  # somewhere mid-run
+    # somewhere mid-run
+    time.sleep(0.1)
     if proc.poll() is not None:
-        pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed: nothing was tested")
+        pytest.fail(f"the run ended (status {proc.returncode}) before it could be killed: "
+                    "nothing was tested")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    done = cli.load_checkpoint(str(ckpt))["iter"]                            # it loads: never half-written
+    # it loads: never half-written
+    done = cli.load_checkpoint(str(ckpt))["iter"]
     assert 4 <= done < 80
     train(tiny_config(data_dir, tmp_path / "killed", max_iters=80, eval_interval=4, log_interval=4,
                       init_from="resume"))
-    train(tiny_config(data_dir, tmp_path / "straight", max_iters=80, eval_interval=4, log_interval=4))
-    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (tmp_path / "killed", tmp_path / "straight"))
+    train(tiny_config(data_dir, tmp_path / "straight", max_iters=80, eval_interval=4,
+                      log_interval=4))
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True)
+            for p in (tmp_path / "killed", tmp_path / "straight"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-# SIGTERM (a scheduler's) and SIGINT (Ctrl-C) in the middle of a checkpoint save: the save is dropped,
-# no temporary or lock is left, one line says what is kept, and the resumed run is the uninterrupted one
+# SIGTERM (a scheduler's) and SIGINT (Ctrl-C) in the middle of a checkpoint save: the save is
+# dropped, no temporary or lock is left, one line says what is kept, and the resumed run is
+# the uninterrupted one
 STOP_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
@@ -240,5 +257,6 @@ def test_a_signal_during_a_checkpoint_save_drops_it_cleanly_and_the_run_resumes(
     assert cli.load_checkpoint(str(tmp_path / "stopped" / "ckpt.pt"))["iter"] == 3
     train(cfg("stopped", init_from="resume"))
     train(cfg("straight"))
-    a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True) for p in ("stopped", "straight"))
+    a, b = (torch.load(tmp_path / p / "ckpt.pt", weights_only=True)
+            for p in ("stopped", "straight"))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

@@ -258,19 +258,19 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
     workdir = os.path.join(folder, f".tokens-{key.hexdigest()[:12]}")
     with only_writer(folder, workdir, rank, world, device):
         meta = cli.read_json(p["meta.json"]) if os.path.exists(p["meta.json"]) else {}
-        made = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
+        before = {"dataset": meta.get("dataset"), "image_size": meta.get("image_size"),
                 "released_sha1": meta.get("released_sha1")}
         asked = {"dataset": "imagefolder", "image_size": image_size, "released_sha1": sha1}
-        if made == asked and "tokenizer" in meta and not force and all(
+        if before == asked and "tokenizer" in meta and not force and all(
                 os.path.exists(p[f]) for f in TOKEN_FILES):
             if rank == 0:
                 remove_chunks(folder, None, log)   # left by a run stopped after its last write
             log(f"{folder}: tokens exist, skipping")
             return folder
-        if meta and made != asked and not force:  # (made == asked: a run stopped while finishing)
+        if meta and before != asked and not force:  # (equal: a run stopped while finishing)
             diff = [f"{k}={v} (asked for {asked[k]})" if k != "released_sha1" else
                     f"the tokenizer {meta.get('released_tokenizer', 'vq.pt')} (not {tokenizer})"
-                    for k, v in made.items() if v != asked[k]]
+                    for k, v in before.items() if v != asked[k]]
             raise UserError(f"{folder} was made with {', '.join(diff) or 'other settings'}; pass "
                             f"--force to redo it (its files are replaced only when the new ones "
                             f"are complete), or --name=OTHER")

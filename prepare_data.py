@@ -479,8 +479,9 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
     with cli.one_writer(folder, "pass --name=OTHER"):
         remove(*(os.path.join(folder, f) for f in PARTIAL), *(p.values() if force else ()))
         meta, model = check_folder(folder, p, dataset, image_size, cfg, train_kw, asked, name)
-        made = not (meta.get("class_names") and all(os.path.exists(p[f]) for f in IMAGE_FILES))
-        if made:
+        new_images = not (meta.get("class_names")
+                          and all(os.path.exists(p[f]) for f in IMAGE_FILES))
+        if new_images:
             meta = make_images(dataset, data_dir, image_size, seed, folder, p, log)
         else:
             log(f"{folder}: images exist ({meta['train_count']} train, {meta['val_count']} val), "
@@ -495,7 +496,7 @@ def prepare(dataset, name=None, data_dir=None, force=False, image_size=0, seed=0
             model = make_tokenizer(train_u8, val_u8, cfg, train_kw, device, folder, p, meta, name,
                                    log)
         kept("the images and the tokenizer")
-        if make_tokens(model, train_u8, val_u8, device, folder, p, meta, log) or made:
+        if make_tokens(model, train_u8, val_u8, device, folder, p, meta, log) or new_images:
             record_source(folder, dataset=dataset, data_dir=data_dir, name=name,
                           image_size=image_size, seed=seed, vq=dict(vq_overrides or {}))
     cli.stop_note = note
@@ -541,10 +542,10 @@ def remake_command(data_dir, meta=None, force=False):
 
 def remake(data_dir, meta=None, force=False):
     """remake_command as a hint: in backticks, and where it writes when that is not data_dir."""
-    command, made = remake_command(data_dir, meta, force)
-    if os.path.abspath(made) == os.path.abspath(data_dir):
+    command, target = remake_command(data_dir, meta, force)
+    if os.path.abspath(target) == os.path.abspath(data_dir):
         return f"`{command}`"
-    return f"`{command}` (it writes {made}: pass --data_dir={made})"
+    return f"`{command}` (it writes {target}: pass --data_dir={target})"
 
 
 def record_source(folder, **args):

@@ -7,7 +7,7 @@ A transformer reads a noisy point z_t in the codebook's embedding space (vq.py's
 predicts a categorical posterior over the K codes at every latent position; training is plain
 cross-entropy. Time runs as in the paper's code (the reverse of minRF): t = 0 is noise, t = 1 data.
 
-    python purrception.py --dataset=shapes                      # CPU quick start: ~5 min to samples
+    python purrception.py --dataset=shapes                      # CPU quick start: ~3 min to samples
     python purrception.py --dataset=cifar10                     # one GPU (DiT-B/2)
     torchrun --standalone --nproc_per_node=8 purrception.py --dataset=cifar10  # 8 GPUs, one batch
 

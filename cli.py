@@ -434,6 +434,20 @@ def _no_space(path, size, written):
             f"run it again")
 
 
+def check_space(folder, nbytes, largest, what="the files"):
+    """Refuse before any work when the disk cannot hold nbytes more in folder, or this process may
+    not write a file of `largest` bytes (ulimit -f)."""
+    free, limit = _free_bytes(os.path.join(folder, "x")), _file_size_limit()
+    size = lambda n: f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
+    why = (f"only {size(free)} are free there" if free < nbytes else
+           f"this process may write files of at most {size(limit)} (ulimit -f)"
+           if limit is not None and limit < largest else "")
+    if why:
+        raise UserError(f"{what} need {size(nbytes)} in {folder} (the largest file "
+                        f"{size(largest)}), but {why}; " + ("make room" if free < nbytes else
+                        "raise the limit (ulimit -f unlimited)") + " and run again")
+
+
 def write_json(obj, path):
     """Atomic JSON file."""
     def write(tmp):

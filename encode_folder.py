@@ -168,20 +168,6 @@ def remove_chunks(folder, keep, log):
             shutil.rmtree(os.path.join(folder, old))
 
 
-def check_space(folder, nbytes, largest):
-    """Refuse before writing when the disk cannot hold nbytes more, or this process may not
-    write a file of `largest` bytes (ulimit -f)."""
-    free, limit = cli._free_bytes(os.path.join(folder, "x")), cli._file_size_limit()
-    size = lambda n: f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n} bytes"
-    why = (f"only {size(free)} are free there" if free < nbytes else
-           f"this process may write files of at most {size(limit)} (ulimit -f)"
-           if limit is not None and limit < largest else "")
-    if why:
-        raise UserError(f"the tokens need {size(nbytes)} in {folder} (the largest file "
-                        f"{size(largest)}), but {why}; " + ("make room" if free < nbytes else
-                        "raise the limit (ulimit -f unlimited)") + " and run again")
-
-
 def all_agree(ok, world, device):
     """True when every process says ok (one all-reduce; the processes wait for each other)."""
     if world == 1:
@@ -279,7 +265,7 @@ def stream_folder(data_dir, name, tokenizer, image_size=256, *, force=False, see
             remove_chunks(folder, workdir, log)
         done = sum(os.path.getsize(os.path.join(workdir, c)) for c in os.listdir(workdir))
         total = 2 * L * (len(train) + len(val)) + 2 * (len(train) + len(val))
-        check_space(folder, 2 * total - done, 2 * L * len(train))
+        cli.check_space(folder, 2 * total - done, 2 * L * len(train), "the tokens")
         log(f"tokenizing {len(train)} train and {len(val)} val images of {len(classes)} classes "
             f"from {data_dir} with {tokenizer} (K={K}, {model.cfg.grid}x{model.cfg.grid} grid) on "
             f"{device}, {world} process{'es' * (world > 1)}")

@@ -135,6 +135,10 @@ def main(argv):
         if opt.fid:                              # its extractor and reference, before sampling
             fid.check_reference(sampler.data_dir, opt.fid_model or None, opt.fid_ref_stats,
                                 opt.fid_ref_dir)
+        S = sampler.meta["image_size"]
+        if rank == 0:                          # the parts and the npz, both whole at the end
+            cli.check_space(os.path.dirname(path), 2 * opt.num_samples * S * S * 3,
+                            opt.num_samples * S * S * 3, "the samples")
         t0, C = time.time(), sampler.meta["num_classes"]
         labels = sample.balanced_labels(opt.num_samples, C, label).astype(np.int64)
         done = sample_in_parts(sampler, opt, labels, temperature, path, rank, world)

@@ -149,8 +149,8 @@ if not os.environ.get("FSIZE"):
     sys.exit()
 import resource
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ["FSIZE"]),) * 2)
-for check in (ef.check_space, lambda *a: None):
-    ef.check_space = check
+for check in (cli.check_space, lambda *a: None):
+    cli.check_space = check
     try:
         cli.run(ef.main, sys.argv[1:])
     except SystemExit as e:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import sample
 import sample_ddp
 from cli import UserError
@@ -146,8 +147,10 @@ def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file
         run, one_process_npz, tmp_path, monkeypatch):
     old = b"the previous samples"
     (tmp_path / "s.npz").write_bytes(old)
-    # the parts fit, the whole does not
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))
+    # the parts fit, and so do the images' bytes (checked before sampling), but not the whole file
+    images = np.load(one_process_npz)["arr_0"].nbytes
+    cap = (images + os.path.getsize(one_process_npz)) // 2
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
     p = subprocess.run([sys.executable, "sample_ddp.py", *ddp_flags(run, tmp_path, *NPZ_RUN)],
                        capture_output=True, text=True, cwd=HERE, preexec_fn=limit)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -158,6 +161,15 @@ def test_a_write_over_a_file_size_limit_fails_in_one_line_and_keeps_the_old_file
     monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled again"))
     npz_run(run, tmp_path)
     assert (tmp_path / "s.npz").read_bytes() == one_process_npz.read_bytes()
+
+def test_samples_that_cannot_fit_are_refused_before_sampling(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled first"))
+    monkeypatch.setattr(cli, "_free_bytes", lambda path: 1000)
+    with pytest.raises(UserError, match="the samples need .* but only .* are free there; make "
+                                        "room and run again"):
+        ddp_main(run, tmp_path, "--save_npz=s.npz", "--num_samples=12")
+    assert not os.path.exists(tmp_path / "s.npz.parts")
+
 
 # -----------------------------------------------------------------------------
 # bad input, refused before sampling

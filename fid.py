@@ -386,7 +386,8 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
     fake = inception_pass(samples_u8, model, batch_size, device, desc="sample features")
     if ref_images is not None:                    # e.g. the images a tokenizer reconstructs
         real = inception_pass(ref_images, model, batch_size, device, desc="reference features")
-        ref = dict(zip(("mu", "sigma"), feature_stats(real["pool"])), arr_0=ref_images[:REF_IMAGES])
+        ref = dict(zip(("mu", "sigma"), feature_stats(real["pool"])), arr_0=ref_images[:REF_IMAGES],
+                   pool=real["pool"][:REF_IMAGES])          # its features: no second pass
         if real["spatial"] is not None:
             ref["mu_s"], ref["sigma_s"] = feature_stats(real["spatial"])
         what = f"the same {len(ref_images)} real images"
@@ -433,7 +434,8 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
         why = (f"{ref_stats} holds no reference images (arr_0; ADM's reference batch holds 10k)"
                if "arr_0" not in ref else f"they need more than k={K_NEAREST} images on each side")
     else:
-        real = inception_features(real, model, batch_size, device, desc="reference features")
+        real = ref["pool"] if "pool" in ref else inception_features(
+            real, model, batch_size, device, desc="reference features")
         pr = precision_recall(real, fake["pool"], K_NEAREST,
                               device if torch.device(device).type == "cuda" else "cpu")
         why = (f"{extractor} pool_3, k={K_NEAREST}, {N} samples vs {len(real)} reference images "

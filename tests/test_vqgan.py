@@ -166,3 +166,19 @@ def test_ldms_zip_is_fetched_and_its_lightning_file_never_unpickled_unless_asked
     subprocess.run([sys.executable, "-c", command.split('"')[1]], check=True)     # asked, once
     model = vqgan.load_tokenizer(str(e.value).rsplit(" ", 1)[1])
     assert model.codebook.shape == sd["quantize.embedding.weight"].shape
+
+
+def test_a_tokenizer_whose_weights_or_codebook_are_not_finite_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = vq.VQVAE(vq.VQConfig(image_size=8, ch=8, n_res=1, codebook_size=16, code_dim=4))
+    vq.save_vq(model, str(tmp_path / "good.pt"))
+    vqgan.load_tokenizer(str(tmp_path / "good.pt"))
+    model.quantizer.embed[3, 0] = float("nan")                    # one code of the codebook
+    vq.save_vq(model, str(tmp_path / "nan.pt"))
+    with pytest.raises(UserError, match="nan.pt holds weights or a codebook that are not finite"):
+        vqgan.load_tokenizer(str(tmp_path / "nan.pt"))
+    sd = released_file(tmp_path / "released.pt", "llamagen")
+    sd["decoder.conv_in.weight"][0, 0, 0, 0] = float("inf")       # a released layout too
+    torch.save({"model": sd}, tmp_path / "released.pt")
+    with pytest.raises(UserError, match="not finite"):
+        vqgan.load_tokenizer(str(tmp_path / "released.pt"))

@@ -172,15 +172,22 @@ def nfe_report(opt):
         series.setdefault(key, {})[int(r["nfe"])] = (float(r["fid"]), float(r["fid_se"]))
     nfes = sorted({n for points in series.values() for n in points})
     print("| arm | cfg | solver | time_shift | " + " | ".join(f"{n} calls" for n in nfes)
-          + " | calls to reach Euler's best |")
+          + " | calls to reach Euler's FID at its most calls (ratio, 68% interval) |")
     print("|---" * (5 + len(nfes)) + "|")
+    with_list = lambda points: {n: (f, se, [f]) for n, (f, se) in points.items()}
     for (arm, cfg, solver, shift), points in series.items():
         euler = series.get((arm, cfg, "euler", "1"), {})
-        target = euler[max(euler)][0] if euler else float("nan")
-        reach = iters_to_reach({n: v[0] for n, v in points.items()}, target)
+        reach = ""
+        if euler:                     # speedup: Euler's most calls / the calls to reach its FID
+            calls = iters_to_reach({n: v[0] for n, v in points.items()}, euler[max(euler)][0])
+            with np.errstate(invalid="ignore"):
+                ratio, lo, hi = speedup(with_list(points), with_list(euler))
+            bound = lambda x: f"{x:.2f}" if math.isfinite(x) else ">" if x > 0 else "?"
+            reach = ("not reached" if math.isnan(calls) else f"<= {min(points)}" if calls == 0
+                     else f"{calls:.0f} ({ratio:.2f}x; 68%: {bound(lo)}-{bound(hi)})")
         print(f"| {arm} | {cfg} | {solver} | {shift} | " + " | ".join(
             f"{points[n][0]:.1f} ± {points[n][1]:.1f}" if n in points else "" for n in nfes)
-            + f" | {reach:.0f} |")
+            + f" | {reach} |")
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -410,11 +410,12 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 # puts in mu's place its linear extrapolation in lambda = log(t / (1 - t)) from the step before, at
 # no extra network call:
 #     D = mu + (mu - mu_prev) / (2 r),     r = (lambda_t - lambda_prev) / (lambda_next - lambda_t)
-# first order where lambda is infinite (the steps from t = 0 and the one landing on t = 1). The grid
+# first order where a lambda is infinite (the steps from and after t = 0, the one landing on 1). The grid
 # is uniform, or denser near the data for time_shift s < 1: t' = t / (s - (s - 1) t) (the SD3/SiT
 # shift in this time convention). Guidance may run only for t in cfg_interval (Kynkaanniemi et al.
 # 2024), skipping the unconditional pass elsewhere. Network calls (NFE): one per step, a guided call
 # running the conditional and the unconditional rows as one batch.
+
 
 def time_grid(steps, time_shift=1.0, device=None):
     """The steps + 1 times from 0 to 1 the sampler visits: uniform, or shifted towards t = 1."""
@@ -449,8 +450,8 @@ def guided(model, x, t, y, cfg_scale=1.0, null_label=None, head_input=False):
 
 @torch.no_grad()
 def sample_ode(model, E, y, grid, steps, temperature=1.0, cfg_scale=1.0, null_label=None,
-                 generator=None, return_trajectory=False, noise=None, chunk=None, solver="euler",
-                 time_shift=1.0, cfg_interval=(0.0, 1.0)):
+               generator=None, return_trajectory=False, noise=None, chunk=None, solver="euler",
+               time_shift=1.0, cfg_interval=(0.0, 1.0)):
     """Labels y (B,) -> code indices (B, h, w), grid (h, w) or an int side, from noise (B, h, w, d)
     (drawn from `generator` when None) in `steps` network calls; chunk: as vfm_loss. With
     return_trajectory, also per step (cpu): t, z and mu (steps, B, h, w, d), the entropy of pi."""

@@ -150,7 +150,7 @@ def loss_memory(model, E, K, side, cfg, reps=3):
         return x.square().mean() + 0 * (W.sum() + b.sum())
     loss = lambda net, chunk: pc.vfm_loss(net, idx, E, y, generator=g, chunk=chunk)
     sampler = lambda net, chunk: pc.sample_ode(net, E, y, side, 1, 1.0, cfg.cfg_scale, 10, g,
-                                                 chunk=chunk)
+                                               chunk=chunk)
     steps = {"network, no loss": body,
              "whole-batch fp32 loss": lambda net: loss(net, None),
              "chunked, logits only": lambda net: loss(logits_only(net), pc.CHUNK),
@@ -216,8 +216,8 @@ def solver_error(cfg, device):
 
     def solve(steps, **solver):                # the final codes and z (the last step's mu)
         idx, path = pc.sample_ode(sampler.model, sampler.E, y, sampler.grid, steps,
-                                    trained["temperature"], trained["cfg_scale"], C, noise=noise,
-                                    return_trajectory=True, chunk=pc.CHUNK, **solver)
+                                  trained["temperature"], trained["cfg_scale"], C, noise=noise,
+                                  return_trajectory=True, chunk=pc.CHUNK, **solver)
         return idx, path["mu"][-1]
     ref_idx, ref_z = solve(400)
     out = {}
@@ -302,8 +302,8 @@ def main(argv):
         t0 = time.time()
         with ctx:
             pc.sample_ode(model, E, y, side, cfg.sample_steps, cfg.temperature, cfg.cfg_scale, 10,
-                            torch.Generator().manual_seed(0), chunk=pc.CHUNK, solver=cfg.solver,
-                            time_shift=cfg.time_shift, cfg_interval=cli.interval(cfg.cfg_interval))
+                          torch.Generator().manual_seed(0), chunk=pc.CHUNK, solver=cfg.solver,
+                          time_shift=cfg.time_shift, cfg_interval=cli.interval(cfg.cfg_interval))
         sync(device)
     dt = time.time() - t0
     print(f"sampler: {n / dt:.1f} images/s ({n} images, {cfg.solver} on {cfg.sample_steps} steps: "

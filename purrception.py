@@ -412,9 +412,9 @@ def vfm_loss(model, idx, E, y, t=None, noise=None, generator=None, per_image=Fal
 #     D = mu + (mu - mu_prev) / (2 r),     r = (lambda_t - lambda_prev) / (lambda_next - lambda_t)
 # first order where a lambda is infinite (the steps from and after t = 0, the one landing on 1).
 # The grid is uniform, or denser near the data for time_shift s < 1: t' = t / (s - (s - 1) t) (the
-# SD3/SiT shift in this time convention). Guidance may run only for t in cfg_interval (Kynkaanniemi et al.
-# 2024), skipping the unconditional pass elsewhere. Network calls (NFE): one per step, a guided call
-# running the conditional and the unconditional rows as one batch.
+# SD3/SiT shift in this time convention). Guidance may run only for t in cfg_interval
+# (Kynkaanniemi et al. 2024), skipping the unconditional pass elsewhere. Network calls (NFE): one
+# per step, a guided call running the conditional and the unconditional rows as one batch.
 
 
 def time_grid(steps, time_shift=1.0, device=None):

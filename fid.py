@@ -439,7 +439,7 @@ def compute_fid(samples_u8, data_dir, model_path=None, n_ref=None, batch_size=50
         pr = precision_recall(real, fake["pool"], K_NEAREST,
                               device if torch.device(device).type == "cuda" else "cpu")
         why = (f"{extractor} pool_3, k={K_NEAREST}, {N} samples vs {len(real)} reference images "
-               f"(arr_0) from {ref_stats or ref_dir or data_dir}")
+               f"(arr_0) from {ref_stats or ref_dir or data_dir or 'the same images'}")
     for key, value in zip(("precision", "recall"), pr):
         put(key, value, why)
     return {**scores, "report": "\n".join(report)}

@@ -132,8 +132,10 @@ PRESETS = {
                    eval_interval=400, eval_iters=5, log_interval=100, sample_steps=16,
                    cfg_scale=1.5, solver="dpm++2m"),
     # One modern GPU: DiT-B/2 (133M) on the 16x16 grid (64 tokens), 8.9 TFLOP per 256-image iter.
+    # Grids: dpm++2m on the grid shifted to 0.3 in 50 calls beat Euler in 100 (docs/sampling.md).
     "cifar10": dict(n_layer=12, n_head=12, n_embd=768, batch_size=256, max_iters=100000, lr=1e-4,
-                    warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=100),
+                    warmup_iters=1000, eval_interval=5000, log_interval=100, sample_steps=50,
+                    solver="dpm++2m", time_shift=0.3),
     # The paper's ImageNet 256 (data/imagenet256, README): 32x32 grids of K=16384 codes, DiT-XL/2
     # and the official optimizer (AdamW 1e-4 constant, decay 0.01, clip 1, EMA 0.9999, bf16).
     "imagenet256": dict(**DIT_SIZES["XL/2"], patch_size=2, batch_size=256, max_iters=4000000,

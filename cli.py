@@ -484,8 +484,8 @@ def fetch(url, name, hub=None, check=None):
     path = os.path.join(cache_dir(), name)
     if os.path.exists(path):
         return path
-    if hub is not None:
-        with contextlib.suppress(ImportError):
+    if hub is not None:            # not installed, offline or refused: the standard library's way
+        with contextlib.suppress(Exception):
             from huggingface_hub import hf_hub_download
             return hf_hub_download(*hub)                    # the Hub's own cache and checks
     import http.client
